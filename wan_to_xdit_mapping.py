@@ -1,0 +1,536 @@
+"""Wan transformer checkpoints -> diffusers ``WanTransformer3DModel`` / ``WanVACETransformer3DModel`` names.
+
+Data first: ``RULES`` is the whole original->diffusers key table (DESIGN.md section 3, checked against
+diffusers' ``transformer_wan.py`` / ``transformer_wan_vace.py`` and its single-file converter
+``convert_wan_transformer_to_diffusers``).  The inverse table is generated from the same data.  The
+original Wan layout stores every tensor with the diffusers shape (``blocks.N.modulation`` is
+``[1, 6, dim]`` = ``blocks.N.scale_shift_table``; ``head.modulation`` is ``[1, 2, dim]`` = top-level
+``scale_shift_table``), so conversion is rename-only.
+
+Layouts accepted: original Wan / WanVideoWrapper names ("original"), the same with a ComfyUI prefix
+``model.diffusion_model.`` / ``diffusion_model.`` / ``model.`` ("comfyui"), and diffusers names, as a
+single file or a folder with ``config.json`` + shards ("diffusers").  Weights may be bf16/fp16/fp32,
+plain float8 (kept as float8 when ``dtype`` is None: the runtime casts) or ComfyUI "scaled fp8"
+(dequantised: ``fp8.float() * scale``, returned as bfloat16 when ``dtype`` is None).
+
+Only torch + safetensors are needed at import; diffusers is imported lazily to build a meta-device model
+whose parameter names and shapes every checkpoint is validated against (exact, no memory).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import re
+import struct
+from collections import Counter
+from typing import Any, Iterable
+
+import torch
+
+__all__ = [
+    "CheckpointInfo", "CheckpointError", "RULES", "load_checkpoint", "inspect_checkpoint",
+    "convert_state_dict", "to_original", "convert_lora", "lora_delta", "original_to_diffusers_key",
+    "diffusers_to_original_key",
+]
+
+HEAD_DIM = 128  # Wan's head_dim is always 128 (RoPE split 44/42/42)
+
+# --------------------------------------------------------------------------------------------------
+# The key table.  "{N}" is a block index.  Each entry names a module or parameter ("stem"); a key is
+# the stem itself (parameters: modulation, emb_pos) or the stem + ".weight" / ".bias".
+_TOP_RULES = [
+    ("patch_embedding", "patch_embedding"),
+    ("text_embedding.0", "condition_embedder.text_embedder.linear_1"),
+    ("text_embedding.2", "condition_embedder.text_embedder.linear_2"),
+    ("time_embedding.0", "condition_embedder.time_embedder.linear_1"),
+    ("time_embedding.2", "condition_embedder.time_embedder.linear_2"),
+    ("time_projection.1", "condition_embedder.time_proj"),
+    ("head.head", "proj_out"),
+    ("head.modulation", "scale_shift_table"),
+    ("img_emb.proj.0", "condition_embedder.image_embedder.norm1"),
+    ("img_emb.proj.1", "condition_embedder.image_embedder.ff.net.0.proj"),
+    ("img_emb.proj.3", "condition_embedder.image_embedder.ff.net.2"),
+    ("img_emb.proj.4", "condition_embedder.image_embedder.norm2"),
+    ("img_emb.emb_pos", "condition_embedder.image_embedder.pos_embed"),  # FLF2V
+    ("vace_patch_embedding", "vace_patch_embedding"),
+]
+_BLOCK_RULES = [
+    ("modulation", "scale_shift_table"),
+    ("self_attn.q", "attn1.to_q"),
+    ("self_attn.k", "attn1.to_k"),
+    ("self_attn.v", "attn1.to_v"),
+    ("self_attn.o", "attn1.to_out.0"),
+    ("self_attn.norm_q", "attn1.norm_q"),
+    ("self_attn.norm_k", "attn1.norm_k"),
+    ("cross_attn.q", "attn2.to_q"),
+    ("cross_attn.k", "attn2.to_k"),
+    ("cross_attn.v", "attn2.to_v"),
+    ("cross_attn.o", "attn2.to_out.0"),
+    ("cross_attn.norm_q", "attn2.norm_q"),
+    ("cross_attn.norm_k", "attn2.norm_k"),
+    ("cross_attn.k_img", "attn2.add_k_proj"),
+    ("cross_attn.v_img", "attn2.add_v_proj"),
+    ("cross_attn.norm_k_img", "attn2.norm_added_k"),
+    ("norm3", "norm2"),  # original norm3 = affine norm before cross-attn; norm1/norm2 have no params
+    ("ffn.0", "ffn.net.0.proj"),
+    ("ffn.2", "ffn.net.2"),
+]
+_VACE_BLOCK_RULES = [("before_proj", "proj_in"), ("after_proj", "proj_out")]
+
+#: (original stem, diffusers stem) pairs; the complete table.
+RULES: list[tuple[str, str]] = (
+    _TOP_RULES
+    + [(f"blocks.{{N}}.{o}", f"blocks.{{N}}.{d}") for o, d in _BLOCK_RULES]
+    + [(f"vace_blocks.{{N}}.{o}", f"vace_blocks.{{N}}.{d}") for o, d in _BLOCK_RULES + _VACE_BLOCK_RULES]
+)
+
+_SUFFIX = r"((?:\.weight|\.bias)?)"
+
+
+def _compile(stem: str, sep: str = ".") -> re.Pattern:
+    parts = [re.escape(p) if p != "{N}" else r"(\d+)" for p in re.split(r"(\{N\})", stem) if p]
+    pat = "".join(parts)
+    if sep != ".":
+        pat = pat.replace(r"\.", sep)
+    return re.compile(pat)
+
+
+def _fill(template: str, num: str | None) -> str:
+    return template.replace("{N}", num) if num is not None else template
+
+
+# (compiled full-key regex, target template) in both directions, generated from RULES.
+_FWD = [(re.compile(_compile(o).pattern + _SUFFIX), d) for o, d in RULES]
+_INV = [(re.compile(_compile(d).pattern + _SUFFIX), o) for o, d in RULES]
+# kohya "lora_unet_blocks_0_self_attn_q": module stems with "." written as "_".
+_KOHYA = [(_compile(o, sep="_"), o) for o, _ in RULES]
+
+
+def _rename(key: str, table) -> str | None:
+    hits = []
+    for rx, tmpl in table:
+        m = rx.fullmatch(key)
+        if m:
+            groups = m.groups()
+            num = groups[0] if len(groups) == 2 else None
+            hits.append(_fill(tmpl, num) + groups[-1])
+    if len(hits) > 1:  # the table is built to be unambiguous; guard against future edits
+        raise AssertionError(f"ambiguous key {key!r}: {hits}")
+    return hits[0] if hits else None
+
+
+def original_to_diffusers_key(key: str) -> str | None:
+    """One original (unprefixed) key -> its diffusers name, or None when the table has no rule."""
+    return _rename(key, _FWD)
+
+
+def diffusers_to_original_key(key: str) -> str | None:
+    """One diffusers key -> its original Wan name, or None when the table has no rule."""
+    return _rename(key, _INV)
+
+
+# --------------------------------------------------------------------------------------------------
+class CheckpointError(ValueError):
+    """Bad checkpoint: message names the file and the first offending keys."""
+
+
+@dataclasses.dataclass
+class CheckpointInfo:
+    format: str                 # "original" | "comfyui" | "diffusers"
+    variant: str                # "t2v" | "i2v" | "flf2v" | "vace" | "ti2v_5b"
+    diffusers_class: str        # "WanTransformer3DModel" | "WanVACETransformer3DModel"
+    diffusers_config: dict      # kwargs that build diffusers_class with exactly the converted keys
+    source_dtype: str           # most common weight dtype in the file, e.g. "bfloat16", "float8_e4m3fn"
+    path: str | None
+    num_layers: int
+    num_heads: int
+    dim: int
+    prefix: str = ""            # stripped key prefix ("" when none)
+    scaled_fp8: bool = False    # True when scaled-fp8 weights were (or will be) dequantised
+    num_tensors: int = 0        # tensors after conversion
+
+
+_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
+_DROP_SUFFIXES = (".input_scale",)
+_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
+_SAFE_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def _where(path) -> str:
+    return f"{path}" if path else "<state_dict>"
+
+
+def _first(keys: Iterable[str], n: int = 5) -> str:
+    keys = sorted(keys)
+    s = ", ".join(repr(k) for k in keys[:n])
+    return s + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def _dtype_name(dt) -> str:
+    return str(dt).replace("torch.", "")
+
+
+@dataclasses.dataclass
+class _Plan:
+    info: CheckpointInfo
+    items: list  # (source key, target diffusers key, scale source key | None)
+
+
+def _plan(meta: dict[str, tuple[tuple, str]], path, config_json: dict | None = None) -> _Plan:
+    """meta: raw key -> (shape, dtype name).  Works out format, renames, dequant pairs, config; validates."""
+    where = _where(path)
+    keys = set(meta)
+    if not keys:
+        raise CheckpointError(f"{where}: no tensors")
+    # 1. prefix
+    prefix = ""
+    for p in _PREFIXES:
+        if any(k.startswith(p) for k in keys):
+            prefix = p
+            break
+    marker = {k for k in keys if k in ("scaled_fp8", prefix + "scaled_fp8")}
+    if prefix:
+        stray = {k for k in keys - marker if not k.startswith(prefix)}
+        if stray:
+            raise CheckpointError(f"{where}: mixed key prefixes; keys without {prefix!r}: {_first(stray)}")
+    names = {k[len(prefix):]: k for k in keys - marker}
+    # 2. side tensors: scales, input scales, per-layer quant descriptors
+    scales, dropped = {}, set()
+    for n in list(names):
+        if n.endswith(_DROP_SUFFIXES) or n.endswith(".comfy_quant"):
+            dropped.add(n)
+        elif n.endswith(_SCALE_SUFFIXES):
+            scales[n.rsplit(".", 1)[0] + ".weight"] = names[n]
+    for n in dropped | {n for n in names if n.endswith(_SCALE_SUFFIXES)}:
+        names.pop(n)
+    orphan = [s for s in scales if s not in names]
+    if orphan:
+        raise CheckpointError(f"{where}: scale tensors without a weight: {_first(orphan)}")
+    scaled = bool(scales) or bool(marker)
+    # 3. layout
+    fwd = {n: original_to_diffusers_key(n) for n in names}
+    inv = {n: diffusers_to_original_key(n) for n in names}
+    n_orig, n_diff = sum(v is not None for v in fwd.values()), sum(v is not None for v in inv.values())
+    if n_orig == 0 and n_diff == 0:
+        raise CheckpointError(f"{where}: unknown layout, not a Wan transformer; first keys: {_first(names)}")
+    if n_orig >= n_diff:
+        fmt, mapping = ("comfyui" if prefix else "original"), fwd
+        bad = [n for n, v in fwd.items() if v is None]
+    else:
+        fmt, mapping = "diffusers", {n: n for n in names}
+        bad = [n for n, v in inv.items() if v is None]
+    if bad:
+        raise CheckpointError(f"{where}: unexpected keys for a Wan {fmt} checkpoint: {_first(bad)}")
+    # 4. detection on original-named shapes
+    orig_shapes = {(n if fmt != "diffusers" else inv[n]): tuple(meta[src][0]) for n, src in names.items()}
+    cfg, variant = _detect(orig_shapes, where)
+    if config_json:
+        cfg = _merge_config_json(cfg, config_json, where)
+    cls_name = "WanVACETransformer3DModel" if "vace_layers" in cfg else "WanTransformer3DModel"
+    # 5. validate names and shapes against the real class (meta device)
+    expected = _expected_shapes(cls_name, json.dumps(cfg, sort_keys=True))
+    got = {mapping[n]: tuple(meta[src][0]) for n, src in names.items()}
+    missing, unexpected = set(expected) - set(got), set(got) - set(expected)
+    if missing:
+        raise CheckpointError(f"{where}: missing keys for {variant} ({cls_name}): {_first(missing)}")
+    if unexpected:
+        raise CheckpointError(f"{where}: unexpected keys for {variant} ({cls_name}): {_first(unexpected)}")
+    wrong = [f"{k} {got[k]} != expected {expected[k]}" for k in sorted(got) if got[k] != expected[k]]
+    if wrong:
+        raise CheckpointError(f"{where}: wrong shapes: {'; '.join(wrong[:5])}")
+    dts = Counter(meta[src][1] for n, src in names.items() if n.endswith(".weight"))
+    dim = cfg["num_attention_heads"] * HEAD_DIM
+    info = CheckpointInfo(
+        format=fmt, variant=variant, diffusers_class=cls_name, diffusers_config=cfg,
+        source_dtype=dts.most_common(1)[0][0] if dts else "unknown", path=str(path) if path else None,
+        num_layers=cfg["num_layers"], num_heads=cfg["num_attention_heads"], dim=dim, prefix=prefix,
+        scaled_fp8=scaled, num_tensors=len(names),
+    )
+    items = [(src, mapping[n], scales.get(n)) for n, src in sorted(names.items())]
+    return _Plan(info, items)
+
+
+def _count(shapes, head: str) -> int:
+    idx = {int(m.group(1)) for k in shapes if (m := re.match(re.escape(head) + r"\.(\d+)\.", k))}
+    return max(idx) + 1 if idx else 0
+
+
+def _detect(s: dict[str, tuple], where: str) -> tuple[dict, str]:
+    """ComfyUI's Wan detection rules on original-named shapes -> (diffusers kwargs, variant)."""
+    need = ["head.modulation", "head.head.weight", "patch_embedding.weight", "blocks.0.ffn.0.weight",
+            "text_embedding.0.weight", "time_embedding.0.weight"]
+    absent = [k for k in need if k not in s]
+    if "head.modulation" not in s:
+        raise CheckpointError(f"{where}: not a Wan transformer (no 'head.modulation'); missing: {_first(absent)}")
+    if absent:
+        raise CheckpointError(f"{where}: missing keys: {_first(absent)}")
+    dim = s["head.modulation"][-1]
+    if dim % HEAD_DIM:
+        raise CheckpointError(f"{where}: 'head.modulation' dim {dim} is not a multiple of {HEAD_DIM}")
+    pe = s["patch_embedding.weight"]
+    if len(pe) != 5:
+        raise CheckpointError(f"{where}: wrong shape 'patch_embedding.weight' {pe}, expected 5-D Conv3d")
+    patch = tuple(pe[2:])
+    p = patch[0] * patch[1] * patch[2]
+    in_dim, out_dim = pe[1], s["head.head.weight"][0] // p
+    layers = _count(s, "blocks")
+    cfg: dict[str, Any] = dict(
+        patch_size=patch, num_attention_heads=dim // HEAD_DIM, attention_head_dim=HEAD_DIM,
+        in_channels=in_dim, out_channels=out_dim, text_dim=s["text_embedding.0.weight"][1],
+        freq_dim=s["time_embedding.0.weight"][1], ffn_dim=s["blocks.0.ffn.0.weight"][0], num_layers=layers,
+        cross_attn_norm="blocks.0.norm3.weight" in s,
+        qk_norm="rms_norm_across_heads" if "blocks.0.self_attn.norm_q.weight" in s else None,
+        eps=1e-6, image_dim=None, added_kv_proj_dim=None, rope_max_seq_len=1024, pos_embed_seq_len=None,
+    )
+    variant = "t2v"
+    if "img_emb.proj.0.bias" in s:
+        cfg.update(image_dim=s["img_emb.proj.0.bias"][0], added_kv_proj_dim=dim)
+        variant = "i2v"
+        if "img_emb.emb_pos" in s:
+            cfg["pos_embed_seq_len"] = s["img_emb.emb_pos"][1]
+            variant = "flf2v"
+    elif in_dim == 36:
+        variant = "i2v"  # Wan 2.2 I2V-A14B: image latents in the input channels, no CLIP branch
+    elif in_dim == out_dim == 48:
+        variant = "ti2v_5b"  # Wan 2.2 TI2V-5B (dim 3072); rule keyed on channels so tiny tests match too
+    if "vace_patch_embedding.weight" in s:
+        n_vace = _count(s, "vace_blocks")
+        if n_vace == 0 or n_vace > layers:
+            raise CheckpointError(f"{where}: {n_vace} vace_blocks for {layers} blocks")
+        # ComfyUI's rule (range(0, layers, layers // n_vace)): 1.3B 30/15 -> every 2nd; 14B 40/8 -> every 5th
+        step = layers // n_vace
+        cfg.update(vace_layers=[i * step for i in range(n_vace)],
+                   vace_in_channels=s["vace_patch_embedding.weight"][1])
+        variant = "vace"
+    return cfg, variant
+
+
+def _merge_config_json(cfg: dict, cj: dict, where: str) -> dict:
+    """A diffusers config.json overrides what tensors cannot show; must agree on everything else."""
+    cfg = dict(cfg)
+    for k in ("eps", "rope_max_seq_len", "vace_layers", "qk_norm"):
+        if k in cj and (k != "vace_layers" or "vace_layers" in cfg):
+            cfg[k] = cj[k]
+    for k, v in cfg.items():
+        if k in cj and cj[k] is not None and k not in ("eps", "rope_max_seq_len", "vace_layers", "qk_norm"):
+            if (tuple(cj[k]) if isinstance(cj[k], list) else cj[k]) != v:
+                raise CheckpointError(f"{where}: config.json {k}={cj[k]!r} disagrees with the weights ({v!r})")
+    return cfg
+
+
+@functools.lru_cache(maxsize=16)
+def _expected_shapes(cls_name: str, cfg_json: str) -> dict[str, tuple]:
+    import diffusers  # lazy: only for validation
+
+    cls = getattr(diffusers, cls_name)
+    with torch.device("meta"):
+        model = cls(**json.loads(cfg_json))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+# --------------------------------------------------------------------------------------------------
+def _dequant(w: torch.Tensor, scale: torch.Tensor | None, dtype) -> torch.Tensor:
+    if scale is not None:
+        scale = scale.to(torch.float32)
+        if scale.numel() > 1 and w.ndim > 1:
+            scale = scale.reshape(-1, *([1] * (w.ndim - 1)))
+        w = w.to(torch.float32) * scale
+        return w.to(dtype or torch.bfloat16)
+    return w.to(dtype) if dtype is not None and w.dtype != dtype else w
+
+
+def _read_header(path: str) -> dict[str, tuple[tuple, str]]:
+    """Parse a safetensors header (8-byte length + JSON) without touching tensor data."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError("file shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8:
+                raise ValueError(f"header length {n} exceeds file size {size}")
+            header = json.loads(f.read(n))
+        out, end = {}, 0
+        for k, v in header.items():
+            if k == "__metadata__":
+                continue
+            out[k] = (tuple(v["shape"]), _dtype_name(_SAFE_DTYPES.get(v["dtype"], v["dtype"])))
+            end = max(end, v["data_offsets"][1])
+        if 8 + n + end > size:
+            raise ValueError(f"truncated: tensor data ends at byte {8 + n + end}, file has {size}")
+        return out
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from e
+
+
+def _files(path) -> tuple[dict[str, str], dict[str, tuple[tuple, str]], dict | None]:
+    """(key -> shard file, key -> (shape, dtype) from the headers, config.json of a folder or None)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file or directory")
+    if os.path.isfile(path):
+        meta = _read_header(path)
+        return {k: path for k in meta}, meta, None
+    cfg_path = os.path.join(path, "config.json")
+    config = None
+    if os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            config = json.load(f)
+    idx = [f for f in sorted(os.listdir(path)) if f.endswith(".safetensors.index.json")]
+    if idx:
+        with open(os.path.join(path, idx[0])) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        shards = [f for f in sorted(os.listdir(path)) if f.endswith(".safetensors")]
+    if not shards:
+        raise CheckpointError(f"{path}: folder has no *.safetensors files")
+    files, meta = {}, {}
+    for s in shards:
+        head = _read_header(os.path.join(path, s))
+        dup = set(head) & set(meta)
+        if dup:
+            raise CheckpointError(f"{path}: keys in more than one shard: {_first(dup)}")
+        meta.update(head)
+        files.update({k: os.path.join(path, s) for k in head})
+    return files, meta, config
+
+
+def inspect_checkpoint(path) -> CheckpointInfo:
+    """Read only the safetensors header(s) of ``path`` (file or diffusers folder); detect and validate.
+
+    Returns the same ``CheckpointInfo`` as ``load_checkpoint`` without reading any tensor data.
+    Raises ``CheckpointError`` (a ``ValueError``) naming the file and offending keys on bad input.
+    """
+    _, meta, config = _files(path)
+    return _plan(meta, path, config).info
+
+
+def load_checkpoint(path, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+    """Load a Wan transformer checkpoint (file or diffusers folder) under diffusers names.
+
+    The header is read and validated first; tensors are then read one at a time (``safe_open``) and
+    converted, so peak memory is the result plus one tensor.  ``dtype`` None keeps the stored dtype
+    (plain float8 stays float8); scaled-fp8 weights are dequantised to ``dtype`` or bfloat16.
+    Raises ``CheckpointError`` (a ``ValueError``) naming the file and offending keys on bad input.
+    """
+    from safetensors import safe_open
+
+    files, meta, config = _files(path)
+    plan = _plan(meta, path, config)
+    out: dict[str, torch.Tensor] = {}
+    handles: dict[str, Any] = {}
+    try:
+        for src, dst, scale_key in plan.items:
+            for key in (src, scale_key):
+                if key is not None and files[key] not in handles:
+                    handles[files[key]] = safe_open(files[key], framework="pt", device="cpu")
+            w = handles[files[src]].get_tensor(src)
+            s = handles[files[scale_key]].get_tensor(scale_key) if scale_key else None
+            out[dst] = _dequant(w, s, dtype)
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors raises its own error types on corrupt data
+        raise CheckpointError(f"{path}: failed reading tensor data ({type(e).__name__}: {e})") from e
+    finally:
+        handles.clear()
+    return out, plan.info
+
+
+def convert_state_dict(state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None = None
+                       ) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+    """In-memory version of ``load_checkpoint`` (``info.path`` is None).  The input is not modified."""
+    meta = {k: (tuple(v.shape), _dtype_name(v.dtype)) for k, v in state_dict.items()}
+    plan = _plan(meta, None)
+    out = {dst: _dequant(state_dict[src], state_dict[sk] if sk else None, dtype) for src, dst, sk in plan.items}
+    return out, plan.info
+
+
+def to_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers names -> original Wan names (no prefix).  Unknown keys raise ``ValueError``."""
+    out, bad = {}, []
+    for k, v in state_dict.items():
+        o = diffusers_to_original_key(k)
+        if o is None:
+            bad.append(k)
+        else:
+            out[o] = v
+    if bad:
+        raise CheckpointError(f"<state_dict>: keys with no original Wan name: {_first(bad)}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA
+_LORA_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "model.")
+_LORA_PARTS = {
+    ".lora_up.weight": "up", ".lora_down.weight": "down", ".lora_B.weight": "up", ".lora_A.weight": "down",
+    ".lora_B.default.weight": "up", ".lora_A.default.weight": "down", ".alpha": "alpha",
+}
+
+
+def _lora_target(module: str) -> str | None:
+    """LoRA module name (original, diffusers, or kohya underscore form) -> diffusers target weight key."""
+    if module.startswith("lora_unet_"):
+        rest = module[len("lora_unet_"):]
+        hits = []
+        for rx, stem in _KOHYA:
+            m = rx.fullmatch(rest)
+            if m:
+                hits.append(_fill(stem, m.group(1) if m.groups() else None))
+        if len(hits) != 1:
+            return None
+        module = hits[0]
+    for p in _LORA_PREFIXES:
+        if module.startswith(p):
+            module = module[len(p):]
+            break
+    d = original_to_diffusers_key(module + ".weight")
+    if d is not None:
+        return d
+    if diffusers_to_original_key(module + ".weight") is not None:
+        return module + ".weight"
+    return None
+
+
+def convert_lora(lora_state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+    """LoRA tensors (ComfyUI/kohya ``lora_up/lora_down/alpha``, ``lora_unet_*``, PEFT ``lora_A/lora_B``,
+    with original or diffusers module names) -> ``{diffusers weight key: {"up", "down", "alpha"}}``.
+
+    ``alpha`` is a float or None.  Unknown keys, or a module lacking up or down, raise ``ValueError``.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    bad = []
+    for k, v in lora_state_dict.items():
+        part = next((p for p in _LORA_PARTS if k.endswith(p)), None)
+        target = _lora_target(k[: -len(part)]) if part else None
+        if target is None:
+            bad.append(k)
+            continue
+        e = out.setdefault(target, {"up": None, "down": None, "alpha": None})
+        role = _LORA_PARTS[part]
+        e[role] = float(v.float().item()) if role == "alpha" else v
+    if bad:
+        raise CheckpointError(f"<lora>: unknown LoRA keys: {_first(bad)}")
+    incomplete = [t for t, e in out.items() if e["up"] is None or e["down"] is None]
+    if incomplete:
+        raise CheckpointError(f"<lora>: LoRA modules missing lora_up/lora_down: {_first(incomplete)}")
+    return out
+
+
+def lora_delta(entry: dict[str, Any], strength: float = 1.0) -> torch.Tensor:
+    """``strength * (alpha / rank if alpha else 1) * up @ down`` in float32, shaped like the target weight
+    (conv LoRAs: ``up [out, r, 1..]``, ``down [r, in, k..]`` -> ``[out, in, k..]``)."""
+    up, down, alpha = entry["up"].float(), entry["down"].float(), entry.get("alpha")
+    rank = down.shape[0]
+    scale = strength * (alpha / rank if alpha else 1.0)
+    delta = up.flatten(1) @ down.flatten(1)
+    if down.ndim > 2:
+        delta = delta.reshape(up.shape[0], *down.shape[1:])
+    return delta * scale
