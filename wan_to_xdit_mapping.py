@@ -25,7 +25,7 @@ import os
 import re
 import struct
 from collections import Counter
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -420,27 +420,39 @@ def load_checkpoint(path, dtype: torch.dtype | None = None) -> tuple[dict[str, t
     (plain float8 stays float8); scaled-fp8 weights are dequantised to ``dtype`` or bfloat16.
     Raises ``CheckpointError`` (a ``ValueError``) naming the file and offending keys on bad input.
     """
-    from safetensors import safe_open
+    info, tensors = iter_checkpoint(path, dtype)
+    return dict(tensors), info
 
+
+def iter_checkpoint(path, dtype: torch.dtype | None = None) -> tuple[CheckpointInfo, Iterator[tuple[str, torch.Tensor]]]:
+    """Like ``load_checkpoint`` but streaming: ``(info, iterator of (diffusers name, tensor))``.
+
+    The header is validated before this returns; each tensor is read from the memory-mapped file
+    only when the iterator reaches it, so a caller that moves every tensor to its GPU (or casts it)
+    as it arrives never holds more than one tensor in host memory beyond the shared page cache.
+    """
     files, meta, config = _files(path)
     plan = _plan(meta, path, config)
-    out: dict[str, torch.Tensor] = {}
+    return plan.info, _stream(path, files, plan, dtype)
+
+
+def _stream(path, files, plan, dtype):
+    from safetensors import safe_open
+
     handles: dict[str, Any] = {}
     try:
         for src, dst, scale_key in plan.items:
-            for key in (src, scale_key):
-                if key is not None and files[key] not in handles:
-                    handles[files[key]] = safe_open(files[key], framework="pt", device="cpu")
-            w = handles[files[src]].get_tensor(src)
-            s = handles[files[scale_key]].get_tensor(scale_key) if scale_key else None
-            out[dst] = _dequant(w, s, dtype)
-    except CheckpointError:
-        raise
-    except Exception as e:  # safetensors raises its own error types on corrupt data
-        raise CheckpointError(f"{path}: failed reading tensor data ({type(e).__name__}: {e})") from e
+            try:
+                for key in (src, scale_key):
+                    if key is not None and files[key] not in handles:
+                        handles[files[key]] = safe_open(files[key], framework="pt", device="cpu")
+                w = handles[files[src]].get_tensor(src)
+                s = handles[files[scale_key]].get_tensor(scale_key) if scale_key else None
+            except Exception as e:  # safetensors raises its own error types on corrupt data
+                raise CheckpointError(f"{path}: failed reading tensor data ({type(e).__name__}: {e})") from e
+            yield dst, _dequant(w, s, dtype)
     finally:
         handles.clear()
-    return out, plan.info
 
 
 def convert_state_dict(state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None = None

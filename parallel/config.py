@@ -1,0 +1,260 @@
+"""`XDitUSPConfig`: how one Wan transformer is spread over a group of worker processes.
+
+The config is validated twice: `validate()` checks what is knowable without a model (degrees,
+device count, dtype, backend names), `resolve(num_heads)` fixes the "auto" degrees once the
+checkpoint's head count is known. Both raise `ValueError` saying what would work instead, before
+any process is started.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+AUTO = 0  # a degree of 0 means "choose for me"
+
+DTYPES = ("bf16", "fp16", "fp32")
+DEVICES = ("cuda", "cpu")
+# Names accepted for `attention_backend`; see parallel/attention.py for what each runs.
+ATTENTION_BACKENDS = ("auto", "sdpa", "cudnn", "flash", "efficient", "math", "cpu_flash", "flash_attn", "fa3")
+
+# Keys of the original seed example that we accept. Each maps to its default; a key that is not
+# implemented raises when set to anything else, rather than being ignored.
+_UNIMPLEMENTED_DEFAULTS = {
+    "pipeline_parallel_size": 1,
+    "tensor_parallel_size": 1,
+    "enable_activation_checkpointing": False,
+}
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Concrete degrees: world = cfg * ulysses * ring."""
+
+    cfg: int
+    ulysses: int
+    ring: int
+
+    @property
+    def sp(self) -> int:
+        return self.ulysses * self.ring
+
+    @property
+    def world_size(self) -> int:
+        return self.cfg * self.sp
+
+    def __str__(self) -> str:
+        return f"cfg{self.cfg}xulysses{self.ulysses}xring{self.ring}"
+
+
+def sequence_layout(sp: int, num_heads: int, ulysses: int = AUTO, ring: int = AUTO) -> tuple[int, int]:
+    """Split `sp` ranks into (ulysses, ring): Ulysses as far as it divides the heads, ring for the rest."""
+    if ulysses and ring:
+        return ulysses, ring
+    if ulysses:
+        return ulysses, sp // ulysses
+    if ring:
+        return sp // ring, ring
+    u = max(d for d in divisors(sp) if num_heads % d == 0)
+    return u, sp // u
+
+
+@dataclass
+class XDitUSPConfig:
+    """Parallel layout and runtime settings for one worker group.
+
+    world_size      number of worker processes (one per GPU; CPU ranks when device == "cpu").
+    ulysses_degree  Ulysses (all-to-all over heads) degree; 0 = auto. Must divide the head count.
+    ring_degree     ring-attention degree; 0 = auto.
+    cfg_degree      batch split (cond / uncond on separate rank groups); 0 = auto (2 when the world
+                    size is even, else 1). A batch that does not divide by it runs on all ranks.
+    dtype           compute dtype of the transformer: bf16 | fp16 | fp32.
+    attention_backend  auto | sdpa | cudnn | flash | efficient | math | cpu_flash | flash_attn | fa3.
+    device          cuda | cpu.  device_ids: which GPUs (default: 0..world_size-1).
+    gpu_memory_fraction  per-process cap on the CUDA caching allocator, (0, 1].
+    launch_timeout_s / forward_timeout_s / load_timeout_s  every wait on the workers is bounded.
+    """
+
+    world_size: int = 1
+    ulysses_degree: int = AUTO
+    ring_degree: int = AUTO
+    cfg_degree: int = AUTO
+    dtype: str = "bf16"
+    attention_backend: str = "auto"
+    device: str = "cuda"
+    device_ids: Optional[list[int]] = None
+    gpu_memory_fraction: float = 1.0
+    launch_timeout_s: float = 300.0
+    load_timeout_s: float = 1800.0
+    forward_timeout_s: float = 900.0
+    # Accepted from the seed's example config; see _UNIMPLEMENTED_DEFAULTS.
+    pipeline_parallel_size: int = 1
+    tensor_parallel_size: int = 1
+    enable_activation_checkpointing: bool = False
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "XDitUSPConfig":
+        """Build from a dict; understands the seed's keys (`num_gpus`, `use_fp16`)."""
+        d = dict(d)
+        if "num_gpus" in d:
+            d.setdefault("world_size", d.pop("num_gpus"))
+        if "use_fp16" in d:
+            if d.pop("use_fp16"):
+                d["dtype"] = "fp16"
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"XDitUSPConfig: unknown keys {unknown}; known keys: {sorted(names)}")
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, s: str) -> "XDitUSPConfig":
+        return cls(**json.loads(s))
+
+    @property
+    def num_gpus(self) -> int:
+        return self.world_size
+
+    # ---- validation ---------------------------------------------------------------------------
+    def validate(self, visible_gpus: Optional[int] = None) -> "XDitUSPConfig":
+        """Checks that need no model. `visible_gpus` defaults to torch.cuda.device_count()."""
+        errors = []
+        for key, default in _UNIMPLEMENTED_DEFAULTS.items():
+            if getattr(self, key) != default:
+                errors.append(
+                    f"{key}={getattr(self, key)!r} is not implemented yet (only {default!r}); "
+                    "use ulysses_degree / ring_degree / cfg_degree to spread the model"
+                )
+        if not isinstance(self.world_size, int) or self.world_size < 1:
+            errors.append(f"world_size must be an integer >= 1, got {self.world_size!r}")
+        if self.dtype not in DTYPES:
+            errors.append(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.device not in DEVICES:
+            errors.append(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            errors.append(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if not (0.0 < float(self.gpu_memory_fraction) <= 1.0):
+            errors.append(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
+        for name in ("launch_timeout_s", "load_timeout_s", "forward_timeout_s"):
+            if not float(getattr(self, name)) > 0:
+                errors.append(f"{name} must be > 0")
+        for name in ("ulysses_degree", "ring_degree", "cfg_degree"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                errors.append(f"{name} must be an integer >= 0 (0 = auto), got {v!r}")
+        if errors:
+            raise ValueError("Invalid XDitUSPConfig: " + "; ".join(errors))
+
+        n = self.world_size
+        fixed = [d for d in (self.ulysses_degree, self.ring_degree, self.cfg_degree) if d]
+        if math.prod(fixed) > n or n % math.prod(fixed) != 0:
+            raise ValueError(
+                f"ulysses_degree × ring_degree × cfg_degree must equal world_size {n}; got "
+                f"ulysses={self.ulysses_degree or 'auto'}, ring={self.ring_degree or 'auto'}, "
+                f"cfg={self.cfg_degree or 'auto'}. Degrees that multiply to {n}: "
+                + ", ".join(f"{a}×{n // a}" for a in divisors(n))
+            )
+        if len(fixed) == 3 and math.prod(fixed) != n:
+            raise ValueError(
+                f"ulysses {self.ulysses_degree} × ring {self.ring_degree} × cfg {self.cfg_degree} = "
+                f"{math.prod(fixed)}, but world_size is {n}"
+            )
+
+        if self.device == "cuda":
+            if visible_gpus is None:
+                import torch
+
+                visible_gpus = torch.cuda.device_count()
+            ids = self.device_ids if self.device_ids is not None else list(range(n))
+            if len(ids) != n:
+                raise ValueError(f"device_ids {ids} lists {len(ids)} GPUs but world_size is {n}")
+            if len(set(ids)) != len(ids):
+                raise ValueError(f"device_ids {ids} repeats a GPU")
+            bad = [i for i in ids if not 0 <= i < visible_gpus]
+            if bad:
+                raise ValueError(
+                    f"{n} GPU(s) requested (device_ids {ids}) but only {visible_gpus} CUDA device(s) are visible"
+                    + (" (none: install a CUDA build of torch, or use device='cpu')" if visible_gpus == 0 else "")
+                    + f"; use world_size <= {visible_gpus}"
+                )
+        return self
+
+    def resolve(self, num_heads: int) -> Layout:
+        """The concrete layout for a model with `num_heads` attention heads."""
+        self.validate(visible_gpus=10**6)  # the device count is checked at launch; here only degrees
+        n = self.world_size
+        fixed = (self.ulysses_degree or 1) * (self.ring_degree or 1)
+        if self.cfg_degree:
+            cfg = self.cfg_degree
+        elif self.ulysses_degree and self.ring_degree:
+            cfg = n // fixed
+        else:
+            cfg = 2 if n % (2 * fixed) == 0 else 1
+        return self._layout(cfg, num_heads)
+
+    def fallback_layout(self, num_heads: int) -> Layout:
+        """Layout for a batch the cfg split cannot divide (e.g. batch 1): every rank on the sequence.
+
+        Keeps the configured Ulysses degree and widens the ring; if that cannot work, the automatic
+        split of all ranks."""
+        try:
+            return self._layout(1, num_heads)
+        except ValueError:
+            u = max(d for d in divisors(self.world_size) if num_heads % d == 0)
+            return Layout(cfg=1, ulysses=u, ring=self.world_size // u)
+
+    def _layout(self, cfg: int, num_heads: int) -> Layout:
+        n = self.world_size
+        sp = n // cfg
+        u, r = self.ulysses_degree, self.ring_degree
+        if cfg != self.cfg_degree and u and r and u * r != sp:
+            r = 0  # the fallback layout keeps the user's Ulysses degree and widens the ring
+        if u and r:
+            pass
+        elif u:
+            r = sp // u if sp % u == 0 else 0
+        elif r:
+            u = sp // r if sp % r == 0 else 0
+        else:
+            u = max(d for d in divisors(sp) if num_heads % d == 0)
+            r = sp // u
+        if not u or not r or u * r * cfg != n:
+            raise ValueError(
+                f"ulysses {self.ulysses_degree or 'auto'} × ring {self.ring_degree or 'auto'} × cfg {cfg} "
+                f"cannot make world_size {n}; with cfg {cfg} the sequence ranks ({sp}) split as "
+                + ", ".join(f"ulysses {d} × ring {sp // d}" for d in divisors(sp))
+            )
+        if num_heads % u:
+            works = [d for d in divisors(sp) if num_heads % d == 0]
+            raise ValueError(
+                f"{num_heads} heads: Ulysses {works[-1]} works, {u} does not (the Ulysses degree must divide "
+                f"the head count; with {sp} sequence ranks Ulysses {works} work, ring takes the rest)"
+            )
+        return Layout(cfg=cfg, ulysses=u, ring=r)
+
+    def torch_dtype(self):
+        import torch
+
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.dtype]
+
+    def visible_device_ids(self) -> list[int]:
+        return self.device_ids if self.device_ids is not None else list(range(self.world_size))
+
+
+def env_flag(name: str, default: bool = False) -> bool:
+    v = os.environ.get(name)
+    return default if v is None else v.lower() in ("1", "true", "yes", "on")

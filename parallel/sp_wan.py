@@ -1,0 +1,220 @@
+"""Sequence-parallel forward of diffusers' `WanTransformer3DModel` / `WanVACETransformer3DModel`.
+
+The weights and every sub-module are diffusers' own; this module changes only the data flow:
+
+  patch-embed (full) -> flatten -> pad to a multiple of sp -> keep this rank's token shard
+  (with its RoPE frequencies and, for per-token timesteps, its modulation) -> blocks with USP
+  self-attention (cross-attention is local: every query sees the whole text/CLIP context)
+  -> output head on the shard -> gather on the group leader -> unpad -> unpatchify.
+
+Every per-token operation (norms, modulation, FFN, cross-attention) is unaffected by sharding,
+and padded keys are excluded from self-attention, so the result equals the single-process
+forward up to floating-point reassociation, for any number of ranks.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .attention import AttentionBackend, SPGroup, usp_attention
+
+
+@dataclass
+class _StepContext:
+    """What the attention processors need to know about the current forward."""
+
+    group: Optional[SPGroup] = None
+    backend: Optional[AttentionBackend] = None
+    valid_len: int = 0
+    image_context_len: int = 0
+
+
+def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # Same arithmetic as diffusers' WanAttnProcessor (interleaved pairs).
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+class USPSelfAttnProcessor:
+    """attn1 of every Wan block: projections + qk-norm + RoPE on the local shard, USP attention."""
+
+    def __init__(self, ctx: _StepContext):
+        self.ctx = ctx
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))
+        if rotary_emb is not None:
+            q, k = _apply_rotary(q, *rotary_emb), _apply_rotary(k, *rotary_emb)
+        ctx = self.ctx
+        out = usp_attention(q, k, v, ctx.group, ctx.backend, ctx.valid_len, 1.0 / math.sqrt(q.shape[-1]))
+        out = out.flatten(2, 3).type_as(q)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class CrossAttnProcessor:
+    """attn2: local cross-attention to text (+ CLIP image) context.
+
+    Unlike diffusers' processor it splits image and text context by the image token count it was
+    given, not by assuming 512 text tokens.
+    """
+
+    def __init__(self, ctx: _StepContext):
+        self.ctx = ctx
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        n_img = self.ctx.image_context_len if attn.add_k_proj is not None else 0
+        img_ctx, txt_ctx = encoder_hidden_states[:, :n_img], encoder_hidden_states[:, n_img:]
+        backend = self.ctx.backend
+        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        k = attn.norm_k(attn.to_k(txt_ctx)).unflatten(2, (attn.heads, -1))
+        v = attn.to_v(txt_ctx).unflatten(2, (attn.heads, -1))
+        out = backend.plain(q, k, v, scale).flatten(2, 3).type_as(q)
+        if n_img:
+            k_img = attn.norm_added_k(attn.add_k_proj(img_ctx)).unflatten(2, (attn.heads, -1))
+            v_img = attn.add_v_proj(img_ctx).unflatten(2, (attn.heads, -1))
+            out = out + backend.plain(q, k_img, v_img, scale).flatten(2, 3).type_as(q)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def _pad_and_shard(t: torch.Tensor, dim: int, padded: int, group: SPGroup) -> torch.Tensor:
+    """Pad `t` along `dim` to `padded` (zeros) and return this rank's contiguous shard."""
+    n = t.shape[dim]
+    if padded != n:
+        shape = list(t.shape)
+        shape[dim] = padded - n
+        t = torch.cat([t, t.new_zeros(shape)], dim=dim)
+    return t.chunk(group.sp, dim=dim)[group.sp_rank].contiguous()
+
+
+class SequenceParallelWan:
+    """Runs a diffusers Wan transformer (T2V/I2V/FLF2V/TI2V-5B, or VACE) with USP."""
+
+    def __init__(self, model: torch.nn.Module, backend: AttentionBackend):
+        self.model = model
+        self.backend = backend
+        self.ctx = _StepContext(backend=backend)
+        self.is_vace = hasattr(model, "vace_blocks")
+        blocks = list(model.blocks) + (list(model.vace_blocks) if self.is_vace else [])
+        for block in blocks:
+            block.attn1.set_processor(USPSelfAttnProcessor(self.ctx))
+            block.attn2.set_processor(CrossAttnProcessor(self.ctx))
+
+    @torch.no_grad()
+    def forward(
+        self,
+        group: SPGroup,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states_image: Optional[torch.Tensor] = None,
+        control_hidden_states: Optional[torch.Tensor] = None,
+        control_hidden_states_scale: Optional[torch.Tensor] = None,
+    ) -> Optional[torch.Tensor]:
+        """Same arguments as diffusers' forward (timestep may also be per frame, [B, frames]).
+
+        Returns the full output on the group leader and None on the other ranks.
+        """
+        m = self.model
+        batch, _, frames, height, width = hidden_states.shape
+        p_t, p_h, p_w = m.config.patch_size
+        grid = (frames // p_t, height // p_h, width // p_w)
+        seq = math.prod(grid)
+        padded = -(-seq // group.sp) * group.sp
+
+        cos, sin = m.rope(hidden_states)  # [1, S, 1, D] each
+        cos, sin = _pad_and_shard(cos, 1, padded, group), _pad_and_shard(sin, 1, padded, group)
+
+        x = m.patch_embedding(hidden_states).flatten(2).transpose(1, 2)
+        x = _pad_and_shard(x, 1, padded, group)
+
+        embedder = m.condition_embedder.image_embedder
+        if encoder_hidden_states_image is not None and embedder is not None and embedder.pos_embed is not None:
+            # FLF2V: callers send both images' tokens as one [B, 2*257, dim] (ComfyUI's layout);
+            # diffusers' image embedder wants them stacked as [2B, 257, dim].
+            img = encoder_hidden_states_image
+            encoder_hidden_states_image = img.reshape(img.shape[0] * 2, img.shape[1] // 2, img.shape[2])
+
+        per_token = timestep.ndim == 2
+        if per_token:
+            if timestep.shape[1] == grid[0] and grid[0] != seq:  # per latent frame -> per token
+                timestep = timestep.repeat_interleave(grid[1] * grid[2], dim=1)
+            if timestep.shape[1] != seq:
+                raise ValueError(f"timestep has {timestep.shape[1]} entries per sample; expected {grid[0]} or {seq}")
+            timestep = _pad_and_shard(timestep, 1, padded, group)
+        temb, timestep_proj, context, image_context = m.condition_embedder(
+            timestep.flatten() if per_token else timestep,
+            encoder_hidden_states,
+            encoder_hidden_states_image,
+            timestep_seq_len=timestep.shape[1] if per_token else None,
+        )
+        timestep_proj = timestep_proj.unflatten(2 if per_token else 1, (6, -1))
+        n_img = 0
+        if image_context is not None:
+            n_img = image_context.shape[1]
+            context = torch.cat([image_context, context], dim=1)
+
+        self.ctx.group, self.ctx.valid_len, self.ctx.image_context_len = group, seq, n_img
+        rotary = (cos, sin)
+
+        hints = []
+        if self.is_vace:
+            if control_hidden_states is None:
+                raise ValueError("this is a VACE model: control_hidden_states (vace_context) is required")
+            c = m.vace_patch_embedding(control_hidden_states).flatten(2).transpose(1, 2)
+            if c.shape[1] < seq:  # diffusers zero-pads short control sequences
+                c = torch.cat([c, c.new_zeros(batch, seq - c.shape[1], c.shape[2])], dim=1)
+            c = _pad_and_shard(c, 1, padded, group)
+            scales = control_hidden_states_scale
+            if scales is None:
+                scales = c.new_ones(len(m.config.vace_layers))
+            scales = torch.as_tensor(scales, device=c.device).flatten()
+            if scales.numel() == 1:
+                scales = scales.expand(len(m.config.vace_layers))
+            for i, block in enumerate(m.vace_blocks):
+                hint, c = block(x, context, c, timestep_proj, rotary)
+                hints.append((hint, scales[i]))
+        elif control_hidden_states is not None:
+            raise ValueError("control_hidden_states (vace_context) given, but this is not a VACE model")
+
+        vace_layers = list(m.config.vace_layers) if self.is_vace else []
+        for i, block in enumerate(m.blocks):
+            x = block(x, context, timestep_proj, rotary)
+            if i in vace_layers:
+                hint, s = hints[vace_layers.index(i)]
+                x = x + hint * s
+
+        if temb.ndim == 3:  # per-token (Wan 2.2 TI2V)
+            shift, scale = (m.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).chunk(2, dim=2)
+            shift, scale = shift.squeeze(2), scale.squeeze(2)
+        else:
+            shift, scale = (m.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
+        x = (m.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
+        x = m.proj_out(x)
+
+        x = _gather_to_leader(x, group)
+        if x is None:
+            return None
+        x = x[:, :seq]
+        x = x.reshape(batch, *grid, p_t, p_h, p_w, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+
+def _gather_to_leader(x: torch.Tensor, group: SPGroup) -> Optional[torch.Tensor]:
+    if group.sp == 1:
+        return x
+    x = x.contiguous()
+    leader = group.sp_ranks[0]
+    parts = [torch.empty_like(x) for _ in range(group.sp)] if group.is_leader else None
+    dist.gather(x, parts, dst=leader, group=group.sp_pg)
+    return torch.cat(parts, dim=1) if group.is_leader else None

@@ -1,0 +1,107 @@
+"""The embedded tiny default Wan model: real diffusers classes, random weights, no download.
+
+dim 256 (2 heads x 128, Wan's head_dim), 2 layers, ffn 512, text_dim 64. Used by the command line
+job when no checkpoint is given, by the tests and by the transport benchmark.
+"""
+from __future__ import annotations
+
+import torch
+
+VARIANTS = ("t2v", "i2v", "flf2v", "vace", "ti2v_5b")
+TEXT_DIM = 64
+IMAGE_DIM = 64
+IMAGE_TOKENS = 4  # per image; FLF2V has two images -> pos_embed_seq_len 8
+
+
+def tiny_config(variant: str = "t2v") -> dict:
+    """diffusers kwargs for a tiny model of `variant`."""
+    cfg = dict(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128, in_channels=16, out_channels=16,
+        text_dim=TEXT_DIM, freq_dim=256, ffn_dim=512, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None, added_kv_proj_dim=None,
+        rope_max_seq_len=1024, pos_embed_seq_len=None,
+    )
+    if variant == "t2v":
+        pass
+    elif variant == "i2v":
+        cfg.update(in_channels=36, image_dim=IMAGE_DIM, added_kv_proj_dim=256)
+    elif variant == "flf2v":
+        cfg.update(in_channels=36, image_dim=IMAGE_DIM, added_kv_proj_dim=256, pos_embed_seq_len=2 * IMAGE_TOKENS)
+    elif variant == "vace":
+        cfg.update(vace_layers=[0], vace_in_channels=32)
+    elif variant == "ti2v_5b":
+        cfg.update(in_channels=48, out_channels=48)
+    else:
+        raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
+    return cfg
+
+
+def model_class(variant: str):
+    import diffusers
+
+    return diffusers.WanVACETransformer3DModel if variant == "vace" else diffusers.WanTransformer3DModel
+
+
+@torch.no_grad()
+def build_model(variant: str = "t2v", seed: int = 0):
+    """A tiny fp32 diffusers model with every parameter drawn as randn * 0.02 (nothing zero)."""
+    model = model_class(variant)(**tiny_config(variant))
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return model.eval()
+
+
+def write_original_checkpoint(model, path, prefix: str = "", dtype=None) -> str:
+    """Save `model` as a Wan checkpoint with original (WanVideo/ComfyUI) key names."""
+    from safetensors.torch import save_file
+
+    from ..wan_to_xdit_mapping import to_original
+
+    sd = to_original(model.state_dict())
+    save_file({prefix + k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in sd.items()}, str(path))
+    return str(path)
+
+
+def random_inputs(variant: str, batch: int, latent_frames: int, latent_h: int, latent_w: int,
+                  text_tokens: int = 512, seed: int = 1) -> dict:
+    """Forward kwargs (diffusers names) for a model of `variant` and a latent of the given size.
+
+    Image features are [B, tokens, dim] (FLF2V: both images' tokens concatenated, as ComfyUI sends
+    them); timesteps differ per sample; TI2V-5B gets per-frame timesteps like ComfyUI's Wan 2.2."""
+    cfg = tiny_config(variant)
+    g = torch.Generator().manual_seed(seed)
+    kw = dict(
+        hidden_states=torch.randn(batch, cfg["in_channels"], latent_frames, latent_h, latent_w, generator=g),
+        timestep=torch.linspace(900.0, 300.0, batch),
+        encoder_hidden_states=torch.randn(batch, text_tokens, TEXT_DIM, generator=g),
+    )
+    if variant in ("i2v", "flf2v"):
+        n = IMAGE_TOKENS * (2 if variant == "flf2v" else 1)
+        kw["encoder_hidden_states_image"] = torch.randn(batch, n, IMAGE_DIM, generator=g)
+    elif variant == "vace":
+        kw["control_hidden_states"] = torch.randn(batch, cfg["vace_in_channels"], latent_frames, latent_h, latent_w,
+                                                  generator=g)
+    elif variant == "ti2v_5b":
+        t = torch.linspace(900.0, 300.0, batch)[:, None].repeat(1, latent_frames)
+        t[:, 0] = 0.0  # first frame is the conditioning image, as in ComfyUI's WAN22 process_timestep
+        kw["timestep"] = t
+    return kw
+
+
+@torch.no_grad()
+def reference_forward(model, **kw) -> torch.Tensor:
+    """Plain single-process diffusers forward of the same inputs (the parity reference).
+
+    Converts our input conventions to diffusers': per-frame timesteps -> per-token, FLF2V image
+    tokens [B, 2n, dim] -> [2B, n, dim]. (diffusers' processor assumes 512 text tokens when image
+    tokens are present, hence random_inputs' default.)"""
+    kw = dict(kw)
+    x, t = kw["hidden_states"], kw["timestep"]
+    p_t, p_h, p_w = model.config.patch_size
+    if t.ndim == 2 and t.shape[1] == x.shape[2] // p_t:
+        kw["timestep"] = t.repeat_interleave((x.shape[3] // p_h) * (x.shape[4] // p_w), dim=1)
+    img = kw.get("encoder_hidden_states_image")
+    if img is not None and model.config.pos_embed_seq_len:
+        kw["encoder_hidden_states_image"] = img.reshape(img.shape[0] * 2, img.shape[1] // 2, img.shape[2])
+    return model(**kw, return_dict=False)[0]

@@ -1,0 +1,269 @@
+"""The rank loop: one process per GPU (or CPU rank), started by torchrun from `launcher.py`.
+
+Each rank connects to its owner over the authenticated loopback channel and serves requests:
+load a model (by key), run a forward, unload, shut down. Every rank reads its inputs from the
+owner's shared-memory arena; each group leader writes its slice of the output back. A rank
+exits when its owner process is gone, its channel closes, or it is told to shut down.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from . import transport
+from .attention import SPGroup, build_sp_group, resolve_backend
+from .config import XDitUSPConfig
+from .sp_wan import SequenceParallelWan
+
+# Modules diffusers keeps in fp32 (WanTransformer3DModel._keep_in_fp32_modules); we load them so.
+FP32_MODULES = ("rope", "time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
+
+
+def _keep_fp32(name: str) -> bool:
+    parts = name.split(".")
+    return any(p in FP32_MODULES for p in parts)
+
+
+def build_model(path: str, dtype: torch.dtype, device: torch.device):
+    """diffusers Wan model with empty init, weights streamed from the checkpoint (mmap)."""
+    import diffusers
+    from accelerate import init_empty_weights
+
+    from ..wan_to_xdit_mapping import iter_checkpoint
+
+    info, tensors = iter_checkpoint(path)
+    cls = getattr(diffusers, info.diffusers_class)
+    with init_empty_weights():
+        model = cls(**info.diffusers_config)
+    base = {}
+    for name, t in tensors:  # streamed: one tensor in host memory at a time
+        target = torch.float32 if _keep_fp32(name) else dtype
+        if t.dtype.is_floating_point and t.element_size() == 1:  # plain fp8: upcast via fp32
+            t = t.float()
+        base[name] = t.to(device=device, dtype=target)
+    model.load_state_dict(base, strict=True, assign=True)
+    model.to(device).eval().requires_grad_(False)
+    return model, info
+
+
+class _Model:
+    def __init__(self, model, info, runner: SequenceParallelWan, layouts):
+        self.model, self.info, self.runner, self.layouts = model, info, runner, layouts
+        self.base_weights: dict[str, torch.Tensor] = {}  # originals of LoRA-patched weights
+
+
+class Worker:
+    def __init__(self):
+        self.rank = int(os.environ["RANK"])
+        self.world = int(os.environ["WORLD_SIZE"])
+        self.local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
+        self.config = XDitUSPConfig.from_json(os.environ["XDIT_USP_CONFIG"])
+        self.owner_pid = int(os.environ["XDIT_USP_OWNER_PID"])
+        self.fault = os.environ.get("XDIT_USP_FAULT", "")  # test hook, see _maybe_fault
+        self.models: dict[str, _Model] = {}
+        self.groups: dict[tuple, SPGroup] = {}
+        self.shm = transport.ShmReader()
+        if self.config.device == "cuda":
+            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device("cuda", self.local_rank)
+            if self.config.gpu_memory_fraction < 1.0:
+                torch.cuda.set_per_process_memory_fraction(self.config.gpu_memory_fraction, self.device)
+        else:
+            self.device = torch.device("cpu")
+        self.dtype = self.config.torch_dtype()
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    def run(self):
+        _start_watchdog(self.owner_pid)
+        backend = "nccl" if self.config.device == "cuda" else "gloo"
+        dist.init_process_group(
+            backend,
+            timeout=timedelta(seconds=max(self.config.forward_timeout_s, self.config.load_timeout_s) + 60),
+            device_id=self.device if backend == "nccl" else None,
+        )
+        addr = json.loads(os.environ["XDIT_USP_ADDR"])
+        self.conn = transport.connect(addr, bytes.fromhex(os.environ["XDIT_USP_AUTHKEY"]))
+        self.conn.send(("hello", {"rank": self.rank, "pid": os.getpid(), "device": str(self.device)}))
+        while True:
+            try:
+                op, payload = self.conn.recv()
+            except (EOFError, OSError):
+                break  # owner closed the channel
+            except Exception as e:  # an undecodable message: report it, keep serving
+                self.conn.send(("error", {"rank": self.rank, "type": type(e).__name__, "message": str(e),
+                                          "traceback": traceback.format_exc()}))
+                continue
+            if op == "shutdown":
+                self.conn.send(("ok", None))
+                break
+            try:
+                result = getattr(self, "op_" + op)(**payload)
+                self.conn.send(("ok", result))
+            except BaseException as e:  # noqa: BLE001 - every failure goes back to the owner
+                self.conn.send(
+                    ("error", {"rank": self.rank, "type": type(e).__name__, "message": str(e),
+                               "traceback": traceback.format_exc()})
+                )
+        self.shm.close()
+        try:
+            dist.destroy_process_group()
+        except Exception:
+            pass
+
+    def _maybe_fault(self, where: str):
+        # XDIT_USP_FAULT="<where>@<rank>[=<seconds>]": deliberate failures for the failure tests.
+        for item in filter(None, self.fault.split(",")):
+            spec, _, arg = item.partition("=")
+            w, _, r = spec.partition("@")
+            if w == where and int(r) == self.rank:
+                if where.endswith("exit"):
+                    os._exit(3)
+                if where.endswith("raise"):
+                    raise RuntimeError(f"injected fault {item}")
+                time.sleep(float(arg or 3600))
+
+    def _group(self, layout) -> SPGroup:
+        key = (layout.cfg, layout.ulysses, layout.ring)
+        if key not in self.groups:
+            self.groups[key] = build_sp_group(*key)
+        return self.groups[key]
+
+    # ---- operations -------------------------------------------------------------------------
+    def op_ping(self):
+        return {"rank": self.rank, "models": sorted(self.models)}
+
+    def op_load(self, key: str, path: str):
+        t0 = time.perf_counter()
+        self._maybe_fault("load_exit")
+        self._maybe_fault("load_raise")
+        model, info = build_model(path, self.dtype, self.device)
+        heads = model.config.num_attention_heads
+        layouts = (self.config.resolve(heads), self.config.fallback_layout(heads))
+        backend = resolve_backend(self.config.attention_backend, self.config.device, max(l.ring for l in layouts))
+        for layout in layouts:
+            self._group(layout)
+        self.models[key] = _Model(model, info, SequenceParallelWan(model, backend), layouts)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return {
+            "load_s": time.perf_counter() - t0,
+            "backend": backend.name,
+            "layout": str(layouts[0]),
+            "fallback_layout": str(layouts[1]),
+            "variant": info.variant,
+            "num_heads": heads,
+            "in_channels": model.config.in_channels,
+            "out_channels": model.config.out_channels,
+            "patch_size": list(model.config.patch_size),
+            "memory_bytes": torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else None,
+        }
+
+    def op_unload(self, key: str):
+        self.models.pop(key, None)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return None
+
+    def op_forward(self, key: str, arena: str, inputs: dict, out: tuple, control_scale=None):
+        m = self.models.get(key)
+        if m is None:
+            raise KeyError(f"model {key!r} is not loaded on rank {self.rank}")
+        buf = self.shm.buf(arena)
+        x = {k: transport.view(buf, spec) for k, spec in inputs.items()}
+        batch = x["hidden_states"].shape[0]
+        layout = m.layouts[0] if batch % m.layouts[0].cfg == 0 else m.layouts[1]
+        group = self._group(layout)
+        per = batch // layout.cfg
+        rows = slice(group.cfg_index * per, (group.cfg_index + 1) * per)
+
+        def arg(name, dtype=None):
+            t = x.get(name)
+            if t is None:
+                return None
+            t = t[rows] if t.ndim and t.shape[0] == batch else t
+            return t.to(self.device, dtype=dtype or self.dtype)
+
+        self._maybe_fault("forward_sleep")
+        self._maybe_fault("forward_exit")
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        result = m.runner.forward(
+            group,
+            arg("hidden_states"),
+            arg("timestep", torch.float32),
+            arg("encoder_hidden_states"),
+            arg("encoder_hidden_states_image"),
+            arg("control_hidden_states"),
+            control_scale,
+        )
+        sync()
+        ms = (time.perf_counter() - t0) * 1e3
+        if result is not None:  # group leader: write this batch slice into the owner's output
+            transport.view(buf, out)[rows].copy_(result.to("cpu", dtype=transport.view(buf, out).dtype))
+        return {"ms": ms, "layout": str(layout)}
+
+    def op_lora(self, key: str, arena: str, patches: dict):
+        """Set LoRA deltas: patches = {diffusers weight name: spec of the merged delta in the arena}.
+
+        Weights are restored from their originals first, so changing a strength never reloads
+        the checkpoint and an empty dict removes every LoRA."""
+        m = self.models[key]
+        params = dict(m.model.named_parameters())
+        for name, orig in m.base_weights.items():
+            params[name].data.copy_(orig)
+        buf = self.shm.buf(arena) if patches else None
+        for name, spec in patches.items():
+            if name not in params:
+                raise KeyError(f"LoRA targets {name!r}, which the model does not have")
+            p = params[name]
+            if name not in m.base_weights:
+                m.base_weights[name] = p.data.clone()
+            delta = transport.view(buf, spec).to(self.device, torch.float32)
+            p.data.copy_((m.base_weights[name].float() + delta.reshape(p.shape)).to(p.dtype))
+        for name in [n for n in m.base_weights if n not in patches]:
+            del m.base_weights[name]
+        return {"patched": len(patches)}
+
+
+def _start_watchdog(owner_pid: int):
+    """Exit when the owner dies or torchrun's agent (our parent) does: no orphan workers."""
+    parent = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(0.5)
+            gone = os.getppid() != parent
+            try:
+                os.kill(owner_pid, 0)
+            except ProcessLookupError:
+                gone = True
+            except PermissionError:
+                pass
+            if gone:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="xdit-usp-watchdog", daemon=True).start()
+
+
+def main():
+    import faulthandler
+
+    log_dir = os.environ.get("XDIT_USP_LOG_DIR")
+    if log_dir:
+        path = os.path.join(log_dir, f"rank{os.environ.get('RANK', 'x')}.log")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+    faulthandler.enable()
+    Worker().run()
