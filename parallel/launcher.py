@@ -291,12 +291,30 @@ class WorkerGroup:
                 self._call("unload", {"key": key}, 60)
             self.models.pop(key, None)
 
-    def set_lora(self, key: str, deltas: dict[str, torch.Tensor]):
-        """Replace the LoRA deltas merged into model `key` ({diffusers weight name: delta})."""
+    def set_lora(self, key: str, patches: dict[str, list]) -> dict:
+        """Replace the LoRA state of model `key`; merged on the workers, base weights kept there.
+
+        patches: {diffusers weight name: [("lora", up, down, scale) | ("diff", delta, scale), ...]}
+        ({} removes every LoRA). Only the low-rank factors cross the process boundary."""
         with self._lock:
-            specs, _ = self.arena.pack({k: v.float() for k, v in deltas.items()}, {}) if deltas else ({}, {})
-            return self._call("lora", {"key": key, "arena": self.arena.name if deltas else "", "patches": specs},
-                              self.config.load_timeout_s)[0]
+            if key not in self.models:
+                raise KeyError(f"no model loaded under {key!r}")
+            tensors, specs = {}, {}
+            for name, items in patches.items():
+                out = []
+                for j, item in enumerate(items):
+                    kind, *arrays, scale = item
+                    if kind not in ("lora", "diff") or len(arrays) != (2 if kind == "lora" else 1):
+                        raise ValueError(f"{name}: a LoRA patch is ('lora', up, down, scale) or ('diff', delta, scale)")
+                    names = [f"{name}#{j}#{i}" for i in range(len(arrays))]
+                    tensors.update({n: a.float().contiguous() for n, a in zip(names, arrays)})
+                    out.append((kind, *names, float(scale)))
+                specs[name] = out
+            written, _ = self.arena.pack(tensors, {})
+            patches_msg = {name: [(kind, *[written[n] for n in refs], scale) for kind, *refs, scale in items]
+                           for name, items in specs.items()}
+            arena = self.arena.name if tensors else ""
+            return self._call("lora", {"key": key, "arena": arena, "patches": patches_msg}, self.config.load_timeout_s)[0]
 
     def forward(
         self,

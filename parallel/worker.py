@@ -212,23 +212,36 @@ class Worker:
         return {"ms": ms, "layout": str(layout)}
 
     def op_lora(self, key: str, arena: str, patches: dict):
-        """Set LoRA deltas: patches = {diffusers weight name: spec of the merged delta in the arena}.
-
-        Weights are restored from their originals first, so changing a strength never reloads
-        the checkpoint and an empty dict removes every LoRA."""
+        """Set the LoRA state of model `key`: patches = {diffusers weight name: [item, ...]}, item =
+        ("lora", up_spec, down_spec, scale) -> scale * up @ down (low-rank factors, merged here), or
+        ("diff", delta_spec, scale) -> scale * delta. Patched weights are first restored from their
+        originals, so a strength change never reloads the checkpoint and {} removes every LoRA."""
         m = self.models[key]
         params = dict(m.model.named_parameters())
+        unknown = [n for n in patches if n not in params]
+        if unknown:
+            raise KeyError(f"LoRA targets {unknown[:5]}, which the model does not have")
         for name, orig in m.base_weights.items():
             params[name].data.copy_(orig)
         buf = self.shm.buf(arena) if patches else None
-        for name, spec in patches.items():
-            if name not in params:
-                raise KeyError(f"LoRA targets {name!r}, which the model does not have")
+
+        def load(spec):
+            return transport.view(buf, spec).to(self.device, torch.float32)
+
+        for name, items in patches.items():
             p = params[name]
             if name not in m.base_weights:
                 m.base_weights[name] = p.data.clone()
-            delta = transport.view(buf, spec).to(self.device, torch.float32)
-            p.data.copy_((m.base_weights[name].float() + delta.reshape(p.shape)).to(p.dtype))
+            w = m.base_weights[name].float()
+            for item in items:
+                if item[0] == "lora":
+                    up, down = load(item[1]), load(item[2])
+                    w = w + item[3] * (up.flatten(1) @ down.flatten(1)).reshape(p.shape)
+                elif item[0] == "diff":
+                    w = w + item[2] * load(item[1]).reshape(p.shape)
+                else:
+                    raise ValueError(f"unknown LoRA patch kind {item[0]!r} for {name}")
+            p.data.copy_(w.to(p.dtype))
         for name in [n for n in m.base_weights if n not in patches]:
             del m.base_weights[name]
         return {"patched": len(patches)}
