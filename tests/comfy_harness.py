@@ -1,0 +1,109 @@
+"""Boot a real ComfyUI checkout in-process (CPU) and run API prompts through its own executor.
+
+COMFYUI_DIR must point at the checkout; the interpreter must have ComfyUI's requirements.
+Our pack is registered through ComfyUI's custom node loader (nodes.load_custom_node), exactly as
+ComfyUI does for custom_nodes/<pack>.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import uuid
+
+import workflow_utils as W
+
+_booted = None
+
+
+class ComfyUnavailable(RuntimeError):
+    pass
+
+
+def boot():
+    """Import ComfyUI (CPU mode), load its built-in nodes and our pack; returns the `nodes` module."""
+    global _booted
+    if _booted is not None:
+        return _booted
+    d = os.environ.get("COMFYUI_DIR")
+    if not d or not os.path.isfile(os.path.join(d, "comfy", "model_management.py")):
+        raise ComfyUnavailable(f"COMFYUI_DIR={d!r} is not a ComfyUI checkout")
+    if d not in sys.path:
+        sys.path.insert(0, d)
+    argv = sys.argv
+    sys.argv = ["main.py", "--cpu", "--disable-all-custom-nodes"]
+    try:
+        import comfy.options
+
+        comfy.options.enable_args_parsing()
+        import comfy.model_management  # noqa: F401  (parses the args)
+        import nodes
+    except Exception as e:  # noqa: BLE001
+        raise ComfyUnavailable(f"ComfyUI at {d} does not import: {type(e).__name__}: {e}") from e
+    finally:
+        sys.argv = argv
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    if "XDitUSPWanVideoModelLoader" not in nodes.NODE_CLASS_MAPPINGS:
+        ok = asyncio.run(nodes.load_custom_node(W.ROOT))
+        if not ok:
+            raise RuntimeError("ComfyUI failed to load the pack as a custom node (see log)")
+    _booted = nodes
+    return nodes
+
+
+def pack_module():
+    """The pack as ComfyUI imported it (its module-level group cache is the one in use)."""
+    import nodes
+
+    cls = nodes.NODE_CLASS_MAPPINGS["XDitUSPWanVideoModelLoader"]
+    return sys.modules[cls.__module__.rsplit(".", 1)[0]]
+
+
+class ServerStub:
+    """What PromptExecutor needs from server.PromptServer; records every message."""
+
+    def __init__(self):
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.messages = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+    def queue_updated(self):
+        pass
+
+
+class Runner:
+    def __init__(self):
+        import execution
+
+        self.server = ServerStub()
+        self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC,
+                                                 cache_args={"lru": 0, "ram": 0.0, "ram_inactive": 0.0})
+
+    def validate(self, prompt: dict):
+        import execution
+
+        return asyncio.run(execution.validate_prompt(str(uuid.uuid4()), prompt, None))
+
+    def run(self, prompt: dict, outputs: list[str]):
+        """Validate and execute `prompt` (up to the output nodes `outputs`); returns the messages.
+        Raises RuntimeError carrying ComfyUI's execution_error message on failure."""
+        valid = self.validate(prompt)
+        if not valid[0]:
+            raise AssertionError(f"prompt failed validation: {valid[1]} {valid[3]}")
+        self.server.messages.clear()
+        self.executor.execute(prompt, str(uuid.uuid4()), {"client_id": "test"}, outputs)
+        errors = [d for e, d in self.server.messages if e == "execution_error"]
+        if errors or not self.executor.success:
+            e = errors[0] if errors else {}
+            raise ExecutionFailed(e.get("exception_type", "?"), e.get("exception_message", "execution failed"), e)
+        return self.server.messages
+
+
+class ExecutionFailed(RuntimeError):
+    def __init__(self, typ, message, data):
+        super().__init__(f"{typ}: {message}")
+        self.type, self.message, self.data = typ, message, data

@@ -1,0 +1,97 @@
+"""Helpers shared by test_nodes.py and test_comfyui_integration.py (no ComfyUI import here)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLE = os.path.join(ROOT, "example_workflows", "xdit_usp_example.json")
+
+# Native ComfyUI node types the example workflow may use (checked against ComfyUI when available).
+NATIVE_TYPES = {
+    "CLIPLoader", "CLIPTextEncode", "EmptyHunyuanLatentVideo", "ModelSamplingSD3", "KSampler",
+    "VAELoader", "VAEDecode", "CreateVideo", "SaveVideo",
+}
+OUR_TYPES = {"XDitUSPConfigNode", "XDitUSPWanVideoModelLoader"}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+def load_pack(name: str = "xdit_usp_pack_under_test"):
+    """Import the pack's __init__.py the way ComfyUI does (a package from a folder path)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "__init__.py"),
+                                                  submodule_search_locations=[ROOT])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def load_example() -> dict:
+    with open(EXAMPLE, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def input_kind(spec) -> str:
+    """Type name of an INPUT_TYPES entry: a list of options is a COMBO."""
+    t = spec[0]
+    if isinstance(t, (list, tuple)):
+        return "COMBO"
+    return str(t)
+
+
+def is_widget(spec) -> bool:
+    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    if opts.get("forceInput"):
+        return False
+    kind = input_kind(spec)
+    return kind in WIDGET_TYPES or kind == "COMFY_DYNAMICCOMBO_V3"
+
+
+def ordered_inputs(input_types: dict) -> list[tuple[str, tuple, bool]]:
+    out = []
+    for section in ("required", "optional"):
+        for name, spec in input_types.get(section, {}).items():
+            out.append((name, spec, section == "required"))
+    return out
+
+
+def _take_widgets(name, spec, values: list, inputs: dict, prefix: str = ""):
+    """Consume this widget's value(s) from `values` into API `inputs` (nested dynamic combos too)."""
+    key = prefix + name
+    value = values.pop(0)
+    inputs[key] = value
+    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    if opts.get("control_after_generate"):
+        values.pop(0)  # "randomize"/"fixed": UI-only
+    if input_kind(spec) == "COMFY_DYNAMICCOMBO_V3":
+        option = next(o for o in opts["options"] if o["key"] == value)
+        for sub, sub_spec, _ in ordered_inputs(option["inputs"]):
+            if is_widget(sub_spec) and values:
+                _take_widgets(sub, sub_spec, values, inputs, prefix=key + ".")
+
+
+def ui_to_api(workflow: dict, node_classes: dict) -> dict:
+    """LiteGraph UI workflow -> API prompt {id: {class_type, inputs}} using the classes' INPUT_TYPES."""
+    links = {l[0]: l for l in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node.get("mode", 0) in (2, 4):  # muted / bypassed
+            continue
+        cls = node_classes[node["type"]]
+        linked = {i["name"]: links[i["link"]] for i in node.get("inputs", []) if i.get("link") is not None}
+        values = list(node.get("widgets_values") or [])
+        inputs = {}
+        for name, spec, _ in ordered_inputs(cls.INPUT_TYPES()):
+            if name in linked:
+                l = linked[name]
+                inputs[name] = [str(l[1]), l[2]]
+                if is_widget(spec) and values:  # a widget converted to an input keeps its value slot
+                    values.pop(0)
+            elif is_widget(spec) and values:
+                _take_widgets(name, spec, values, inputs)
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt

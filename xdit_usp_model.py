@@ -1,0 +1,507 @@
+"""The MODEL our loader returns: a native ComfyUI Wan model whose transformer runs on a worker group.
+
+Imported only inside ComfyUI (it subclasses ComfyUI classes). What ComfyUI sees:
+
+  XDitUSPModelPatcher (a comfy.model_patcher.ModelPatcher)
+    .model = the native comfy.model_base class ComfyUI's own detection picks for the checkpoint
+             (WAN21 T2V/I2V, WAN21_Vace, WAN22 ...), so model_sampling, concat_cond, extra_conds and
+             process_timestep are ComfyUI's; only memory_required() is replaced (the weights live in
+             the workers, so the ComfyUI-side cost of a call is its input and output tensors).
+      .diffusion_model = XDitUSPWanProxy: the native WanModel's module tree on the meta device (no
+             memory; state_dict() has every `diffusion_model.<original Wan key>` so LoRA keys map),
+             whose forward takes the native Wan arguments and runs one forward on the worker group.
+
+Weights are never patched in this process: at load time (partially_load / load / patch_model, as
+load_models_gpu calls them) the patcher's LoRA patches are sent to the workers as low-rank factors
+(group.set_lora), and unloading the model in ComfyUI (detach / unpatch_model) unloads it from the
+workers (group.unload); the next use loads it again.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+import weakref
+from typing import Optional
+
+import torch
+
+import comfy.ldm.common_dit
+import comfy.model_base
+import comfy.model_detection
+import comfy.model_management
+import comfy.model_patcher
+import comfy.patcher_extension
+import comfy.utils
+from comfy.patcher_extension import CallbacksMP
+
+from .parallel import WorkerError, XDitUSPConfig, get_group
+from .wan_to_xdit_mapping import (
+    CheckpointInfo,
+    _files,
+    diffusers_to_original_key,
+    original_to_diffusers_key,
+)
+
+log = logging.getLogger("xdit_usp")
+
+# What this process holds for a model: nothing but a few small Python objects. ComfyUI needs a
+# positive size; the per-call tensors are accounted for in memory_required().
+PROXY_SIZE = 1 << 20
+PREFIX = "diffusion_model."
+
+
+# ---------------------------------------------------------------------------------------------
+# The model as the worker group holds it, shared by every patcher (clones, two loader nodes) that
+# uses the same file with the same config.
+class RemoteWanModel:
+    def __init__(self, config: XDitUSPConfig, path: str, ckpt: CheckpointInfo):
+        self.config = config
+        self.path = path
+        self.key = path
+        self.ckpt = ckpt
+        self.info: Optional[dict] = None
+        # LoRA state on the workers: ((ComfyUI key, ((strength, patch, strength_model, offset,
+        # function), ...)), ...), patch objects compared by identity; () = base weights.
+        self.lora_state: tuple = ()
+        self.lora_patches: dict = {}  # the patches dict last applied (re-applied after a reload)
+        self.lora_sends = 0  # how many times set_lora was called (tests check skipping)
+        self.loads = 0
+        self.calls = 0  # forwards run, and the batch of the last one (cond+uncond batched -> 2)
+        self.last_batch = 0
+        self.users = 0  # live ComfyUI models built on this (their clones share them)
+
+    @property
+    def group(self):
+        return get_group(self.config)
+
+    @property
+    def loaded(self) -> bool:
+        g = self.group
+        return g.alive and self.key in g.models
+
+    def ensure_loaded(self) -> dict:
+        g = self.group
+        if not (g.alive and self.key in g.models):
+            log.info("xDiT-USP: loading %s on %d worker(s)", os.path.basename(self.path), self.config.world_size)
+            self.info = g.load(self.key, self.path)
+            self.loads += 1
+            self.lora_state = ()  # fresh base weights
+        return self.info
+
+    def ensure_ready(self):
+        """Loaded, with the LoRA state last asked for (after a relaunch or an unload elsewhere)."""
+        self.ensure_loaded()
+        self.apply_patches(self.lora_patches)
+
+    def unload(self):
+        g = self.group
+        if self.key in g.models:
+            log.info("xDiT-USP: unloading %s from the workers", os.path.basename(self.path))
+            try:
+                g.unload(self.key)
+            except WorkerError as e:  # a broken group is closed by the launcher; nothing left to free
+                log.warning("xDiT-USP: unload of %s failed: %s", self.key, e)
+        self.lora_state = ()
+
+    def apply_patches(self, patches: dict):
+        """Make the workers' LoRA state equal to a ModelPatcher's `patches` (skip when unchanged)."""
+        state = _patch_state(patches)
+        if _same_state(state, self.lora_state):
+            self.lora_patches = patches
+            return False
+        worker_patches = _to_worker_patches(patches)  # unsupported patches raise here, nothing sent
+        self.group.set_lora(self.key, worker_patches)
+        self.lora_state = state
+        self.lora_patches = patches
+        self.lora_sends += 1
+        return True
+
+
+_remotes: dict[tuple, RemoteWanModel] = {}
+_remotes_lock = threading.Lock()
+_orphans: set = set()  # remotes whose ComfyUI models were all garbage collected
+
+
+def _release(remote: RemoteWanModel):
+    # weakref.finalize callback: may run inside any allocation, so it only marks; the unload (which
+    # talks to the workers) happens at the next safe point, reap_orphans().
+    remote.users -= 1
+    if remote.users <= 0:
+        _orphans.add(remote)
+
+
+def reap_orphans():
+    """Unload from the workers the models no ComfyUI object refers to any more."""
+    for r in list(_orphans):
+        _orphans.discard(r)
+        if r.users <= 0:
+            r.unload()
+
+
+def get_remote(config: XDitUSPConfig, path: str, ckpt: CheckpointInfo) -> RemoteWanModel:
+    key = (config.to_json(), os.path.abspath(path))
+    with _remotes_lock:
+        r = _remotes.get(key)
+        if r is None:
+            r = _remotes[key] = RemoteWanModel(config, os.path.abspath(path), ckpt)
+        return r
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA: ComfyUI patches -> worker patches
+def _patch_state(patches: dict) -> tuple:
+    out = []
+    for key in sorted(patches):
+        items = tuple((float(p[0]), p[1], float(p[2]), p[3], p[4]) for p in patches[key])
+        items = tuple(i for i in items if i[0] != 0.0 or i[2] != 1.0)
+        if items:
+            out.append((key, items))
+    return tuple(out)
+
+
+def _same_state(a: tuple, b: tuple) -> bool:
+    if len(a) != len(b):
+        return False
+    for (ka, ia), (kb, ib) in zip(a, b):
+        if ka != kb or len(ia) != len(ib):
+            return False
+        for x, y in zip(ia, ib):
+            if x[0] != y[0] or x[1] is not y[1] or x[2] != y[2] or x[3] != y[3] or x[4] is not y[4]:
+                return False
+    return True
+
+
+def _to_worker_patches(patches: dict) -> dict:
+    """{`diffusion_model.<original key>`: [(strength, patch, strength_model, offset, function)]} ->
+    {diffusers name: [("lora", up, down, scale) | ("diff", delta, scale)]}. Anything the workers
+    cannot apply exactly raises ValueError naming the key."""
+    from comfy.weight_adapter import LoRAAdapter, WeightAdapterBase
+
+    out = {}
+    for key, plist in patches.items():
+        if not key.startswith(PREFIX):
+            raise ValueError(f"xDiT-USP: cannot apply a patch to {key!r} (only {PREFIX}* weights live in the workers)")
+        name = original_to_diffusers_key(key[len(PREFIX):])
+        if name is None:
+            raise ValueError(f"xDiT-USP: no worker weight for patched key {key!r}")
+        items = []
+        for strength, v, strength_model, offset, function in plist:
+            where = f"xDiT-USP: patch on {key}"
+            if strength_model != 1.0:
+                raise ValueError(f"{where}: strength_model {strength_model} (scaling the base weight) is not supported")
+            if offset is not None or function is not None:
+                raise ValueError(f"{where}: offset/function patches are not supported")
+            if strength == 0.0:
+                continue
+            if isinstance(v, WeightAdapterBase):
+                if not isinstance(v, LoRAAdapter):
+                    raise ValueError(f"{where}: {type(v).__name__} is not supported on the workers (plain LoRA and diff only)")
+                up, down, alpha, mid, dora_scale, reshape = v.weights
+                if mid is not None:
+                    raise ValueError(f"{where}: LoCon 'lora_mid' weights are not supported")
+                if dora_scale is not None:
+                    raise ValueError(f"{where}: DoRA (dora_scale) is not supported")
+                if reshape is not None:
+                    raise ValueError(f"{where}: 'reshape_weight' LoRAs are not supported")
+                scale = strength * (float(alpha) / down.shape[0] if alpha is not None else 1.0)
+                items.append(("lora", up, down, scale))
+                continue
+            if isinstance(v, list):
+                raise ValueError(f"{where}: nested patches are not supported")
+            if len(v) == 1:
+                kind, data = "diff", v
+            elif len(v) == 2:
+                kind, data = v
+            else:
+                raise ValueError(f"{where}: unrecognised patch {type(v).__name__} of length {len(v)}")
+            if kind != "diff":
+                raise ValueError(f"{where}: patch type {kind!r} is not supported on the workers (plain LoRA and diff only)")
+            if len(data) > 1 and isinstance(data[1], dict) and data[1].get("pad_weight"):
+                raise ValueError(f"{where}: padded diff patches are not supported")
+            items.append(("diff", data[0], float(strength)))
+        if items:
+            out[name] = items
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+class XDitUSPWanProxy(torch.nn.Module):
+    """Stands where comfy.ldm.wan.model.WanModel would: same parameter names (meta tensors, no
+    memory), same forward signature; the forward runs on the worker group."""
+
+    def __init__(self, native: torch.nn.Module, remote: RemoteWanModel, dtype: torch.dtype):
+        super().__init__()
+        self._modules.update(native._modules)  # the meta tree, for state_dict() / LoRA key maps
+        self._parameters.update(native._parameters)
+        self._buffers.update(native._buffers)
+        for name in ("patch_size", "dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_dim", "model_type"):
+            if hasattr(native, name):
+                setattr(self, name, getattr(native, name))
+        self.native_class = type(native).__name__
+        self.is_vace = hasattr(native, "vace_blocks")
+        self.has_image_branch = getattr(native, "img_emb", None) is not None
+        self.has_ref_conv = getattr(native, "ref_conv", None) is not None
+        self.dtype = dtype
+        self.remote = remote
+
+    def _apply(self, fn, recurse=True):
+        return self  # .to()/.cuda()/.half(): the weights live in the workers; nothing here to move
+
+    def extra_repr(self) -> str:
+        return f"{self.native_class} on xDiT-USP workers ({self.remote.config.world_size} ranks, {os.path.basename(self.remote.path)})"
+
+    def forward(self, x, timestep, context, clip_fea=None, time_dim_concat=None, transformer_options={}, **kwargs):
+        return comfy.patcher_extension.WrapperExecutor.new_class_executor(
+            self._forward,
+            self,
+            comfy.patcher_extension.get_all_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, transformer_options),
+        ).execute(x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs)
+
+    # conds that native Wan accepts and does not use for a plain forward
+    _IGNORED_BY_NATIVE = ("denoise_mask", "crossattn_controlnet")
+
+    def _forward(self, x, timestep, context, clip_fea=None, time_dim_concat=None, transformer_options={}, **kwargs):
+        kwargs = dict(kwargs)
+        control = kwargs.pop("control", None)
+        vace_context = kwargs.pop("vace_context", None)
+        vace_strength = kwargs.pop("vace_strength", None)
+        for k in self._IGNORED_BY_NATIVE:
+            kwargs.pop(k, None)
+        problems = []
+        if control is not None:
+            problems.append("ControlNet (control) is not supported")
+        if time_dim_concat is not None:
+            problems.append("time_dim_concat (e.g. WanPhantomSubjectToVideo) is not supported")
+        for k, v in kwargs.items():
+            if v is not None:
+                problems.append(f"the {k!r} conditioning is not supported")
+        topts = transformer_options or {}
+        if topts.get("patches_replace", {}).get("dit"):
+            problems.append("block replace patches (transformer_options patches_replace 'dit') are not supported")
+        if topts.get("patches", {}).get("double_block"):
+            problems.append("double_block patches are not supported")
+        if topts.get("rope_options") is not None:
+            problems.append("rope_options (RoPE scaling/shift) are not supported")
+        if problems:
+            raise ValueError("xDiT-USP WanVideo model: " + "; ".join(problems) +
+                             ". The worker group runs the plain Wan transformer; use a native loader for this graph.")
+
+        ctrl, scale = None, None
+        if self.is_vace:
+            if vace_context is None:
+                raise ValueError("xDiT-USP: this is a VACE model but no vace_context was given")
+            if vace_context.ndim != 6 or vace_context.shape[1] != 1:
+                raise ValueError(
+                    f"xDiT-USP: VACE with {vace_context.shape[1] if vace_context.ndim == 6 else '?'} control inputs is not "
+                    "supported (one WanVaceToVideo control per model)")
+            ctrl = vace_context[:, 0]
+            s = vace_strength[0] if isinstance(vace_strength, (list, tuple)) and vace_strength else vace_strength
+            scale = [float(s)] if s is not None else None
+        elif vace_context is not None:
+            raise ValueError("xDiT-USP: vace_context given to a model that is not a VACE model")
+
+        bs, c, t, h, w = x.shape
+        x = comfy.ldm.common_dit.pad_to_patch_size(x, self.patch_size)
+        if ctrl is not None:
+            ctrl = comfy.ldm.common_dit.pad_to_patch_size(ctrl, self.patch_size)
+        img = clip_fea if (clip_fea is not None and self.has_image_branch) else None  # native ignores it otherwise
+
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        remote = self.remote
+        if not remote.loaded:  # the group died or the model was unloaded since load_models_gpu
+            remote.ensure_ready()
+        try:
+            out = remote.group.forward(
+                remote.key,
+                hidden_states=x,
+                timestep=timestep,
+                encoder_hidden_states=context,
+                encoder_hidden_states_image=img,
+                control_hidden_states=ctrl,
+                control_hidden_states_scale=scale,
+            )
+        except WorkerError as e:
+            raise WorkerError(f"xDiT-USP worker rank {e.rank} failed: {e}", rank=e.rank) from e
+        remote.calls += 1
+        remote.last_batch = bs
+        return out.to(x.device)[:, :, :t, :h, :w]
+
+
+# ---------------------------------------------------------------------------------------------
+def _memory_required(self, input_shape, cond_shapes={}):
+    """ComfyUI-side memory of one call: the latent in, a few copies of it (scaled input, output,
+    denoised, shared-memory staging) and the conds. The transformer's memory is on the workers."""
+    dtype_size = 4
+    n = math.prod(input_shape)
+    total = n * dtype_size * 6
+    for shapes in (cond_shapes or {}).values():
+        for s in shapes:
+            total += math.prod(s) * dtype_size * 2
+    return total
+
+
+_subclasses: dict[type, type] = {}
+
+
+def _remote_class(cls: type) -> type:
+    sub = _subclasses.get(cls)
+    if sub is None:
+        sub = _subclasses[cls] = type("XDitUSP" + cls.__name__, (cls,), {
+            "memory_required": _memory_required, "__module__": __name__,
+            "__doc__": f"{cls.__name__} whose transformer runs on an xDiT-USP worker group.",
+        })
+    return sub
+
+
+class XDitUSPModelPatcher(comfy.model_patcher.ModelPatcher):
+    """A ModelPatcher whose weights live in the worker group: loading syncs LoRA patches to the
+    workers, unloading frees the workers' copy. Nothing is ever patched in this process."""
+
+    @property
+    def remote(self) -> RemoteWanModel:
+        return self.model.diffusion_model.remote
+
+    def is_dynamic(self):
+        return False
+
+    def model_size(self):
+        return PROXY_SIZE
+
+    def loaded_size(self):
+        return self.model.model_loaded_weight_memory
+
+    def _restore_object_patches(self):
+        for k in list(self.object_patches_backup.keys()):
+            comfy.utils.set_attr(self.model, k, self.object_patches_backup[k])
+        self.object_patches_backup.clear()
+
+    def _check_hooks(self):
+        if self.hook_patches:
+            raise ValueError("xDiT-USP: weight hooks (e.g. CreateHookLora) are not supported; use LoraLoaderModelOnly")
+
+    def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
+        with self.use_ejected():
+            self._check_hooks()
+            reap_orphans()
+            remote = self.remote
+            remote.ensure_loaded()
+            remote.apply_patches(self.patches)
+            if device_to is not None:
+                self.model.device = device_to
+            self.model.model_lowvram = False
+            self.model.lowvram_patch_counter = 0
+            self.model.model_loaded_weight_memory = self.model_size()
+            self.model.model_offload_buffer_memory = 0
+            self.model.current_weight_patches_uuid = self.patches_uuid
+            for callback in self.get_all_callbacks(CallbacksMP.ON_LOAD):
+                callback(self, device_to, lowvram_model_memory, force_patch_weights, full_load)
+
+    def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+        with self.use_ejected(skip_and_inject_on_exit_only=True):
+            before = self.model.model_loaded_weight_memory
+            self._restore_object_patches()
+            self.patch_model(device_to, load_weights=True)  # object patches, then our load()
+            return self.model.model_loaded_weight_memory - before
+
+    def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
+        return 0  # all or nothing: ComfyUI then detaches, which unloads from the workers
+
+    def unpatch_model(self, device_to=None, unpatch_weights=True):
+        self.eject_model()
+        if unpatch_weights:
+            self.unpatch_hooks()
+            self.remote.unload()
+            reap_orphans()
+            self.model.model_lowvram = False
+            self.model.lowvram_patch_counter = 0
+            self.model.current_weight_patches_uuid = None
+            self.model.model_loaded_weight_memory = 0
+            self.model.model_offload_buffer_memory = 0
+            if device_to is not None:
+                self.model.device = device_to
+        self._restore_object_patches()
+
+    def patch_weight_to_device(self, key, device_to=None, inplace_update=False, return_weight=False, force_cast=False):
+        raise RuntimeError(f"xDiT-USP: weights live in the worker group; {key} cannot be patched in ComfyUI's process")
+
+    def pin_weight_to_device(self, key):
+        pass
+
+    def unpin_weight(self, key):
+        pass
+
+    def unpin_all_weights(self):
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+def _original_meta_state_dict(path: str, ckpt: CheckpointInfo, dtype: torch.dtype) -> tuple[dict, Optional[dict]]:
+    """Original-named meta tensors with the checkpoint's shapes (header only), and its metadata."""
+    _, meta, _ = _files(path)
+    sd = {}
+    for raw, (shape, _dt) in meta.items():
+        k = raw[len(ckpt.prefix):] if ckpt.prefix and raw.startswith(ckpt.prefix) else raw
+        if ckpt.format == "diffusers":
+            k = diffusers_to_original_key(k)
+        elif original_to_diffusers_key(k) is None:
+            k = None  # scale tensors, markers
+        if k is not None:
+            sd[k] = torch.empty(shape, dtype=dtype, device="meta")
+    metadata = None
+    if os.path.isfile(path):
+        try:
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                metadata = f.metadata()
+        except Exception:  # metadata is optional
+            metadata = None
+    return sd, metadata
+
+
+def build_model_patcher(config: XDitUSPConfig, path: str, ckpt: CheckpointInfo) -> XDitUSPModelPatcher:
+    """Native ComfyUI Wan model (detected from the header), transformer replaced by the proxy, on
+    the worker group of `config`; the checkpoint is loaded on the workers now."""
+    dtype = config.torch_dtype()
+    sd, metadata = _original_meta_state_dict(path, ckpt, dtype)
+    model_config = comfy.model_detection.model_config_from_unet(sd, "", metadata=metadata)
+    if model_config is None:
+        raise ValueError(f"ComfyUI does not recognise {os.path.basename(path)} as a model it knows (detected by us as Wan {ckpt.variant})")
+    uc = model_config.unet_config
+    if uc.get("image_model") != "wan2.1":
+        raise ValueError(f"{os.path.basename(path)}: ComfyUI detects {uc.get('image_model')!r}, not a Wan transformer")
+    uc["text_dim"] = ckpt.diffusers_config["text_dim"]  # ComfyUI assumes 4096 unless told
+    model_config.set_inference_dtype(dtype, None)
+    base = model_config.get_model(sd, "", device=torch.device("meta"))
+    if not isinstance(base, comfy.model_base.WAN21):
+        raise ValueError(f"{os.path.basename(path)}: ComfyUI builds {type(base).__name__}, not a Wan model")
+
+    reap_orphans()
+    remote = get_remote(config, path, ckpt)
+    info = remote.ensure_loaded()
+    native = base.diffusion_model
+    in_dim = native.patch_embedding.weight.shape[1]
+    if info["in_channels"] != in_dim or info["out_channels"] != native.out_dim:
+        raise ValueError(
+            f"{os.path.basename(path)}: workers built {info['variant']} with {info['in_channels']}->{info['out_channels']} "
+            f"channels but ComfyUI's {type(base).__name__} expects {in_dim}->{native.out_dim}")
+    proxy = XDitUSPWanProxy(native, remote, dtype)
+    base.diffusion_model = proxy
+    base.__class__ = _remote_class(type(base))
+    base.device = None
+    remote.users += 1
+    weakref.finalize(base, _release, remote)
+    load_device = comfy.model_management.get_torch_device()
+    offload_device = comfy.model_management.unet_offload_device()
+    patcher = XDitUSPModelPatcher(base, load_device=load_device, offload_device=offload_device, size=PROXY_SIZE)
+    # loaded already (eagerly, above): tell ComfyUI it is, at no cost
+    return patcher
+
+
+def describe(patcher) -> dict:
+    """Small summary for logs/tests."""
+    r = patcher.remote
+    return {"key": r.key, "config": json.loads(r.config.to_json()), "info": r.info, "lora_sends": r.lora_sends}
