@@ -237,10 +237,12 @@ class WorkerGroup:
         errors: dict[int, dict] = {}
         pending = {c: r for r, c in enumerate(self.conns)}
         deadline = time.monotonic() + timeout
+        grace = None
         while pending:
+            if errors and grace is None:  # give the others a moment to report too, then stop waiting
+                grace = time.monotonic() + 2.0
+                deadline = min(deadline, grace)
             left = deadline - time.monotonic()
-            if errors:  # give the others a moment to report too, then stop waiting
-                left = min(left, 2.0)
             if left <= 0:
                 break
             for c in mpc.wait(list(pending), timeout=min(left, 0.5)):
@@ -260,7 +262,10 @@ class WorkerGroup:
                 pending.clear()
         if errors or pending:
             broken = bool(pending) or any(e["type"] == "WorkerDied" for e in errors.values())
-            first = min(errors) if errors else min(pending.values())
+            # Blame the root cause: a rank that raised, else the rank that died first (torchrun
+            # then terminates the others, whose deaths arrive later), else the first stuck rank.
+            raised = [r for r, e in errors.items() if e["type"] != "WorkerDied"]
+            first = raised[0] if raised else next(iter(errors)) if errors else min(pending.values())
             if errors:
                 e = errors[first]
                 msg = f"rank {first} failed in {op!r}: {e['type']}: {e['message']}"
@@ -277,8 +282,12 @@ class WorkerGroup:
     def load(self, key: str, path: str) -> dict:
         """Load a checkpoint on every rank under `key` (starting the group if needed)."""
         with self._lock:
+            from ..wan_to_xdit_mapping import inspect_checkpoint
+
             if not os.path.exists(path):
                 raise FileNotFoundError(f"checkpoint not found: {path}")
+            info = inspect_checkpoint(path)  # a bad file fails here, before any worker is involved
+            self.config.resolve(info.num_heads)  # and so does a layout the model's heads can't take
             self.start()
             info = self._call("load", {"key": key, "path": os.path.abspath(path)}, self.config.load_timeout_s)[0]
             info["path"] = os.path.abspath(path)
