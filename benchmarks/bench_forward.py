@@ -191,10 +191,10 @@ def bench_forward(model_name: str, res: str, gemm: float, reps: int):
         row[f"ours_{backend}_vs_diffusers"] = row[f"ours_{backend}_s"] / row["diffusers_s"]
         row[f"ours_{backend}_rel_err_vs_diffusers"] = ((out.float() - ref).abs().max() / ref.abs().max()).item()
     emit(f"forward_{model_name}_{res}", row)
-    return m
+    return m, row
 
 
-def bench_transport(m, reps: int):
+def bench_transport(m, reps: int, diffusers_s: float | None = None):
     """World-size-1 worker group on the GPU: owner time per call minus in-worker forward time."""
     from safetensors.torch import save_file
 
@@ -218,20 +218,22 @@ def bench_transport(m, reps: int):
                 x = torch.randn(batch, c, f, hh, ww)
                 ctx = torch.randn(batch, 512, 4096)
                 t = torch.full((batch,), 500.0)
-                stats, owner, worker = {}, [], []
+                stats, runs = {}, []
                 group.forward("m", x, t, ctx, stats=stats)
                 for _ in range(reps):
                     group.forward("m", x, t, ctx, stats=stats)
-                    owner.append(stats["owner_ms"])
-                    worker.append(stats["worker_ms"])
-                owner.sort()
-                worker.sort()
-                o, w = owner[len(owner) // 2], worker[len(worker) // 2]
-                nbytes = (x.numel() * 2 + ctx.numel() + t.numel()) * 4  # inputs + output, fp32
-                rows[f"{res}_b{batch}"] = {
-                    "owner_ms": o, "worker_ms": w, "overhead_ms": o - w, "overhead_pct": 100 * (o - w) / w,
-                    "mbytes": nbytes / 1e6, "gb_per_s": nbytes / max(o - w, 1e-6) / 1e6,
-                }
+                    runs.append(dict(stats))
+                med = {k: sorted(r[k] for r in runs)[len(runs) // 2] for k in runs[0] if k.endswith("_ms")}
+                o, w = med["owner_ms"], med["worker_ms"]
+                wire = 2  # bytes per element on the wire (bf16 group)
+                nbytes = (x.numel() * 2 + ctx.numel()) * wire + t.numel() * 4  # inputs + output
+                rows[f"{res}_b{batch}"] = dict(
+                    med, overhead_ms=o - w, overhead_pct=100 * (o - w) / w, pinned=stats["pinned"],
+                    mbytes=nbytes / 1e6, gb_per_s=nbytes / max(o - w, 1e-6) / 1e6,
+                )
+    if diffusers_s:  # same run, same card: the whole world-size-1 call vs the in-process diffusers forward
+        rows["group_480p_b1_vs_diffusers"] = rows["480p_b1"]["owner_ms"] / 1e3 / diffusers_s
+        rows["diffusers_480p_b1_s"] = diffusers_s
     emit("transport_ws1_1.3b", rows)
 
 
@@ -252,9 +254,9 @@ def main():
         if "forward" in skip and not (name == "1.3b" and "transport" not in skip):
             continue
         res = "480p" if name == "1.3b" else "720p"
-        m = bench_forward(name, res, gemm, a.reps) if "forward" not in skip else build_random(name)
+        m, row = bench_forward(name, res, gemm, a.reps) if "forward" not in skip else (build_random(name), {})
         if name == "1.3b" and "transport" not in skip:
-            bench_transport(m, reps=5)
+            bench_transport(m, reps=5, diffusers_s=row.get("diffusers_s"))
         del m
         torch.cuda.empty_cache()
 

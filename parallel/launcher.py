@@ -349,6 +349,7 @@ class WorkerGroup:
             timestep = timestep.reshape(-1) if timestep.ndim == 0 else timestep
             if timestep.shape[0] == 1 and b > 1:
                 timestep = timestep.expand(b, *timestep.shape[1:])
+            wire = self.config.torch_dtype()  # the workers compute in it: send and receive in it
             tensors = {
                 "hidden_states": hidden_states,
                 "timestep": timestep.float(),
@@ -356,9 +357,11 @@ class WorkerGroup:
                 "encoder_hidden_states_image": encoder_hidden_states_image,
                 "control_hidden_states": control_hidden_states,
             }
+            dtypes = {k: (torch.float32 if k == "timestep" else wire) for k in tensors}
             out_shape = (b, info["out_channels"], f, h, w)
             t0 = time.perf_counter()
-            inputs, reserved = self.arena.pack(tensors, {"out": (out_shape, hidden_states.dtype)})
+            inputs, reserved = self.arena.pack(tensors, {"out": (out_shape, wire)}, dtypes)
+            t1 = time.perf_counter()
             scale = None
             if control_hidden_states_scale is not None:
                 scale = torch.as_tensor(control_hidden_states_scale, dtype=torch.float32).flatten().tolist()
@@ -367,11 +370,16 @@ class WorkerGroup:
                 {"key": key, "arena": self.arena.name, "inputs": inputs, "out": reserved["out"], "control_scale": scale},
                 self.config.forward_timeout_s,
             )
-            out = self.arena.read(reserved["out"])
+            t2 = time.perf_counter()
+            out = self.arena.read(reserved["out"], hidden_states.dtype)
             if stats is not None:
-                stats["owner_ms"] = (time.perf_counter() - t0) * 1e3
-                stats["worker_ms"] = max(r["ms"] for r in replies)
-                stats["layout"] = replies[0]["layout"]
+                t3 = time.perf_counter()
+                stats.update(
+                    owner_ms=(t3 - t0) * 1e3, pack_ms=(t1 - t0) * 1e3, read_ms=(t3 - t2) * 1e3,
+                    worker_ms=max(r["ms"] for r in replies), worker_in_ms=max(r["in_ms"] for r in replies),
+                    worker_out_ms=max(r["out_ms"] for r in replies), layout=replies[0]["layout"],
+                    pinned=replies[0]["pinned"],
+                )
             return out
 
     @staticmethod

@@ -173,10 +173,11 @@ class Worker:
         return None
 
     def op_forward(self, key: str, arena: str, inputs: dict, out: tuple, control_scale=None):
+        t_start = time.perf_counter()
         m = self.models.get(key)
         if m is None:
             raise KeyError(f"model {key!r} is not loaded on rank {self.rank}")
-        buf = self.shm.buf(arena)
+        buf = self.shm.buf(arena, pin=self.device.type == "cuda")
         x = {k: transport.view(buf, spec) for k, spec in inputs.items()}
         batch = x["hidden_states"].shape[0]
         layout = m.layouts[0] if batch % m.layouts[0].cfg == 0 else m.layouts[1]
@@ -189,27 +190,24 @@ class Worker:
             if t is None:
                 return None
             t = t[rows] if t.ndim and t.shape[0] == batch else t
-            return t.to(self.device, dtype=dtype or self.dtype)
+            return t.to(self.device, dtype=dtype or self.dtype, non_blocking=True)
 
+        args = [arg("hidden_states"), arg("timestep", torch.float32), arg("encoder_hidden_states"),
+                arg("encoder_hidden_states_image"), arg("control_hidden_states")]
         self._maybe_fault("forward_sleep")
         self._maybe_fault("forward_exit")
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         sync()
         t0 = time.perf_counter()
-        result = m.runner.forward(
-            group,
-            arg("hidden_states"),
-            arg("timestep", torch.float32),
-            arg("encoder_hidden_states"),
-            arg("encoder_hidden_states_image"),
-            arg("control_hidden_states"),
-            control_scale,
-        )
+        result = m.runner.forward(group, *args, control_scale)
         sync()
-        ms = (time.perf_counter() - t0) * 1e3
+        t1 = time.perf_counter()
         if result is not None:  # group leader: write this batch slice into the owner's output
-            transport.view(buf, out)[rows].copy_(result.to("cpu", dtype=transport.view(buf, out).dtype))
-        return {"ms": ms, "layout": str(layout)}
+            target = transport.view(buf, out)[rows]
+            target.copy_(result.to(target.dtype))
+        t2 = time.perf_counter()
+        return {"ms": (t1 - t0) * 1e3, "in_ms": (t0 - t_start) * 1e3, "out_ms": (t2 - t1) * 1e3,
+                "layout": str(layout), "pinned": self.shm.pinned}
 
     def op_lora(self, key: str, arena: str, patches: dict):
         """Set the LoRA state of model `key`: patches = {diffusers weight name: [item, ...]}, item =
