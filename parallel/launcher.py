@@ -378,7 +378,7 @@ class WorkerGroup:
                     owner_ms=(t3 - t0) * 1e3, pack_ms=(t1 - t0) * 1e3, read_ms=(t3 - t2) * 1e3,
                     worker_ms=max(r["ms"] for r in replies), worker_in_ms=max(r["in_ms"] for r in replies),
                     worker_out_ms=max(r["out_ms"] for r in replies), layout=replies[0]["layout"],
-                    pinned=replies[0]["pinned"],
+                    pinned=replies[0]["pinned"], peak_bytes=[r["peak_bytes"] for r in replies],
                 )
             return out
 

@@ -196,8 +196,11 @@ class Worker:
                 arg("encoder_hidden_states_image"), arg("control_hidden_states")]
         self._maybe_fault("forward_sleep")
         self._maybe_fault("forward_exit")
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        cuda = self.device.type == "cuda"
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
         sync()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
         result = m.runner.forward(group, *args, control_scale)
         sync()
@@ -207,7 +210,8 @@ class Worker:
             target.copy_(result.to(target.dtype))
         t2 = time.perf_counter()
         return {"ms": (t1 - t0) * 1e3, "in_ms": (t0 - t_start) * 1e3, "out_ms": (t2 - t1) * 1e3,
-                "layout": str(layout), "pinned": self.shm.pinned}
+                "layout": str(layout), "pinned": self.shm.pinned,
+                "peak_bytes": torch.cuda.max_memory_allocated(self.device) if cuda else None}
 
     def op_lora(self, key: str, arena: str, patches: dict):
         """Set the LoRA state of model `key`: patches = {diffusers weight name: [item, ...]}, item =
