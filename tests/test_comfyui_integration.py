@@ -71,6 +71,9 @@ class XDitTestRandomConditioning:
 class XDitTestImageToVideoConds:
     """What WanImageToVideo adds (concat_latent_image + concat_mask + clip_vision_output), random."""
 
+    CLIP_TOKENS = 257  # one image
+    LAST_FRAME = False
+
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"positive": ("CONDITIONING",), "negative": ("CONDITIONING",),
@@ -86,35 +89,19 @@ class XDitTestImageToVideoConds:
         image = torch.randn(1, 16, *s.shape[2:], generator=g)
         mask = torch.ones(1, 1, *s.shape[2:])
         mask[:, :, :1] = 0.0
-        clip = _ClipVisionOutput(torch.randn(1, 257, 1280, generator=g))
+        if self.LAST_FRAME:
+            mask[:, :, -1:] = 0.0
+        clip = _ClipVisionOutput(torch.randn(1, self.CLIP_TOKENS, 1280, generator=g))
         values = {"concat_latent_image": image, "concat_mask": mask, "clip_vision_output": clip}
         return (node_helpers.conditioning_set_values(positive, values),
                 node_helpers.conditioning_set_values(negative, values))
 
 
-class XDitTestFirstLastFrameConds:
+class XDitTestFirstLastFrameConds(XDitTestImageToVideoConds):
     """What WanFirstLastFrameToVideo adds: first+last frame latents, mask, both images' CLIP tokens."""
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"positive": ("CONDITIONING",), "negative": ("CONDITIONING",),
-                             "latent": ("LATENT",), "seed": ("INT", {"default": 0, "min": 0, "max": 2**31})}}
-
-    RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
-    FUNCTION = "make"
-    CATEGORY = "testing"
-
-    def make(self, positive, negative, latent, seed):
-        g = torch.Generator().manual_seed(seed)
-        s = latent["samples"]
-        image = torch.randn(1, 16, *s.shape[2:], generator=g)
-        mask = torch.ones(1, 1, *s.shape[2:])
-        mask[:, :, :1] = 0.0
-        mask[:, :, -1:] = 0.0
-        clip = _ClipVisionOutput(torch.randn(1, 2 * 257, 1280, generator=g))
-        values = {"concat_latent_image": image, "concat_mask": mask, "clip_vision_output": clip}
-        return (node_helpers.conditioning_set_values(positive, values),
-                node_helpers.conditioning_set_values(negative, values))
+    CLIP_TOKENS = 2 * 257
+    LAST_FRAME = True
 
 
 class XDitTestVaceConds:
