@@ -13,8 +13,9 @@ Imported only inside ComfyUI (it subclasses ComfyUI classes). What ComfyUI sees:
 
 Weights are never patched in this process: at load time (partially_load / load / patch_model, as
 load_models_gpu calls them) the patcher's LoRA patches are sent to the workers as low-rank factors
-(group.set_lora), and unloading the model in ComfyUI (detach / unpatch_model) unloads it from the
-workers (group.unload); the next use loads it again.
+(group.set_lora), so a LoRA or strength change never reloads the base weights. Unloading the model
+in ComfyUI (detach, from free_memory / unload_all_models) unloads it from the workers
+(group.unload); the next use loads it again.
 """
 from __future__ import annotations
 
@@ -410,11 +411,12 @@ class XDitUSPModelPatcher(comfy.model_patcher.ModelPatcher):
         return 0  # all or nothing: ComfyUI then detaches, which unloads from the workers
 
     def unpatch_model(self, device_to=None, unpatch_weights=True):
+        # ComfyUI unpatches to switch patch sets too (a LoRA added, a strength changed): the base
+        # weights stay on the workers and the next load() sends the new LoRA state. Freeing the
+        # workers' memory is detach()'s job.
         self.eject_model()
         if unpatch_weights:
             self.unpatch_hooks()
-            self.remote.unload()
-            reap_orphans()
             self.model.model_lowvram = False
             self.model.lowvram_patch_counter = 0
             self.model.current_weight_patches_uuid = None
@@ -423,6 +425,17 @@ class XDitUSPModelPatcher(comfy.model_patcher.ModelPatcher):
             if device_to is not None:
                 self.model.device = device_to
         self._restore_object_patches()
+
+    def detach(self, unpatch_all=True):
+        """detach(True) is ComfyUI freeing this model's memory (LoadedModel.model_unload, from
+        free_memory / unload_all_models): unload it from the workers; the next use loads it again.
+        detach(False) is a clone being garbage-collected (ModelPatcher.__del__): the other clones
+        still use the workers' copy, and the last one going is handled by reap_orphans()."""
+        model = super().detach(unpatch_all)
+        if unpatch_all:
+            self.remote.unload()
+        reap_orphans()
+        return model
 
     def patch_weight_to_device(self, key, device_to=None, inplace_update=False, return_weight=False, force_cast=False):
         raise RuntimeError(f"xDiT-USP: weights live in the worker group; {key} cannot be patched in ComfyUI's process")
@@ -479,12 +492,18 @@ def build_model_patcher(config: XDitUSPConfig, path: str, ckpt: CheckpointInfo) 
     if not isinstance(base, comfy.model_base.WAN21):
         raise ValueError(f"{os.path.basename(path)}: ComfyUI builds {type(base).__name__}, not a Wan model")
 
-    reap_orphans()
     remote = get_remote(config, path, ckpt)
-    info = remote.ensure_loaded()
+    remote.users += 1  # before reaping: a re-run loader must not unload the model it is about to use
+    reap_orphans()
+    try:
+        info = remote.ensure_loaded()
+    except BaseException:
+        _release(remote)  # no ComfyUI model was made from it
+        raise
     native = base.diffusion_model
     in_dim = native.patch_embedding.weight.shape[1]
     if info["in_channels"] != in_dim or info["out_channels"] != native.out_dim:
+        _release(remote)
         raise ValueError(
             f"{os.path.basename(path)}: workers built {info['variant']} with {info['in_channels']}->{info['out_channels']} "
             f"channels but ComfyUI's {type(base).__name__} expects {in_dim}->{native.out_dim}")
@@ -492,8 +511,7 @@ def build_model_patcher(config: XDitUSPConfig, path: str, ckpt: CheckpointInfo) 
     base.diffusion_model = proxy
     base.__class__ = _remote_class(type(base))
     base.device = None
-    remote.users += 1
-    weakref.finalize(base, _release, remote)
+    weakref.finalize(base, _release, remote)  # from here on, base's lifetime owns the users count
     load_device = comfy.model_management.get_torch_device()
     offload_device = comfy.model_management.unet_offload_device()
     patcher = XDitUSPModelPatcher(base, load_device=load_device, offload_device=offload_device, size=PROXY_SIZE)

@@ -237,6 +237,9 @@ def models_dir():
     yield d
     PAR.close_all_groups()
     mm.unload_all_models()
+    for folder, path in (("diffusion_models", dm), ("loras", lo)):  # later tests must not list a deleted folder
+        folder_paths.folder_names_and_paths[folder][0].remove(path)
+    folder_paths.filename_list_cache.clear()
     shutil.rmtree(d, ignore_errors=True)
 
 
@@ -367,7 +370,7 @@ def test_lora_matches_native_and_strength_change_does_not_reload(runner):
     launches = g.launches
     remote = next(r for r in XM._remotes.values() if r.key.endswith("tiny_t2v.safetensors")
                   and r.config.cfg_degree == 0)
-    sends = remote.lora_sends
+    sends, loads = remote.lora_sends, remote.loads
     ours = _latent(runner, t2v_graph(True, lora=1.0))
     err = _rel(ours, native)
     RESULTS["lora"] = err
@@ -380,6 +383,7 @@ def test_lora_matches_native_and_strength_change_does_not_reload(runner):
     ours_half = _latent(runner, t2v_graph(True, lora=0.5))
     assert _rel(ours_half, native_half) < TOL
     assert remote.lora_sends == sends + 2 and g.launches == launches
+    assert remote.loads == loads, "a LoRA or strength change must not reload the base weights"
     # same strength again: nothing sent; removing the LoRA restores the base weights on the workers
     _latent(runner, t2v_graph(True, lora=0.5, steps=2))
     assert remote.lora_sends == sends + 2
