@@ -139,7 +139,7 @@ class WorkerGroup:
             try:
                 self._handshake(listener, cfg.launch_timeout_s)
             except BaseException:
-                self.close()
+                self.close(keep_logs=True)
                 raise
             finally:
                 listener.close()
@@ -172,8 +172,9 @@ class WorkerGroup:
         self.conns = [conns[r] for r in range(n)]
         self.pids = [pids[r] for r in range(n)]
 
-    def close(self):
-        """Stop every worker (politely, then by signal) and free the shared memory."""
+    def close(self, keep_logs: bool = False):
+        """Stop every worker (politely, then by signal) and free the shared memory. The log
+        folder is removed unless `keep_logs` (failures keep it: their error message names it)."""
         with self._lock:
             for c in self.conns:
                 try:
@@ -207,6 +208,8 @@ class WorkerGroup:
                 c.close()
             self.conns, self.pids, self.models = [], [], {}
             self.arena.close()
+            if self.log_dir and not keep_logs and proc is not None:
+                shutil.rmtree(self.log_dir, ignore_errors=True)
             _live_groups.discard(self)
 
     def __enter__(self):
@@ -274,7 +277,7 @@ class WorkerGroup:
             else:
                 msg = f"{op!r} timed out after {timeout:.0f}s waiting for rank(s) {sorted(pending.values())}"
             if broken:
-                self.close()  # a group with a dead or stuck rank cannot be trusted; next load relaunches
+                self.close(keep_logs=True)  # a dead or stuck rank: the group can't be trusted; next load relaunches
                 msg += "\n" + self._logs([first]) + "\nThe worker group was shut down; it restarts on the next run."
             raise WorkerError(msg, rank=first)
         return [replies[r] for r in range(self.config.world_size)]
