@@ -47,13 +47,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import workflow_utils as W  # noqa: E402
 
-try:
-    import comfy_harness as H  # noqa: E402
+import comfy_harness as H  # noqa: E402
 
-    NODES = H.boot()
-except Exception as e:  # noqa: BLE001
-    pytest.skip(f"needs a ComfyUI checkout in COMFYUI_DIR that imports ({type(e).__name__}: {e})",
-                allow_module_level=True)
+NODES = H.boot_or_skip()
 
 import folder_paths  # noqa: E402
 
