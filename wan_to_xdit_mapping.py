@@ -424,15 +424,23 @@ def load_checkpoint(path, dtype: torch.dtype | None = None) -> tuple[dict[str, t
     return dict(tensors), info
 
 
-def iter_checkpoint(path, dtype: torch.dtype | None = None) -> tuple[CheckpointInfo, Iterator[tuple[str, torch.Tensor]]]:
+def iter_checkpoint(path, dtype: torch.dtype | None = None, only: Iterable[str] | None = None
+                    ) -> tuple[CheckpointInfo, Iterator[tuple[str, torch.Tensor]]]:
     """Like ``load_checkpoint`` but streaming: ``(info, iterator of (diffusers name, tensor))``.
 
     The header is validated before this returns; each tensor is read from the memory-mapped file
     only when the iterator reaches it, so a caller that moves every tensor to its GPU (or casts it)
     as it arrives never holds more than one tensor in host memory beyond the shared page cache.
+    ``only``: read just these diffusers names (e.g. to restore weights a LoRA had patched).
     """
     files, meta, config = _files(path)
     plan = _plan(meta, path, config)
+    if only is not None:
+        wanted = set(only)
+        unknown = wanted - {dst for _, dst, _ in plan.items}
+        if unknown:
+            raise CheckpointError(f"{_where(path)}: no tensors named {_first(unknown)}")
+        plan = dataclasses.replace(plan, items=[it for it in plan.items if it[1] in wanted])
     return plan.info, _stream(path, files, plan, dtype)
 
 

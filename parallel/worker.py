@@ -55,9 +55,9 @@ def build_model(path: str, dtype: torch.dtype, device: torch.device):
 
 
 class _Model:
-    def __init__(self, model, info, runner: SequenceParallelWan, layouts):
-        self.model, self.info, self.runner, self.layouts = model, info, runner, layouts
-        self.base_weights: dict[str, torch.Tensor] = {}  # originals of LoRA-patched weights
+    def __init__(self, path: str, model, info, runner: SequenceParallelWan, layouts):
+        self.path, self.model, self.info, self.runner, self.layouts = path, model, info, runner, layouts
+        self.patched: set[str] = set()  # weights a LoRA has changed (restored from `path` before the next)
 
 
 class Worker:
@@ -150,7 +150,7 @@ class Worker:
         backend = resolve_backend(self.config.attention_backend, self.config.device, max(l.ring for l in layouts))
         for layout in layouts:
             self._group(layout)
-        self.models[key] = _Model(model, info, SequenceParallelWan(model, backend), layouts)
+        self.models[key] = _Model(path, model, info, SequenceParallelWan(model, backend), layouts)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return {
@@ -216,15 +216,23 @@ class Worker:
     def op_lora(self, key: str, arena: str, patches: dict):
         """Set the LoRA state of model `key`: patches = {diffusers weight name: [item, ...]}, item =
         ("lora", up_spec, down_spec, scale) -> scale * up @ down (low-rank factors, merged here), or
-        ("diff", delta_spec, scale) -> scale * delta. Patched weights are first restored from their
-        originals, so a strength change never reloads the checkpoint and {} removes every LoRA."""
+        ("diff", delta_spec, scale) -> scale * delta. {} removes every LoRA.
+
+        Weights patched before are first restored exactly from the checkpoint file (only those
+        tensors, through the shared page cache), so no second copy of the weights is kept on the GPU
+        and a strength change never reloads the whole model."""
+        from ..wan_to_xdit_mapping import iter_checkpoint
+
         m = self.models[key]
         params = dict(m.model.named_parameters())
         unknown = [n for n in patches if n not in params]
         if unknown:
             raise KeyError(f"LoRA targets {unknown[:5]}, which the model does not have")
-        for name, orig in m.base_weights.items():
-            params[name].data.copy_(orig)
+        if m.patched:
+            _, originals = iter_checkpoint(m.path, only=m.patched)
+            for name, t in originals:
+                params[name].data.copy_(t.to(self.device, params[name].dtype))
+            m.patched = set()
         buf = self.shm.buf(arena) if patches else None
 
         def load(spec):
@@ -232,20 +240,17 @@ class Worker:
 
         for name, items in patches.items():
             p = params[name]
-            if name not in m.base_weights:
-                m.base_weights[name] = p.data.clone()
-            w = m.base_weights[name].float()
+            w = p.data.float()
             for item in items:
                 if item[0] == "lora":
                     up, down = load(item[1]), load(item[2])
-                    w = w + item[3] * (up.flatten(1) @ down.flatten(1)).reshape(p.shape)
+                    w += item[3] * (up.flatten(1) @ down.flatten(1)).reshape(p.shape)
                 elif item[0] == "diff":
-                    w = w + item[2] * load(item[1]).reshape(p.shape)
+                    w += item[2] * load(item[1]).reshape(p.shape)
                 else:
                     raise ValueError(f"unknown LoRA patch kind {item[0]!r} for {name}")
             p.data.copy_(w.to(p.dtype))
-        for name in [n for n in m.base_weights if n not in patches]:
-            del m.base_weights[name]
+            m.patched.add(name)
         return {"patched": len(patches)}
 
 

@@ -354,3 +354,15 @@ def test_inspect_reads_no_tensor_data(models, tmp_path, monkeypatch):
     info = M.inspect_checkpoint(p)
     assert info == full and info.variant == "flf2v" and info.format == "comfyui"
     assert info.diffusers_config["pos_embed_seq_len"] == 2 * F.IMAGE_TOKENS
+
+
+def test_iter_checkpoint_reads_only_the_named_tensors(models, tmp_path):
+    path = F.to_original_file(models["t2v"], tmp_path / "t2v.safetensors", prefix="model.diffusion_model.")
+    wanted = {"blocks.1.ffn.net.0.proj.weight", "condition_embedder.time_proj.bias"}
+    info, tensors = M.iter_checkpoint(path, only=wanted)
+    got = dict(tensors)
+    assert info.variant == "t2v" and set(got) == wanted
+    sd = models["t2v"].state_dict()
+    assert all(torch.equal(got[k], sd[k]) for k in wanted)
+    with pytest.raises(ValueError, match="no tensors named.*blocks.9.attn1.to_q.weight"):
+        M.iter_checkpoint(path, only={"blocks.9.attn1.to_q.weight"})
