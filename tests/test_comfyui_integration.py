@@ -560,3 +560,36 @@ def test_report(capsys):
     with capsys.disabled():
         print("\nparity (max |ours - native| / max |native|):",
               ", ".join(f"{k}: {v:.2e}" for k, v in RESULTS.items()))
+
+
+def test_progress_per_step_and_cancel_within_one_step(runner, monkeypatch):
+    """ComfyUI's progress bar advances once per step; Cancel (interrupt) stops the run before the
+    next forward, and the warm group serves the next prompt without a relaunch."""
+    import comfy.utils
+
+    _latent(runner, t2v_graph(True, steps=2))  # warm: loaded
+    g = _group()
+    launches = g.launches
+    remote = next(r for r in XM._remotes.values() if r.key.endswith("tiny_t2v.safetensors")
+                  and r.config.cfg_degree == 0 and r.config.world_size == 2)
+    calls = remote.calls
+    seen = []
+
+    def hook(value, total, preview=None, node_id=None, **kw):
+        seen.append((value, total))
+        if value == 2:
+            mm.interrupt_current_processing(True)  # what the Cancel button does
+
+    monkeypatch.setattr(comfy.utils, "PROGRESS_THROTTLE_MIN_INTERVAL", 0.0)  # report every step
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", hook)
+    try:
+        with pytest.raises(H.ExecutionFailed):
+            _latent(runner, t2v_graph(True, steps=8, seed=11))
+    finally:
+        mm.interrupt_current_processing(False)
+    assert any(e == "execution_interrupted" for e, _ in runner.server.messages)
+    assert seen[:2] == [(1, 8), (2, 8)]  # one progress update per step
+    assert remote.calls - calls == 2  # one batched cond+uncond forward per step; none after Cancel
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", None)
+    out = _latent(runner, t2v_graph(True, steps=2))
+    assert torch.isfinite(out).all() and g.alive and g.launches == launches
