@@ -111,6 +111,12 @@ def bench_backends(model_name: str):
     return out
 
 
+def _time_cudnn(att, s: int, heads: int) -> float:
+    """Seconds per cuDNN SDPA call at this model's attention shape (its inputs freed on return)."""
+    q, k, v = attn_inputs(s, heads)
+    return cuda_time(lambda: att._backends()["cudnn"].plain(q, k, v, 1 / math.sqrt(128)), warmup=2, reps=5)
+
+
 def keep_fp32(name: str) -> bool:
     return any(p in ("rope", "time_embedder", "scale_shift_table", "norm1", "norm2", "norm3") for p in name.split("."))
 
@@ -151,9 +157,7 @@ def bench_forward(model_name: str, res: str, gemm: float, reps: int):
     t = torch.tensor([500.0], device="cuda")
     ctx = torch.randn(1, 512, 4096, device="cuda", generator=g).to(torch.bfloat16)
     heads = m.config.num_attention_heads
-    qa, ka, va = attn_inputs(s, heads)
-    cudnn_s = cuda_time(lambda: att._backends()["cudnn"].plain(qa, ka, va, 1 / math.sqrt(128)), warmup=2, reps=5)
-    del qa, ka, va
+    cudnn_s = _time_cudnn(att, s, heads)
     attn_flops, lin_flops = flop_count(m, s)
     attn_rate = 4 * s * s * heads * 128 / cudnn_s
     floor = attn_flops / attn_rate + lin_flops / gemm

@@ -128,7 +128,7 @@ def main():
             with open(out_path, "w") as fh:
                 json.dump(results, fh, indent=1)
     base = next((r["forward_b2_s"] for r in results["runs"] if r.get("gpus") == 1 and "forward_b2_s" in r), None)
-    print(f"\n| GPUs | layout | forward (batch 2) | speed-up | efficiency | peak GB/GPU | 50-step CFG | parity |")
+    print("\n| GPUs | layout | forward (batch 2) | speed-up | efficiency | peak GB/GPU | 50-step CFG | parity |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results["runs"]:
         if "forward_b2_s" not in r:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -254,7 +253,3 @@ class XDitUSPConfig:
     def visible_device_ids(self) -> list[int]:
         return self.device_ids if self.device_ids is not None else list(range(self.world_size))
 
-
-def env_flag(name: str, default: bool = False) -> bool:
-    v = os.environ.get(name)
-    return default if v is None else v.lower() in ("1", "true", "yes", "on")

@@ -260,7 +260,7 @@ class WorkerGroup:
                 else:
                     errors[r] = value
             if self.proc.poll() is not None and pending:
-                for c, r in list(pending.items()):
+                for r in pending.values():
                     errors.setdefault(r, {"type": "WorkerDied", "message": f"rank {r} exited", "traceback": ""})
                 pending.clear()
         if errors or pending:

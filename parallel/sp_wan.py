@@ -14,7 +14,7 @@ forward up to floating-point reassociation, for any number of ranks.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch

@@ -166,7 +166,7 @@ def env():
     d = tempfile.mkdtemp(prefix="xdit_usp_e2e_")
     t0 = time.time()
     dirs = {}
-    for folder, name in FILES.items():
+    for folder in FILES:
         dirs[folder] = os.path.join(d, folder)
         os.makedirs(dirs[folder])
     _write_diffusion_model(os.path.join(dirs["diffusion_models"], FILES["diffusion_models"]))
