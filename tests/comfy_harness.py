@@ -70,6 +70,27 @@ def pack_module():
     return sys.modules[cls.__module__.rsplit(".", 1)[0]]
 
 
+# Latents kept by the CaptureLatent output node, by key (tests read and clear it).
+CAPTURED: dict = {}
+
+
+class CaptureLatent:
+    """Test output node: keeps the latent it receives, so prompts validate and tests read results."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",), "key": ("STRING", {"default": "out"})}}
+
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "keep"
+    CATEGORY = "testing"
+
+    def keep(self, samples, key):
+        CAPTURED[key] = samples["samples"].clone()
+        return {}
+
+
 class ServerStub:
     """What PromptExecutor needs from server.PromptServer; records every message."""
 

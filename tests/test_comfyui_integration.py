@@ -146,29 +146,12 @@ class XDitTestTI2VLatent:
         return ({"samples": latent, "noise_mask": mask},)
 
 
-CAPTURED = {}
-
-
-class XDitTestCaptureLatent:
-    """Output node: keeps the latent it receives (so prompts validate and we can read the result)."""
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"samples": ("LATENT",), "key": ("STRING", {"default": "out"})}}
-
-    RETURN_TYPES = ()
-    OUTPUT_NODE = True
-    FUNCTION = "keep"
-    CATEGORY = "testing"
-
-    def keep(self, samples, key):
-        CAPTURED[key] = samples["samples"].clone()
-        return {}
+CAPTURED = H.CAPTURED
 
 
 NODES.NODE_CLASS_MAPPINGS.update({"XDitTestRandomConditioning": XDitTestRandomConditioning,
                                   "XDitTestImageToVideoConds": XDitTestImageToVideoConds,
-                                  "XDitTestCaptureLatent": XDitTestCaptureLatent,
+                                  "XDitTestCaptureLatent": H.CaptureLatent,
                                   "XDitTestFirstLastFrameConds": XDitTestFirstLastFrameConds,
                                   "XDitTestVaceConds": XDitTestVaceConds,
                                   "XDitTestTI2VLatent": XDitTestTI2VLatent})

@@ -73,27 +73,8 @@ STEPS = 2
 FILES = {"diffusion_models": "tiny_wan21_t2v.safetensors", "text_encoders": "tiny_umt5_xxl_layout.safetensors",
          "vae": "wan_2.1_vae_random.safetensors"}
 
-CAPTURED = {}
-
-
-class XDitE2ECaptureLatent:
-    """Output node: keeps the latent it receives (so we can compare ours with native)."""
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"samples": ("LATENT",), "key": ("STRING", {"default": "out"})}}
-
-    RETURN_TYPES = ()
-    OUTPUT_NODE = True
-    FUNCTION = "keep"
-    CATEGORY = "testing"
-
-    def keep(self, samples, key):
-        CAPTURED[key] = samples["samples"].clone()
-        return {}
-
-
-NODES.NODE_CLASS_MAPPINGS["XDitE2ECaptureLatent"] = XDitE2ECaptureLatent
+CAPTURED = H.CAPTURED
+NODES.NODE_CLASS_MAPPINGS["XDitE2ECaptureLatent"] = H.CaptureLatent
 
 
 # ------------------------------------------------------------------------------ tiny model files
