@@ -9,16 +9,20 @@ output into the region the owner reserved.
 from __future__ import annotations
 
 import os
+import queue
 import secrets
 import select
 import socket
 import struct
+import threading
 import time
 from multiprocessing import connection as mpc
 from multiprocessing import shared_memory
 from typing import Optional
 
 import torch
+
+from . import reaper
 
 _ALIGN = 64
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32)}
@@ -29,41 +33,73 @@ def new_authkey() -> bytes:
 
 
 class ControlListener:
-    """Listening socket on 127.0.0.1 at a free port; `accept` has a timeout and authenticates."""
+    """Listening socket on 127.0.0.1 at a free port. Every connection is authenticated (HMAC challenge)
+    in a thread of its own with a deadline of `handshake_s`, so a client that connects and sends
+    nothing is dropped after that and never delays the others; `accept` returns authenticated
+    connections only."""
 
-    def __init__(self, authkey: bytes):
+    def __init__(self, authkey: bytes, handshake_s: float = 2.0):
         self.authkey = authkey
+        self.handshake_s = handshake_s
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(64)
         self.address = self.sock.getsockname()
+        self._ready: "queue.Queue[mpc.Connection]" = queue.Queue()
+        self._closed = threading.Event()
+        self.rejected = 0  # connections dropped: wrong key, or no handshake within handshake_s
+        self._acceptor = threading.Thread(target=self._accept_loop, name="xdit-usp-accept", daemon=True)
+        self._acceptor.start()
 
-    def accept(self, timeout: float) -> Optional[mpc.Connection]:
-        ready, _, _ = select.select([self.sock], [], [], max(timeout, 0))
-        if not ready:
-            return None
-        s, _ = self.sock.accept()
+    def _accept_loop(self):
+        while not self._closed.is_set():
+            try:
+                ready, _, _ = select.select([self.sock], [], [], 0.1)
+                if ready:
+                    s, _ = self.sock.accept()
+                    threading.Thread(target=self._authenticate, args=(s,), daemon=True).start()
+            except OSError:  # closed under us
+                return
+
+    def _authenticate(self, s: socket.socket):
         s.setblocking(True)
-        _recv_timeout(s, 30.0)  # the challenge must complete promptly
-        fd = s.detach()
-        conn = mpc.Connection(fd)
+        _set_timeouts(s, self.handshake_s)  # the whole challenge must complete promptly
+        conn = mpc.Connection(s.detach())
         try:
             mpc.deliver_challenge(conn, self.authkey)
             mpc.answer_challenge(conn, self.authkey)
-        except Exception:
+        except Exception:  # wrong key, silence past the deadline, or a reset
             conn.close()
-            raise
-        with socket.socket(fileno=os.dup(fd)) as s2:
-            _recv_timeout(s2, 0.0)  # back to fully blocking; waits use conn.poll(timeout)
-        return conn
+            self.rejected += 1
+            return
+        with socket.socket(fileno=os.dup(conn.fileno())) as s2:
+            _set_timeouts(s2, 0.0)  # back to fully blocking; waits use conn.poll(timeout)
+        if self._closed.is_set():
+            conn.close()
+        else:
+            self._ready.put(conn)
+
+    def accept(self, timeout: float) -> Optional[mpc.Connection]:
+        """The next authenticated connection, or None after `timeout` seconds."""
+        try:
+            return self._ready.get(timeout=max(timeout, 0))
+        except queue.Empty:
+            return None
 
     def close(self):
+        self._closed.set()
         self.sock.close()
+        self._acceptor.join(1.0)
+        while not self._ready.empty():  # authenticated but never taken
+            self._ready.get_nowait().close()
 
 
-def _recv_timeout(s: socket.socket, seconds: float):
+def _set_timeouts(s: socket.socket, seconds: float):
+    """Kernel-level receive and send timeouts (0 = none) on a blocking socket."""
     sec = int(seconds)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", sec, int((seconds - sec) * 1e6)))
+    tv = struct.pack("ll", sec, int((seconds - sec) * 1e6))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
 
 def connect(address, authkey: bytes, timeout: float = 60.0) -> mpc.Connection:
@@ -87,8 +123,7 @@ def recv(conn: mpc.Connection, timeout: float):
 class ShmArena:
     """Owner side: one growable shared-memory block for a worker group."""
 
-    def __init__(self, prefix: str = "xdit_usp"):
-        self.prefix = prefix
+    def __init__(self):
         self.shm: Optional[shared_memory.SharedMemory] = None
 
     @property
@@ -102,8 +137,11 @@ class ShmArena:
         size = max(nbytes, 1 << 20)
         size = 1 << (size - 1).bit_length()  # powers of two: few re-creations
         self.shm = shared_memory.SharedMemory(
-            name=f"{self.prefix}_{os.getpid()}_{secrets.token_hex(4)}", create=True, size=size
+            name=f"{reaper.SHM_PREFIX}_{os.getpid()}_{secrets.token_hex(4)}", create=True, size=size
         )
+        # We unlink it in close(); if this process is killed first, the reaper does (by its name).
+        # Python's resource tracker would do it too, with a "leaked shared_memory" warning.
+        _untrack(self.shm)
 
     def pack(self, tensors: dict, reserve: dict, dtypes: Optional[dict] = None) -> tuple[dict, dict]:
         """Write `tensors` ({name: Tensor|None}, each cast to dtypes[name] if given) and reserve
@@ -137,8 +175,8 @@ class ShmArena:
                 shm.close()
             except BufferError:
                 pass  # a live tensor view still points into it; unlink anyway
-            try:
-                shm.unlink()
+            try:  # not shm.unlink(): the block is not in the resource tracker's books (see _ensure)
+                os.unlink(os.path.join("/dev/shm", shm.name.lstrip("/")))
             except FileNotFoundError:
                 pass
 
@@ -197,7 +235,8 @@ class ShmReader:
 
 
 def _untrack(shm: shared_memory.SharedMemory):
-    """The owner owns the block; stop this process's resource tracker from unlinking it at exit."""
+    """Keep the block out of this process's resource tracker: the owner unlinks it (or the reaper
+    does), and the tracker would otherwise unlink it early or warn of a leak at exit."""
     try:
         from multiprocessing import resource_tracker
 
