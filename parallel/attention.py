@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .config import ConfigError
+
 # Kernels ---------------------------------------------------------------------------------------
 # Each takes q, k, v as [B, S, H, D] and the softmax scale. `plain` kernels return the output;
 # `lse` kernels also return the log-sum-exp [B, H, Sq] in fp32, which the ring needs to merge blocks.
@@ -119,26 +121,27 @@ def resolve_backend(name: str, device: str, ring_degree: int) -> AttentionBacken
         name = "cudnn" if device == "cuda" else ("cpu_flash" if ring_degree > 1 else "sdpa")
     table = _backends()
     if name not in table:
-        raise ValueError(f"unknown attention backend {name!r}; choose from {sorted(table)}")
+        raise ConfigError(f"unknown attention_backend {name!r}; choose from {sorted(table)}")
     backend = table[name]
     if device == "cpu" and name not in ("sdpa", "math", "cpu_flash"):
-        raise ValueError(f"attention backend {name!r} needs CUDA; on CPU use sdpa, math or cpu_flash")
+        raise ConfigError(f"attention_backend {name!r} needs CUDA; with device='cpu' use sdpa, math or cpu_flash")
     if device == "cuda" and name == "cpu_flash":
-        raise ValueError("attention backend 'cpu_flash' is the CPU kernel; on CUDA use cudnn, flash or efficient")
+        raise ConfigError("attention_backend 'cpu_flash' is the CPU kernel; with device='cuda' use cudnn, flash or efficient")
     if name == "flash_attn":
         try:
             import flash_attn  # noqa: F401
         except ImportError as e:
-            raise ValueError("attention backend 'flash_attn' needs the flash-attn package (not installed)") from e
+            raise ConfigError("attention_backend 'flash_attn' needs the flash-attn package (not installed)") from e
     if name == "fa3":
         try:
             import flash_attn_interface  # noqa: F401
         except ImportError as e:
-            raise ValueError("attention backend 'fa3' needs FlashAttention-3 (flash_attn_interface, not installed)") from e
+            raise ConfigError("attention_backend 'fa3' needs FlashAttention-3 (flash_attn_interface, not installed)") from e
     if ring_degree > 1 and backend.lse is None:
-        raise ValueError(
-            f"attention backend {name!r} returns no log-sum-exp, which ring attention needs; "
-            "use cudnn, flash or efficient on CUDA, cpu_flash on CPU, or ring_degree 1"
+        raise ConfigError(
+            f"attention_backend {name!r} returns no log-sum-exp, which ring attention (ring degree {ring_degree}) "
+            "needs; use cudnn, flash or efficient with device='cuda', cpu_flash with device='cpu', or a layout "
+            "without ring (ring_degree 1)"
         )
     return backend
 

@@ -10,10 +10,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 AUTO = 0  # a degree of 0 means "choose for me"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work, found before any process starts.
+
+    The message names settings by their field names (`world_size`, `ring_degree`, `device='cpu'`);
+    `render(labels)` words it for the interface the user touched, e.g. the CLI's `--gpus`."""
+
+    def render(self, labels: dict[str, str]) -> str:
+        msg = str(self)
+        for name in sorted(labels, key=len, reverse=True):
+            msg = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w])", labels[name], msg)
+        return msg
 
 DTYPES = ("bf16", "fp16", "fp32")
 DEVICES = ("cuda", "cpu")
@@ -79,6 +93,8 @@ class XDitUSPConfig:
     device          cuda | cpu.  device_ids: which GPUs (default: 0..world_size-1).
     gpu_memory_fraction  per-process cap on the CUDA caching allocator, (0, 1].
     launch_timeout_s / forward_timeout_s / load_timeout_s  every wait on the workers is bounded.
+    heartbeat_timeout_s  a rank silent this long (dead, hung, stopped) is reported, whatever the
+                    forward timeout: every rank sends a heartbeat each second.
     """
 
     world_size: int = 1
@@ -93,6 +109,7 @@ class XDitUSPConfig:
     launch_timeout_s: float = 300.0
     load_timeout_s: float = 1800.0
     forward_timeout_s: float = 900.0
+    heartbeat_timeout_s: float = 10.0
     # Accepted from the seed's example config; see _UNIMPLEMENTED_DEFAULTS.
     pipeline_parallel_size: int = 1
     tensor_parallel_size: int = 1
@@ -112,7 +129,7 @@ class XDitUSPConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"XDitUSPConfig: unknown keys {unknown}; known keys: {sorted(names)}")
+            raise ConfigError(f"XDitUSPConfig: unknown keys {unknown}; known keys: {sorted(names)}")
         cfg = cls(**d)
         cfg.validate()
         return cfg
@@ -148,27 +165,27 @@ class XDitUSPConfig:
             errors.append(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if not (0.0 < float(self.gpu_memory_fraction) <= 1.0):
             errors.append(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
-        for name in ("launch_timeout_s", "load_timeout_s", "forward_timeout_s"):
+        for name in ("launch_timeout_s", "load_timeout_s", "forward_timeout_s", "heartbeat_timeout_s"):
             if not float(getattr(self, name)) > 0:
-                errors.append(f"{name} must be > 0")
+                errors.append(f"{name} must be > 0, got {getattr(self, name)!r}")
         for name in ("ulysses_degree", "ring_degree", "cfg_degree"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 errors.append(f"{name} must be an integer >= 0 (0 = auto), got {v!r}")
         if errors:
-            raise ValueError("Invalid XDitUSPConfig: " + "; ".join(errors))
+            raise ConfigError("Invalid XDitUSPConfig: " + "; ".join(errors))
 
         n = self.world_size
         fixed = [d for d in (self.ulysses_degree, self.ring_degree, self.cfg_degree) if d]
         if math.prod(fixed) > n or n % math.prod(fixed) != 0:
-            raise ValueError(
+            raise ConfigError(
                 f"ulysses_degree × ring_degree × cfg_degree must equal world_size {n}; got "
                 f"ulysses={self.ulysses_degree or 'auto'}, ring={self.ring_degree or 'auto'}, "
                 f"cfg={self.cfg_degree or 'auto'}. Degrees that multiply to {n}: "
                 + ", ".join(f"{a}×{n // a}" for a in divisors(n))
             )
         if len(fixed) == 3 and math.prod(fixed) != n:
-            raise ValueError(
+            raise ConfigError(
                 f"ulysses {self.ulysses_degree} × ring {self.ring_degree} × cfg {self.cfg_degree} = "
                 f"{math.prod(fixed)}, but world_size is {n}"
             )
@@ -180,15 +197,19 @@ class XDitUSPConfig:
                 visible_gpus = torch.cuda.device_count()
             ids = self.device_ids if self.device_ids is not None else list(range(n))
             if len(ids) != n:
-                raise ValueError(f"device_ids {ids} lists {len(ids)} GPUs but world_size is {n}")
+                raise ConfigError(f"device_ids {ids} lists {len(ids)} GPUs but world_size is {n}")
             if len(set(ids)) != len(ids):
-                raise ValueError(f"device_ids {ids} repeats a GPU")
+                raise ConfigError(f"device_ids {ids} repeats a GPU")
             bad = [i for i in ids if not 0 <= i < visible_gpus]
+            if bad and visible_gpus == 0:
+                raise ConfigError(
+                    f"{n} GPU(s) requested but no CUDA device is visible to this process: install a CUDA "
+                    "build of torch, check CUDA_VISIBLE_DEVICES, or use device='cpu'"
+                )
             if bad:
-                raise ValueError(
-                    f"{n} GPU(s) requested (device_ids {ids}) but only {visible_gpus} CUDA device(s) are visible"
-                    + (" (none: install a CUDA build of torch, or use device='cpu')" if visible_gpus == 0 else "")
-                    + f"; use world_size <= {visible_gpus}"
+                raise ConfigError(
+                    f"{n} GPU(s) requested (device_ids {ids}) but only {visible_gpus} CUDA device(s) are "
+                    f"visible; use world_size <= {visible_gpus}"
                 )
         return self
 
@@ -204,6 +225,21 @@ class XDitUSPConfig:
         else:
             cfg = 2 if n % (2 * fixed) == 0 else 1
         return self._layout(cfg, num_heads)
+
+    def plan(self, num_heads: int) -> tuple[Layout, Layout, str]:
+        """(configured layout, batch-1 fallback layout, attention backend) for a model with
+        `num_heads` heads: everything the workers will use, checked in the owner before launch."""
+        from .attention import resolve_backend
+
+        layouts = self.resolve(num_heads), self.fallback_layout(num_heads)
+        ring = max(layout.ring for layout in layouts)
+        try:
+            backend = resolve_backend(self.attention_backend, self.device, ring)
+        except ConfigError as e:
+            if layouts[0].ring < ring:
+                raise ConfigError(f"{e} (the batch-1 layout {layouts[1]} uses ring)") from None
+            raise
+        return layouts[0], layouts[1], backend.name
 
     def fallback_layout(self, num_heads: int) -> Layout:
         """Layout for a batch the cfg split cannot divide (e.g. batch 1): every rank on the sequence.
@@ -232,14 +268,14 @@ class XDitUSPConfig:
             u = max(d for d in divisors(sp) if num_heads % d == 0)
             r = sp // u
         if not u or not r or u * r * cfg != n:
-            raise ValueError(
+            raise ConfigError(
                 f"ulysses {self.ulysses_degree or 'auto'} × ring {self.ring_degree or 'auto'} × cfg {cfg} "
                 f"cannot make world_size {n}; with cfg {cfg} the sequence ranks ({sp}) split as "
                 + ", ".join(f"ulysses {d} × ring {sp // d}" for d in divisors(sp))
             )
         if num_heads % u:
             works = [d for d in divisors(sp) if num_heads % d == 0]
-            raise ValueError(
+            raise ConfigError(
                 f"{num_heads} heads: Ulysses {works[-1]} works, {u} does not (the Ulysses degree must divide "
                 f"the head count; with {sp} sequence ranks Ulysses {works} work, ring takes the rest)"
             )

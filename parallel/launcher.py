@@ -17,38 +17,48 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import weakref
+from dataclasses import dataclass, field
 from multiprocessing import connection as mpc
 from typing import Optional
 
 import torch
 
-from . import transport
+from . import reaper, transport
 from .config import XDitUSPConfig
 
-ENTRY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_entry.py")
-# NVLink SHARP / multicast stay off wherever we set NCCL's environment (see DESIGN notes).
+PARALLEL_DIR = os.path.dirname(os.path.abspath(__file__))
+ENTRY = os.path.join(PARALLEL_DIR, "_entry.py")
+TORCHRUN = os.path.join(PARALLEL_DIR, "_torchrun.py")  # torchrun, its store on 127.0.0.1 only
+# NVLink SHARP / multicast stay off wherever we set NCCL's environment (KINDS notes: it can hang).
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+# Every socket of a single-host group binds loopback: gloo's pairs and NCCL's bootstrap by interface.
+LOOPBACK_ENV = {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
+GRACE_S = 2.0  # after one rank reports an error, how long the others get to report theirs
 
 
 class WorkerError(RuntimeError):
-    """A worker failed; `.rank` names it and the message carries its traceback or log tail."""
+    """A worker failed; `.rank` names the rank that failed first (None: torchrun's agent) and the
+    message carries its traceback or log tail."""
 
     def __init__(self, message: str, rank: Optional[int] = None):
         super().__init__(message)
         self.rank = rank
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@dataclass(order=True)
+class _Failure:
+    """One thing that went wrong, ordered by when it happened (CLOCK_MONOTONIC is system-wide)."""
+
+    time: float
+    rank: int  # -1: torchrun's agent
+    kind: str = field(compare=False)  # raised | exited | silent | agent
+    detail: dict = field(compare=False, default_factory=dict)
 
 
 def _tail(path: str, n: int = 40) -> str:
@@ -62,13 +72,79 @@ def _tail(path: str, n: int = 40) -> str:
         return "    (no log)"
 
 
+_PROC_STATES = {"T": "stopped by a signal", "t": "stopped by a debugger", "D": "in uninterruptible I/O",
+                "R": "running", "S": "sleeping", "Z": "exited"}
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            code = f.read().rsplit(")", 1)[1].split()[0]
+        return _PROC_STATES.get(code, code)
+    except OSError:
+        return "gone"
+
+
+class _Liveness:
+    """The owner's side of the heartbeats. A thread reads every rank's heartbeat channel and notes
+    when each rank was last heard, when a channel closed (that rank died) and when torchrun's agent
+    exited, so a dead, hung or stopped rank is known within `heartbeat_timeout_s`, independent of how
+    long a forward takes."""
+
+    def __init__(self, beats: list, proc: subprocess.Popen):
+        now = time.monotonic()
+        self.proc = proc
+        self.last = [now] * len(beats)
+        self.died: dict[int, float] = {}
+        self.agent_exit: Optional[float] = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(dict(zip(beats, range(len(beats)))),),
+                                        name="xdit-usp-liveness", daemon=True)
+        self._thread.start()
+
+    def _run(self, live: dict):
+        while not self._stop.is_set():
+            if live:
+                ready = mpc.wait(list(live), timeout=0.1)
+            else:
+                ready = []
+                self._stop.wait(0.1)
+            now = time.monotonic()
+            for c in ready:
+                r = live[c]
+                try:
+                    c.recv()
+                    self.last[r] = now
+                except (EOFError, OSError):
+                    self.died.setdefault(r, now)
+                    del live[c]
+                    c.close()
+            if self.agent_exit is None and self.proc.poll() is not None:
+                self.agent_exit = now
+        for c in live:
+            c.close()
+
+    def failures(self, silent_after: float) -> list[_Failure]:
+        now = time.monotonic()
+        out = [_Failure(t, r, "exited") for r, t in self.died.items()]
+        out += [_Failure(t, r, "silent") for r, t in enumerate(self.last)
+                if r not in self.died and now - t > silent_after]
+        if self.agent_exit is not None:
+            out.append(_Failure(self.agent_exit, -1, "agent"))
+        return sorted(out)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(2.0)
+
+
 _live_groups: "weakref.WeakSet[WorkerGroup]" = weakref.WeakSet()
 
 
 @atexit.register
 def _close_all():
     for g in list(_live_groups):
-        g.close()
+        g.close(graceful=False)
 
 
 class WorkerGroup:
@@ -82,25 +158,32 @@ class WorkerGroup:
         self.log_dir: Optional[str] = None
         self.arena = transport.ShmArena()
         self.launches = 0
+        self._liveness: Optional[_Liveness] = None
         self._lock = threading.RLock()
 
     # ---- lifecycle --------------------------------------------------------------------------
     @property
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None and len(self.conns) == self.config.world_size
+        return (self.proc is not None and self.proc.poll() is None and self._liveness is not None
+                and not self._liveness.failures(self.config.heartbeat_timeout_s))
 
     def start(self):
         with self._lock:
             if self.alive:
                 return
-            self.close()
+            self.close(graceful=False)
             cfg = self.config
             cfg.validate()  # device count, now that we are about to use the devices
+            # One folder per launch holds the logs and is TMPDIR for torchrun and the workers (its
+            # torchelastic_* folders land here): removed on close, or by the reaper if we die first.
             self.log_dir = tempfile.mkdtemp(prefix="xdit_usp_logs_")
+            reaper.track("path", self.log_dir)
+            os.mkdir(os.path.join(self.log_dir, "tmp"))
             authkey = transport.new_authkey()
             listener = transport.ControlListener(authkey)
             env = dict(os.environ)
             env.update(NCCL_ENV)
+            env.update(LOOPBACK_ENV)
             env.update(cfg.extra_env)
             env.update(self.env)
             env.update(
@@ -109,6 +192,7 @@ class WorkerGroup:
                 XDIT_USP_OWNER_PID=str(os.getpid()),
                 XDIT_USP_CONFIG=cfg.to_json(),
                 XDIT_USP_LOG_DIR=self.log_dir,
+                TMPDIR=os.path.join(self.log_dir, "tmp"),
                 PYTHONUNBUFFERED="1",
             )
             if cfg.device == "cuda":
@@ -122,34 +206,34 @@ class WorkerGroup:
             else:
                 env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.world_size)))
             cmd = [
-                sys.executable, "-m", "torch.distributed.run",
-                "--nnodes=1", f"--nproc-per-node={cfg.world_size}",
-                "--master-addr=127.0.0.1", f"--master-port={_free_port()}",
-                "--max-restarts=0", "--monitor-interval=0.5",
-                ENTRY,
+                sys.executable, TORCHRUN, "--nnodes=1", f"--nproc-per-node={cfg.world_size}",
+                "--max-restarts=0", "--monitor-interval=0.5", ENTRY,
             ]
             agent_log = open(os.path.join(self.log_dir, "torchrun.log"), "wb")
             self.proc = subprocess.Popen(
                 cmd, env=env, stdin=subprocess.DEVNULL, stdout=agent_log, stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group: we can kill the whole tree
+                start_new_session=True,  # its own process group: Ctrl-C is ours to handle, and we kill the tree
             )
+            reaper.track("pgid", self.proc.pid)
             agent_log.close()
             self.launches += 1
             _live_groups.add(self)
             try:
                 self._handshake(listener, cfg.launch_timeout_s)
             except BaseException:
-                self.close(keep_logs=True)
+                self.close(keep_logs=True, graceful=False)
                 raise
             finally:
                 listener.close()
 
     def _handshake(self, listener: transport.ControlListener, timeout: float):
+        """Every rank opens two authenticated connections: requests, and heartbeats."""
         n = self.config.world_size
         conns: dict[int, mpc.Connection] = {}
+        beats: dict[int, mpc.Connection] = {}
         pids: dict[int, int] = {}
         deadline = time.monotonic() + timeout
-        while len(conns) < n:
+        while len(conns) < n or len(beats) < n:
             if self.proc.poll() is not None:
                 raise WorkerError(
                     f"worker group exited (code {self.proc.returncode}) before all {n} ranks connected "
@@ -160,63 +244,64 @@ class WorkerGroup:
                     f"worker group did not start within {timeout:.0f}s: ranks {sorted(conns)} of {n} connected.\n"
                     + self._logs()
                 )
-            try:
-                conn = listener.accept(0.2)
-            except (OSError, EOFError, mpc.AuthenticationError):
-                continue  # a stray or unauthenticated client; keep waiting for ours
+            conn = listener.accept(0.2)
             if conn is None:
                 continue
-            op, hello = transport.recv(conn, 30)
-            conns[hello["rank"]] = conn
-            pids[hello["rank"]] = hello["pid"]
+            try:
+                channel, hello = transport.recv(conn, 2.0)
+            except (TimeoutError, EOFError, OSError):
+                conn.close()
+                continue
+            (beats if channel == "heartbeat" else conns)[hello["rank"]] = conn
+            if hello["pid"] not in pids.values():
+                pids[hello["rank"]] = hello["pid"]
+                reaper.track("pgid", hello["pid"])  # torchrun starts each worker in a session of its own
         self.conns = [conns[r] for r in range(n)]
         self.pids = [pids[r] for r in range(n)]
+        self._liveness = _Liveness([beats[r] for r in range(n)], self.proc)
 
-    def close(self, keep_logs: bool = False):
-        """Stop every worker (politely, then by signal) and free the shared memory. The log
-        folder is removed unless `keep_logs` (failures keep it: their error message names it)."""
+    def close(self, keep_logs: bool = False, graceful: bool = True):
+        """Stop every worker and free the shared memory. `graceful` asks the ranks to exit and waits
+        up to 10 s before signals; otherwise (a broken group, Ctrl-C, exit) they are killed at once.
+        The log folder is removed unless `keep_logs` (failures keep it while this process lives:
+        their error message names it)."""
         with self._lock:
-            for c in self.conns:
-                try:
-                    c.send(("shutdown", {}))
-                except Exception:
-                    pass
             proc, self.proc = self.proc, None
-            if proc is not None:
+            if proc is not None and graceful:
+                for c in self.conns:
+                    try:
+                        c.send(("shutdown", {}))
+                    except OSError:
+                        pass
                 try:
                     proc.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     pass
-                for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-                    if proc.poll() is not None:
-                        break
-                    try:
-                        os.killpg(proc.pid, sig)
-                    except ProcessLookupError:
-                        break
-                    try:
-                        proc.wait(timeout=wait)
-                    except subprocess.TimeoutExpired:
-                        pass
-            # workers that outlived torchrun's agent (they also watch us; this is belt and braces)
-            for pid in self.pids:
+            if self._liveness is not None:
+                self._liveness.stop()
+                self._liveness = None
+            for pgid in ([proc.pid] if proc is not None else []) + self.pids:
                 try:
-                    os.kill(pid, signal.SIGKILL)
+                    os.killpg(pgid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
                     pass
+                reaper.untrack("pgid", pgid)
+            if proc is not None:
+                proc.wait()
             for c in self.conns:
                 c.close()
             self.conns, self.pids, self.models = [], [], {}
             self.arena.close()
             if self.log_dir and not keep_logs and proc is not None:
                 shutil.rmtree(self.log_dir, ignore_errors=True)
+                reaper.untrack("path", self.log_dir)
             _live_groups.discard(self)
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *exc):
+        self.close(graceful=exc_type is None)
 
     # ---- requests ---------------------------------------------------------------------------
     def _logs(self, ranks=None) -> str:
@@ -230,57 +315,72 @@ class WorkerGroup:
                 parts.append(f"  rank {r} log:\n{_tail(p)}")
         return "logs (" + self.log_dir + "):\n" + "\n".join(parts)
 
+    def _describe(self, f: _Failure, op: str, first: bool) -> str:
+        if f.kind == "raised":
+            text = f"rank {f.rank} failed in {op!r}: {f.detail['type']}: {f.detail['message']}"
+            return text + ("\n" + f.detail["traceback"] if first and f.detail.get("traceback") else "")
+        if f.kind == "agent":
+            return f"torchrun's agent (pid {f.detail['pid']}) exited ({f.detail['how']}) during {op!r}; its workers stop with it"
+        pid = self.pids[f.rank]
+        if f.kind == "exited":
+            return f"rank {f.rank} (pid {pid}) exited during {op!r}"
+        return (f"rank {f.rank} (pid {pid}) stopped responding during {op!r}: no heartbeat for "
+                f"{self.config.heartbeat_timeout_s:g}s (process: {_proc_state(pid)})")
+
     def _call(self, op: str, payload: dict, timeout: float) -> list:
-        """Send one request to every rank and collect every reply, or fail within `timeout`."""
+        """Send one request to every rank and collect every reply. A rank that raises, dies, hangs
+        or is stopped, or torchrun's agent dying, fails the call within seconds (the heartbeat
+        timeout), naming what failed first; a call that simply runs longer than `timeout` fails too."""
         if not self.alive:
             raise WorkerError("the worker group is not running (it was closed or a worker died); it restarts on the next load")
         for c in self.conns:
             c.send((op, payload))
         replies: dict[int, object] = {}
-        errors: dict[int, dict] = {}
+        raised: dict[int, _Failure] = {}
         pending = {c: r for r, c in enumerate(self.conns)}
+        closed: set[int] = set()
         deadline = time.monotonic() + timeout
-        grace = None
-        while pending:
-            if errors and grace is None:  # give the others a moment to report too, then stop waiting
-                grace = time.monotonic() + 2.0
-                deadline = min(deadline, grace)
+        lost: list[_Failure] = []
+        while pending and not lost:
+            if raised:  # give the others a moment to report too, then stop waiting
+                deadline = min(deadline, min(f.time for f in raised.values()) + GRACE_S)
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            for c in mpc.wait(list(pending), timeout=min(left, 0.5)):
-                r = pending.pop(c)
+            for c in mpc.wait([c for c, r in pending.items() if r not in closed], timeout=min(left, 0.2)):
                 try:
                     status, value = c.recv()
                 except (EOFError, OSError):
-                    errors[r] = {"type": "WorkerDied", "message": f"rank {r} exited", "traceback": ""}
+                    closed.add(pending[c])  # the rank died: its heartbeat channel says when (below)
                     continue
+                r = pending.pop(c)
                 if status == "ok":
                     replies[r] = value
                 else:
-                    errors[r] = value
-            if self.proc.poll() is not None and pending:
-                for r in pending.values():
-                    errors.setdefault(r, {"type": "WorkerDied", "message": f"rank {r} exited", "traceback": ""})
-                pending.clear()
-        if errors or pending:
-            broken = bool(pending) or any(e["type"] == "WorkerDied" for e in errors.values())
-            # Blame the root cause: a rank that raised, else the rank that died first (torchrun
-            # then terminates the others, whose deaths arrive later), else the first stuck rank.
-            raised = [r for r, e in errors.items() if e["type"] != "WorkerDied"]
-            first = raised[0] if raised else next(iter(errors)) if errors else min(pending.values())
-            if errors:
-                e = errors[first]
-                msg = f"rank {first} failed in {op!r}: {e['type']}: {e['message']}"
-                if e.get("traceback"):
-                    msg += "\n" + e["traceback"]
-            else:
-                msg = f"{op!r} timed out after {timeout:.0f}s waiting for rank(s) {sorted(pending.values())}"
-            if broken:
-                self.close(keep_logs=True)  # a dead or stuck rank: the group can't be trusted; next load relaunches
-                msg += "\n" + self._logs([first]) + "\nThe worker group was shut down; it restarts on the next run."
-            raise WorkerError(msg, rank=first)
-        return [replies[r] for r in range(self.config.world_size)]
+                    raised[r] = _Failure(value.get("time", time.monotonic()), r, "raised", value)
+            lost = self._liveness.failures(self.config.heartbeat_timeout_s)
+        if not (raised or pending):
+            return [replies[r] for r in range(self.config.world_size)]
+        failures = sorted(list(raised.values()) + lost)
+        for f in failures:
+            if f.kind == "agent":
+                code = self.proc.returncode if self.proc is not None else None
+                how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+                f.detail.update(pid=self.proc.pid if self.proc is not None else "?", how=how)
+        if failures:
+            first = failures[0]
+            msg = self._describe(first, op, first=True)
+            later = [self._describe(f, op, first=False) for f in failures[1:]]
+            if later:
+                msg += "\nthen: " + "\nthen: ".join(ln.splitlines()[0] for ln in later)
+        else:
+            first = _Failure(0.0, min(pending.values()), "timeout")
+            msg = f"{op!r} timed out after {timeout:.0f}s waiting for rank(s) {sorted(pending.values())}"
+        rank = None if first.rank < 0 else first.rank
+        if pending or lost:  # a dead or stuck rank: the group can't be trusted; next load relaunches
+            self.close(keep_logs=True, graceful=False)
+            msg += "\n" + self._logs(None if rank is None else [rank]) + "\nThe worker group was shut down; it restarts on the next run."
+        raise WorkerError(msg, rank=rank)
 
     def load(self, key: str, path: str) -> dict:
         """Load a checkpoint on every rank under `key` (starting the group if needed)."""
@@ -290,7 +390,7 @@ class WorkerGroup:
             if not os.path.exists(path):
                 raise FileNotFoundError(f"checkpoint not found: {path}")
             info = inspect_checkpoint(path)  # a bad file fails here, before any worker is involved
-            self.config.resolve(info.num_heads)  # and so does a layout the model's heads can't take
+            self.config.plan(info.num_heads)  # and so does a layout or kernel that cannot run it
             self.start()
             info = self._call("load", {"key": key, "path": os.path.abspath(path)}, self.config.load_timeout_s)[0]
             info["path"] = os.path.abspath(path)

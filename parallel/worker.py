@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -82,7 +83,6 @@ class Worker:
 
     # ---- lifecycle --------------------------------------------------------------------------
     def run(self):
-        _start_watchdog(self.owner_pid)
         backend = "nccl" if self.config.device == "cuda" else "gloo"
         dist.init_process_group(
             backend,
@@ -90,16 +90,20 @@ class Worker:
             device_id=self.device if backend == "nccl" else None,
         )
         addr = json.loads(os.environ["XDIT_USP_ADDR"])
-        self.conn = transport.connect(addr, bytes.fromhex(os.environ["XDIT_USP_AUTHKEY"]))
-        self.conn.send(("hello", {"rank": self.rank, "pid": os.getpid(), "device": str(self.device)}))
+        authkey = bytes.fromhex(os.environ["XDIT_USP_AUTHKEY"])
+        hello = {"rank": self.rank, "pid": os.getpid(), "device": str(self.device)}
+        self.conn = transport.connect(addr, authkey)
+        self.conn.send(("requests", hello))
+        beats = transport.connect(addr, authkey)
+        beats.send(("heartbeat", hello))
+        _start_heartbeat(beats, self.owner_pid)
         while True:
             try:
                 op, payload = self.conn.recv()
             except (EOFError, OSError):
                 break  # owner closed the channel
             except Exception as e:  # an undecodable message: report it, keep serving
-                self.conn.send(("error", {"rank": self.rank, "type": type(e).__name__, "message": str(e),
-                                          "traceback": traceback.format_exc()}))
+                self.conn.send(("error", self._error(e)))
                 continue
             if op == "shutdown":
                 self.conn.send(("ok", None))
@@ -108,27 +112,39 @@ class Worker:
                 result = getattr(self, "op_" + op)(**payload)
                 self.conn.send(("ok", result))
             except BaseException as e:  # noqa: BLE001 - every failure goes back to the owner
-                self.conn.send(
-                    ("error", {"rank": self.rank, "type": type(e).__name__, "message": str(e),
-                               "traceback": traceback.format_exc()})
-                )
+                self.conn.send(("error", self._error(e)))
         self.shm.close()
         try:
             dist.destroy_process_group()
         except Exception:
             pass
 
+    def _error(self, e: BaseException) -> dict:
+        # `time` (CLOCK_MONOTONIC, the same clock in every process) lets the owner blame the rank
+        # that failed first, whatever order the replies arrive in.
+        return {"rank": self.rank, "type": type(e).__name__, "message": str(e),
+                "traceback": traceback.format_exc(), "time": time.monotonic()}
+
     def _maybe_fault(self, where: str):
         # XDIT_USP_FAULT="<where>@<rank>[=<seconds>]": deliberate failures for the failure tests.
+        # *_sleep sleeps that long (default an hour); *_exit and *_raise wait that long (default 0)
+        # and then exit or raise; *_stop stops this process (SIGSTOP), as a debugger or a hung
+        # driver would.
         for item in filter(None, self.fault.split(",")):
             spec, _, arg = item.partition("=")
             w, _, r = spec.partition("@")
             if w == where and int(r) == self.rank:
+                print(f"injected fault {item}", flush=True)
+                if where.endswith("sleep"):
+                    time.sleep(float(arg or 3600))
+                    continue
+                time.sleep(float(arg or 0))
                 if where.endswith("exit"):
                     os._exit(3)
                 if where.endswith("raise"):
                     raise RuntimeError(f"injected fault {item}")
-                time.sleep(float(arg or 3600))
+                if where.endswith("stop"):
+                    os.kill(os.getpid(), signal.SIGSTOP)
 
     def _group(self, layout) -> SPGroup:
         key = (layout.cfg, layout.ulysses, layout.ring)
@@ -142,8 +158,8 @@ class Worker:
 
     def op_load(self, key: str, path: str):
         t0 = time.perf_counter()
-        self._maybe_fault("load_exit")
-        self._maybe_fault("load_raise")
+        for where in ("load_sleep", "load_exit", "load_raise"):
+            self._maybe_fault(where)
         model, info = build_model(path, self.dtype, self.device)
         heads = model.config.num_attention_heads
         layouts = (self.config.resolve(heads), self.config.fallback_layout(heads))
@@ -194,8 +210,8 @@ class Worker:
 
         args = [arg("hidden_states"), arg("timestep", torch.float32), arg("encoder_hidden_states"),
                 arg("encoder_hidden_states_image"), arg("control_hidden_states")]
-        self._maybe_fault("forward_sleep")
-        self._maybe_fault("forward_exit")
+        for where in ("forward_sleep", "forward_exit", "forward_raise", "forward_stop"):
+            self._maybe_fault(where)
         cuda = self.device.type == "cuda"
         sync = torch.cuda.synchronize if cuda else (lambda: None)
         sync()
@@ -254,13 +270,17 @@ class Worker:
         return {"patched": len(patches)}
 
 
-def _start_watchdog(owner_pid: int):
-    """Exit when the owner dies or torchrun's agent (our parent) does: no orphan workers."""
+HEARTBEAT_S = 0.5
+
+
+def _start_heartbeat(beats, owner_pid: int):
+    """Tell the owner twice a second that this rank is alive, from a thread of its own, so a long
+    forward still beats and a hung or stopped rank falls silent. Exit when the owner dies or
+    torchrun's agent (our parent) does: no orphan workers."""
     parent = os.getppid()
 
-    def watch():
+    def beat():
         while True:
-            time.sleep(0.5)
             gone = os.getppid() != parent
             try:
                 os.kill(owner_pid, 0)
@@ -268,10 +288,15 @@ def _start_watchdog(owner_pid: int):
                 gone = True
             except PermissionError:
                 pass
+            try:
+                beats.send(None)
+            except OSError:
+                gone = True
             if gone:
                 os._exit(1)
+            time.sleep(HEARTBEAT_S)
 
-    threading.Thread(target=watch, name="xdit-usp-watchdog", daemon=True).start()
+    threading.Thread(target=beat, name="xdit-usp-heartbeat", daemon=True).start()
 
 
 def main():
