@@ -13,73 +13,131 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
 import time
 
+from . import parallel
 
-def _package():
-    # Works as `python -m comfyui_xdit_usp` (installed) and as `python -m <folder name>`.
-    return __package__ or "comfyui_xdit_usp"
+
+# The CLI's words for the settings that config errors name (see ConfigError.render).
+CLI_LABELS = {
+    "world_size": "--gpus", "ulysses_degree": "--ulysses", "ring_degree": "--ring", "cfg_degree": "--cfg",
+    "attention_backend": "--attention", "forward_timeout_s": "--timeout", "device='cpu'": "--device cpu",
+    "device='cuda'": "--device cuda",
+}
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # "(default: ...)" only where there is one to show
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block: the user sees what to fix at once
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m comfyui_xdit_usp", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="launch N workers, run denoising steps, print parity and timing")
-    r.add_argument("--gpus", type=int, default=2, help="number of workers (GPUs, or CPU ranks with --device cpu)")
-    r.add_argument("--checkpoint", help="Wan transformer .safetensors file or diffusers folder (default: embedded tiny model)")
-    r.add_argument("--variant", default="t2v", help="tiny model variant when no checkpoint: t2v i2v flf2v vace ti2v_5b")
-    r.add_argument("--ulysses", type=int, default=0, help="Ulysses degree (0 = auto)")
-    r.add_argument("--ring", type=int, default=0, help="ring degree (0 = auto)")
-    r.add_argument("--cfg", type=int, default=0, help="CFG/batch split degree (0 = auto)")
-    r.add_argument("--batch", type=int, default=2, help="batch per step (2 = cond + uncond, as ComfyUI sends them)")
-    r.add_argument("--frames", type=int, default=9, help="video frames (latent frames = (F-1)/4+1)")
-    r.add_argument("--height", type=int, default=96, help="video height in pixels (latent = H/8)")
-    r.add_argument("--width", type=int, default=160, help="video width in pixels (latent = W/8)")
-    r.add_argument("--steps", type=int, default=3, help="timed forward calls (after one warm-up)")
-    r.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
-    r.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default: fp32 on cpu, bf16 on cuda")
-    r.add_argument("--attention", default="auto", help="attention backend (auto, cudnn, flash, efficient, sdpa, cpu_flash, ...)")
+    from .parallel.config import ATTENTION_BACKENDS, XDitUSPConfig
+
+    p = _Parser(prog="python -m comfyui_xdit_usp", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    r = sub.add_parser("run", help="launch N workers, run denoising steps, print parity and timing",
+                       formatter_class=_Help)
+    r.add_argument("--gpus", type=_int_at_least(1), default=2, help="number of workers (GPUs, or CPU ranks with --device cpu)")
+    r.add_argument("--checkpoint", help="Wan transformer .safetensors file or diffusers folder (omitted: the embedded tiny model)")
+    r.add_argument("--variant", default="t2v", choices=("t2v", "i2v", "flf2v", "vace", "ti2v_5b"),
+                   help="tiny model variant when no checkpoint")
+    r.add_argument("--ulysses", type=_int_at_least(0), default=0, help="Ulysses degree (0 = auto)")
+    r.add_argument("--ring", type=_int_at_least(0), default=0, help="ring degree (0 = auto)")
+    r.add_argument("--cfg", type=_int_at_least(0), default=0, help="CFG/batch split degree (0 = auto)")
+    r.add_argument("--batch", type=_int_at_least(1), default=2, help="batch per step (2 = cond + uncond, as ComfyUI sends them)")
+    r.add_argument("--frames", type=_int_at_least(1), default=9, help="video frames, 4k+1 (latent frames = (F-1)/4+1)")
+    r.add_argument("--height", type=_int_at_least(16), default=96, help="video height in pixels, a multiple of 16")
+    r.add_argument("--width", type=_int_at_least(16), default=160, help="video width in pixels, a multiple of 16")
+    r.add_argument("--steps", type=_int_at_least(1), default=3, help="timed forward calls (after one warm-up)")
+    r.add_argument("--device", choices=("cuda", "cpu"), default=None, help="omitted: cuda if available, else cpu")
+    r.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="omitted: fp32 on cpu, bf16 on cuda")
+    r.add_argument("--attention", default="auto", choices=ATTENTION_BACKENDS, help="attention backend")
+    r.add_argument("--timeout", type=_positive_seconds, default=XDitUSPConfig.forward_timeout_s,
+                   help="seconds one forward may take before the group is declared stuck (a dead, hung or "
+                        "stopped worker is reported within ~10 s regardless)")
     r.add_argument("--parity", action=argparse.BooleanOptionalAction, default=None,
-                   help="compare with a single-process forward (default: on for the tiny model, off for checkpoints)")
+                   help="compare with a single-process forward (omitted: on for the tiny model, off for checkpoints)")
     r.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     return p
 
 
 def run(args) -> dict:
-    import importlib
-
     import torch
 
-    pkg = _package()
-    parallel = importlib.import_module(pkg + ".parallel")
-    tiny = importlib.import_module(pkg + ".parallel.tiny")
-    mapping = importlib.import_module(pkg + ".wan_to_xdit_mapping")
+    from . import wan_to_xdit_mapping as mapping
+    from .parallel import reaper, tiny
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("fp32" if device == "cpu" else "bf16")
-    if (args.frames - 1) % 4 or args.height % 16 or args.width % 16:
-        raise SystemExit("--frames must be 4k+1 and --height/--width multiples of 16 (Wan's VAE and patch size)")
     latent = ((args.frames - 1) // 4 + 1, args.height // 8, args.width // 8)
 
     config = parallel.XDitUSPConfig(
         world_size=args.gpus, ulysses_degree=args.ulysses, ring_degree=args.ring, cfg_degree=args.cfg,
-        dtype=dtype, attention_backend=args.attention, device=device,
-    )
-    tmp = None
+        dtype=dtype, attention_backend=args.attention, device=device, forward_timeout_s=args.timeout,
+    ).validate()  # the visible GPUs too
     if args.checkpoint:
-        path = args.checkpoint
-        info = mapping.inspect_checkpoint(path)
-        variant = info.variant
+        if not os.path.exists(args.checkpoint):
+            raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file or folder")
+        info = mapping.inspect_checkpoint(args.checkpoint)
+        variant, num_heads = info.variant, info.num_heads
     else:
-        tmp = tempfile.TemporaryDirectory(prefix="xdit_usp_tiny_")
-        variant = args.variant
-        model = tiny.build_model(variant)
-        path = tiny.write_original_checkpoint(model, os.path.join(tmp.name, f"tiny_wan_{variant}.safetensors"))
-        info = mapping.inspect_checkpoint(path)
-    layout = config.resolve(info.num_heads)  # fail before launching if the layout cannot work
+        variant, num_heads = args.variant, tiny.tiny_config(args.variant)["num_attention_heads"]
+    layout = config.plan(num_heads)[0]  # fail before anything is built if the layout or kernel cannot work
+
+    tmp = None if args.checkpoint else tempfile.mkdtemp(prefix="xdit_usp_tiny_")
+    try:
+        if tmp is None:
+            path = args.checkpoint
+        else:
+            reaper.track("path", tmp)  # removed even if this process is killed
+            path = os.path.join(tmp, f"tiny_wan_{variant}.safetensors")
+            tiny.write_original_checkpoint(tiny.build_model(variant), path)
+            info = mapping.inspect_checkpoint(path)
+        return _run(args, config, layout, path, info, variant, latent)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            reaper.untrack("path", tmp)
+
+
+def _run(args, config, layout, path, info, variant, latent) -> dict:
+    import torch
+
+    from . import wan_to_xdit_mapping as mapping
+    from .parallel import tiny
 
     cfg = info.diffusers_config
     g = torch.Generator().manual_seed(0)
@@ -123,8 +181,8 @@ def run(args) -> dict:
         "configured_layout": str(layout),
         "backend": loaded["backend"],
         "world_size": args.gpus,
-        "device": device,
-        "dtype": dtype,
+        "device": config.device,
+        "dtype": config.dtype,
         "variant": variant,
         "checkpoint": args.checkpoint or "embedded tiny model",
         "latent": list(latent),
@@ -135,15 +193,37 @@ def run(args) -> dict:
         "worker_ms": statistics.median(worker_ms),
         "load_s": load_s,
     }
-    if tmp is not None:
-        tmp.cleanup()
     return result
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    """Exit 0 on success, 1 when the workers fail, 2 on a user error (one line), 130 on Ctrl-C."""
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if (args.frames - 1) % 4:
+            parser.error(f"argument --frames: must be 4k+1 (1, 5, ..., 81: Wan's VAE), got {args.frames}")
+        for name in ("height", "width"):
+            if getattr(args, name) % 16:
+                parser.error(f"argument --{name}: must be a multiple of 16 (VAE x patch size), got {getattr(args, name)}")
+        from .parallel.config import ConfigError
+        from .wan_to_xdit_mapping import CheckpointError
+
+        try:
+            r = run(args)
+        except ConfigError as e:
+            print(f"error: {e.render(CLI_LABELS)}", file=sys.stderr)
+            return 2
+        except (CheckpointError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except parallel.WorkerError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    except KeyboardInterrupt:  # the group (if any) was killed on the way out; nothing to report
+        print("interrupted", file=sys.stderr)
+        return 130
     if args.command == "run":
-        r = run(args)
         err = "n/a" if r["max_rel_err"] is None else f"{r['max_rel_err']:.2e}"
         print(f"model      {r['checkpoint']} ({r['variant']}), latent {r['latent']} = {r['tokens']} tokens, batch {r['batch']}")
         print(f"layout     {r['layout']} on {r['world_size']} {r['device']} worker(s), {r['dtype']}")
@@ -155,5 +235,16 @@ def main(argv=None) -> int:
     return 0
 
 
+def cli():
+    """The console entry point: `main`, and on Ctrl-C an immediate exit once the group is gone
+    (the interpreter's teardown of torch can take seconds; nothing is left for it to clean)."""
+    rc = main()
+    if rc == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()
