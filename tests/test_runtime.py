@@ -18,6 +18,7 @@ import torch
 
 from comfyui_xdit_usp.parallel import WorkerError, WorkerGroup, XDitUSPConfig
 from comfyui_xdit_usp.parallel import tiny
+from procs import group_processes, wait_gone
 
 VARIANTS = tiny.VARIANTS
 SIZES = {"divisible": (2, 8, 8), "padded": (3, 6, 10)}  # latent (frames, h, w) -> 32 and 45 tokens
@@ -61,36 +62,6 @@ def cpu_config(ulysses=0, ring=0, cfg=0, world=None, **kw) -> XDitUSPConfig:
 
 def rel_err(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-
-
-def group_processes(group) -> list[int]:
-    """Every live process on this machine that belongs to `group` (found by its log dir in the
-    environment), so the failure tests can check the real process table."""
-    marker = f"XDIT_USP_LOG_DIR={group.log_dir}".encode()
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                env = f.read()
-            with open(f"/proc/{pid}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if marker in env and state != "Z":
-            found.append(int(pid))
-    return found
-
-
-def wait_gone(group, timeout=15.0) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        left = group_processes(group)
-        if not left:
-            return []
-        time.sleep(0.2)
-    return group_processes(group)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -229,7 +200,7 @@ def test_rank_crashing_while_loading(checkpoints):
     assert time.monotonic() - t0 < 60
     assert e.value.rank == 1
     assert not group.alive
-    assert wait_gone(group) == []
+    assert wait_gone(group.log_dir) == []
 
 
 def test_rank_killed_mid_forward(checkpoints):
@@ -242,14 +213,14 @@ def test_rank_killed_mid_forward(checkpoints):
         group.forward("m", **tiny.random_inputs("t2v", 2, *SIZES["padded"]))
     assert time.monotonic() - t0 < 30
     assert "restarts on the next run" in str(e.value)
-    assert wait_gone(group) == []
+    assert wait_gone(group.log_dir) == []
     # the next load relaunches a working group
     group.env = {}
     group.load("m", checkpoints["t2v"][0])
     assert group.launches == 2
     group.forward("m", **tiny.random_inputs("t2v", 2, *SIZES["padded"]))
     group.close()
-    assert wait_gone(group) == []
+    assert wait_gone(group.log_dir) == []
 
 
 def test_forward_timeout(checkpoints):
@@ -259,15 +230,20 @@ def test_forward_timeout(checkpoints):
     with pytest.raises(WorkerError, match=r"timed out after 3s waiting for rank\(s\) \[(0, )?1\]"):
         group.forward("m", **tiny.random_inputs("t2v", 2, *SIZES["padded"]))
     assert time.monotonic() - t0 < 20
-    assert wait_gone(group) == []
+    assert wait_gone(group.log_dir) == []
 
 
-def test_worker_exception_reraised_with_rank_and_traceback(checkpoints):
-    # Every rank raises: all answered, so the group stays usable.
-    with WorkerGroup(cpu_config(2), env={"XDIT_USP_FAULT": "load_raise@0,load_raise@1"}) as group:
-        with pytest.raises(WorkerError, match=r"rank 0 failed in 'load': RuntimeError: injected fault") as e:
+@pytest.mark.parametrize("first,later", [(0, 1), (1, 0)])
+def test_the_rank_that_raised_first_is_blamed(first, later, checkpoints):
+    # Both ranks raise, `later` one second after `first`: all answered, so the group stays usable,
+    # and the error names `first` whatever order the replies arrive in.
+    fault = f"load_raise@{first},load_raise@{later}=1"
+    with WorkerGroup(cpu_config(2), env={"XDIT_USP_FAULT": fault}) as group:
+        with pytest.raises(WorkerError, match=rf"rank {first} failed in 'load': RuntimeError: injected fault") as e:
             group.load("m", checkpoints["t2v"][0])
+        assert e.value.rank == first
         assert "Traceback" in str(e.value) and "_maybe_fault" in str(e.value)
+        assert f"then: rank {later} failed in 'load'" in str(e.value)
         assert group.alive
         assert [r["rank"] for r in group._call("ping", {}, 30)] == [0, 1]
 
@@ -280,7 +256,7 @@ def test_one_rank_raising_tears_the_group_down(checkpoints):
         group.load("m", checkpoints["t2v"][0])
     assert time.monotonic() - t0 < 40
     assert not group.alive
-    assert wait_gone(group) == []
+    assert wait_gone(group.log_dir) == []
 
 
 def test_bad_input_is_rejected_in_the_owner(checkpoints):
@@ -308,14 +284,9 @@ def test_no_worker_outlives_a_killed_owner(checkpoints, tmp_path):
         log_dir = owner.stdout.readline().strip()
         assert log_dir, "owner did not start its group"
 
-        class G:  # what group_processes needs
-            pass
-
-        g = G()
-        g.log_dir = log_dir
-        assert len(group_processes(g)) >= 3  # torchrun agent + 2 workers
+        assert len(group_processes(log_dir)) >= 3  # torchrun agent + 2 workers
         owner.kill()
         owner.wait(10)
-        assert wait_gone(g, timeout=20) == []
+        assert wait_gone(log_dir, timeout=20) == []
     finally:
         owner.kill()
