@@ -11,7 +11,8 @@ Layouts accepted: original Wan / WanVideoWrapper names ("original"), the same wi
 ``model.diffusion_model.`` / ``diffusion_model.`` / ``model.`` ("comfyui"), and diffusers names, as a
 single file or a folder with ``config.json`` + shards ("diffusers").  Weights may be bf16/fp16/fp32,
 plain float8 (kept as float8 when ``dtype`` is None: the runtime casts) or ComfyUI "scaled fp8"
-(dequantised: ``fp8.float() * scale``, returned as bfloat16 when ``dtype`` is None).
+(dequantised: ``fp8.float() * scale``, returned as bfloat16 when ``dtype`` is None).  Any other dtype
+is refused.
 
 Only torch + safetensors are needed at import; diffusers is imported lazily to build a meta-device model
 whose parameter names and shapes every checkpoint is validated against (exact, no memory).
@@ -25,7 +26,7 @@ import os
 import re
 import struct
 from collections import Counter
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -133,7 +134,7 @@ def diffusers_to_original_key(key: str) -> str | None:
 
 # --------------------------------------------------------------------------------------------------
 class CheckpointError(ValueError):
-    """Bad checkpoint: message names the file and the first offending keys."""
+    """Bad checkpoint: message names the file and the first offending keys, as that file writes them."""
 
 
 @dataclasses.dataclass
@@ -176,10 +177,27 @@ def _dtype_name(dt) -> str:
     return str(dt).replace("torch.", "")
 
 
+_FLOAT_DTYPES = {_dtype_name(d) for d in _SAFE_DTYPES.values() if d.is_floating_point}  # incl. float8
+
+
 @dataclasses.dataclass
 class _Plan:
     info: CheckpointInfo
     items: list  # (source key, target diffusers key, scale source key | None)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Names:
+    """Writes a key the way the user's file does (``prefix`` + original or diffusers name), so errors
+    name keys as they are, or would be, written in that file."""
+    fmt: str
+    prefix: str
+
+    def from_original(self, key: str) -> str:
+        return self.prefix + ((original_to_diffusers_key(key) or key) if self.fmt == "diffusers" else key)
+
+    def from_diffusers(self, key: str) -> str:
+        return self.prefix + (key if self.fmt == "diffusers" else (diffusers_to_original_key(key) or key))
 
 
 def _plan(meta: dict[str, tuple[tuple, str]], path, config_json: dict | None = None) -> _Plan:
@@ -209,7 +227,7 @@ def _plan(meta: dict[str, tuple[tuple, str]], path, config_json: dict | None = N
             scales[n.rsplit(".", 1)[0] + ".weight"] = names[n]
     for n in dropped | {n for n in names if n.endswith(_SCALE_SUFFIXES)}:
         names.pop(n)
-    orphan = [s for s in scales if s not in names]
+    orphan = [k for n, k in scales.items() if n not in names]
     if orphan:
         raise CheckpointError(f"{where}: scale tensors without a weight: {_first(orphan)}")
     scaled = bool(scales) or bool(marker)
@@ -218,32 +236,44 @@ def _plan(meta: dict[str, tuple[tuple, str]], path, config_json: dict | None = N
     inv = {n: diffusers_to_original_key(n) for n in names}
     n_orig, n_diff = sum(v is not None for v in fwd.values()), sum(v is not None for v in inv.values())
     if n_orig == 0 and n_diff == 0:
-        raise CheckpointError(f"{where}: unknown layout, not a Wan transformer; first keys: {_first(names)}")
+        raise CheckpointError(f"{where}: unknown layout, not a Wan transformer; first keys: {_first(keys)}")
     if n_orig >= n_diff:
         fmt, mapping = ("comfyui" if prefix else "original"), fwd
-        bad = [n for n, v in fwd.items() if v is None]
+        bad = [names[n] for n, v in fwd.items() if v is None]
     else:
         fmt, mapping = "diffusers", {n: n for n in names}
-        bad = [n for n, v in inv.items() if v is None]
+        bad = [names[n] for n, v in inv.items() if v is None]
     if bad:
         raise CheckpointError(f"{where}: unexpected keys for a Wan {fmt} checkpoint: {_first(bad)}")
-    # 4. detection on original-named shapes
+    in_file = _Names(fmt, prefix)
+    # 4. dtypes, from the header: every weight is floating point (fp8 included; scales and markers are not weights)
+    not_float = sorted(k for k in names.values() if meta[k][1] not in _FLOAT_DTYPES)
+    if not_float:
+        listed = ", ".join(f"{k!r} ({meta[k][1]})" for k in not_float[:5])
+        more = f" (+{len(not_float) - 5} more)" if len(not_float) > 5 else ""
+        raise CheckpointError(f"{where}: tensors that are not floating point (Wan weights are "
+                              f"bf16/fp16/fp32/fp8): {listed}{more}")
+    # 5. detection on original-named shapes
     orig_shapes = {(n if fmt != "diffusers" else inv[n]): tuple(meta[src][0]) for n, src in names.items()}
-    cfg, variant = _detect(orig_shapes, where)
+    cfg, variant = _detect(orig_shapes, where, in_file.from_original)
     if config_json:
         cfg = _merge_config_json(cfg, config_json, where)
     cls_name = "WanVACETransformer3DModel" if "vace_layers" in cfg else "WanTransformer3DModel"
-    # 5. validate names and shapes against the real class (meta device)
+    # 6. validate names and shapes against the real class (meta device)
     expected = _expected_shapes(cls_name, json.dumps(cfg, sort_keys=True))
     got = {mapping[n]: tuple(meta[src][0]) for n, src in names.items()}
     missing, unexpected = set(expected) - set(got), set(got) - set(expected)
     if missing:
-        raise CheckpointError(f"{where}: missing keys for {variant} ({cls_name}): {_first(missing)}")
+        raise CheckpointError(f"{where}: missing keys for {variant} ({cls_name}): "
+                              f"{_first(map(in_file.from_diffusers, missing))}")
     if unexpected:
-        raise CheckpointError(f"{where}: unexpected keys for {variant} ({cls_name}): {_first(unexpected)}")
-    wrong = [f"{k} {got[k]} != expected {expected[k]}" for k in sorted(got) if got[k] != expected[k]]
+        raise CheckpointError(f"{where}: unexpected keys for {variant} ({cls_name}): "
+                              f"{_first(map(in_file.from_diffusers, unexpected))}")
+    wrong = sorted(f"{in_file.from_diffusers(k)!r} is {got[k]}, expected {expected[k]}"
+                   for k in got if got[k] != expected[k])
     if wrong:
-        raise CheckpointError(f"{where}: wrong shapes: {'; '.join(wrong[:5])}")
+        more = f" (+{len(wrong) - 5} more)" if len(wrong) > 5 else ""
+        raise CheckpointError(f"{where}: wrong shapes: {'; '.join(wrong[:5])}{more}")
     dts = Counter(meta[src][1] for n, src in names.items() if n.endswith(".weight"))
     dim = cfg["num_attention_heads"] * HEAD_DIM
     info = CheckpointInfo(
@@ -261,52 +291,112 @@ def _count(shapes, head: str) -> int:
     return max(idx) + 1 if idx else 0
 
 
-def _detect(s: dict[str, tuple], where: str) -> tuple[dict, str]:
-    """ComfyUI's Wan detection rules on original-named shapes -> (diffusers kwargs, variant)."""
-    need = ["head.modulation", "head.head.weight", "patch_embedding.weight", "blocks.0.ffn.0.weight",
-            "text_embedding.0.weight", "time_embedding.0.weight"]
-    absent = [k for k in need if k not in s]
-    if "head.modulation" not in s:
-        raise CheckpointError(f"{where}: not a Wan transformer (no 'head.modulation'); missing: {_first(absent)}")
+# Where a checkpoint shows each size the config is detected from: (original key, axis).  Most sizes
+# are written in many tensors (ffn_dim in three tensors of every block).  Detection takes the value
+# most of them agree on, so one tensor with a wrong shape is reported as itself, instead of setting
+# the config and making every tensor that agrees with the real model look wrong.
+_SIZES: dict[str, list[tuple[str, int | slice]]] = {
+    "dim": [("head.modulation", -1), ("patch_embedding.weight", 0), ("patch_embedding.bias", 0),
+            ("head.head.weight", 1), ("text_embedding.0.weight", 0), ("time_embedding.0.weight", 0),
+            ("blocks.{N}.modulation", -1), ("blocks.{N}.self_attn.q.weight", 0),
+            ("blocks.{N}.self_attn.o.weight", 0), ("blocks.{N}.cross_attn.q.weight", 0),
+            ("blocks.{N}.ffn.0.weight", 1), ("blocks.{N}.ffn.2.weight", 0)],
+    "ffn_dim": [("blocks.{N}.ffn.0.weight", 0), ("blocks.{N}.ffn.0.bias", 0), ("blocks.{N}.ffn.2.weight", 1)],
+    "patch_size": [("patch_embedding.weight", slice(2, None)), ("vace_patch_embedding.weight", slice(2, None))],
+    "in_channels": [("patch_embedding.weight", 1)],
+    "out_channels * patch volume": [("head.head.weight", 0), ("head.head.bias", 0)],
+    "text_dim": [("text_embedding.0.weight", 1)],
+    "freq_dim": [("time_embedding.0.weight", 1)],
+    "image_dim": [("img_emb.proj.0.weight", 0), ("img_emb.proj.0.bias", 0), ("img_emb.proj.1.weight", 0),
+                  ("img_emb.proj.1.weight", 1), ("img_emb.proj.1.bias", 0), ("img_emb.proj.3.weight", 1),
+                  ("img_emb.emb_pos", 2)],
+    "pos_embed_seq_len": [("img_emb.emb_pos", 1)],
+    "vace_in_channels": [("vace_patch_embedding.weight", 1)],
+}
+_LATENT_CHANNELS = (16, 48)  # Wan 2.1 / Wan 2.2 VAE: the only output channel counts a Wan model has
+
+
+def _size(s: dict[str, tuple], size: str, layers: int, where: str, name: Callable[[str], str],
+          valid: tuple[str, Callable[[Any], bool]] | None = None, prefer: Callable[[Any], bool] | None = None):
+    """The value of ``size`` most tensors of ``_SIZES[size]`` agree on.
+
+    ``valid``: (what a value must be, test); a value that fails it loses to any that passes.
+    ``prefer(v)`` breaks a tie in the count.  When no value is valid, or a tie remains, the error
+    names the tensors and their shapes.
+    """
+    votes: dict[Any, list[str]] = {}
+    for pattern, axis in _SIZES[size]:
+        for key in [pattern.replace("{N}", str(i)) for i in range(layers)] if "{N}" in pattern else [pattern]:
+            shape = s.get(key)
+            if shape is None or (isinstance(axis, int) and not -len(shape) <= axis < len(shape)):
+                continue  # absent, or too few dimensions: validation against the model names it
+            votes.setdefault(shape[axis] if isinstance(axis, int) else tuple(shape[axis]), []).append(key)
+    if not votes:
+        raise CheckpointError(f"{where}: missing keys: {name(_SIZES[size][0][0].replace('{N}', '0'))!r}")
+
+    def rank(v):
+        return (valid is None or valid[1](v), len(votes[v]), prefer is not None and prefer(v))
+
+    best, *rest = sorted(votes, key=rank, reverse=True)
+    tie = bool(rest) and rank(rest[0]) == rank(best)
+    if tie or not rank(best)[0]:
+        shown = [f"{name(k)!r} is {s[k]}" for v in [best, *rest] for k in votes[v]]
+        why = "tensors disagree and no majority shows which is wrong" if tie else f"it must be {valid[0]}"
+        raise CheckpointError(f"{where}: cannot detect {size} ({why}): {', '.join(shown[:5])}"
+                              + (f" (+{len(shown) - 5} more)" if len(shown) > 5 else ""))
+    return best
+
+
+def _detect(s: dict[str, tuple], where: str, name: Callable[[str], str]) -> tuple[dict, str]:
+    """ComfyUI's Wan detection rules on original-named shapes -> (diffusers kwargs, variant).
+
+    ``name`` turns an original key into the key as the file writes it, for errors.
+    """
+    need = ["head.modulation", "patch_embedding.weight", "text_embedding.0.weight", "time_embedding.0.weight"]
+    absent = [name(k) for k in need if k not in s]
     if absent:
         raise CheckpointError(f"{where}: missing keys: {_first(absent)}")
-    dim = s["head.modulation"][-1]
-    if dim % HEAD_DIM:
-        raise CheckpointError(f"{where}: 'head.modulation' dim {dim} is not a multiple of {HEAD_DIM}")
-    pe = s["patch_embedding.weight"]
-    if len(pe) != 5:
-        raise CheckpointError(f"{where}: wrong shape 'patch_embedding.weight' {pe}, expected 5-D Conv3d")
-    patch = tuple(pe[2:])
-    p = patch[0] * patch[1] * patch[2]
-    in_dim, out_dim = pe[1], s["head.head.weight"][0] // p
     layers = _count(s, "blocks")
+
+    def size(what, **kw):
+        return _size(s, what, layers, where, name, **kw)
+
+    dim = size("dim", valid=(f"a multiple of {HEAD_DIM}", lambda v: v > 0 and v % HEAD_DIM == 0))
+    patch = size("patch_size", valid=("the 3 kernel sizes of a Conv3d", lambda v: len(v) == 3 and min(v) > 0))
+    p = patch[0] * patch[1] * patch[2]
+    in_dim = size("in_channels")
+    out_dim = size("out_channels * patch volume",
+                   valid=(f"a multiple of the patch volume {p}", lambda v: v > 0 and v % p == 0),
+                   prefer=lambda v: v // p in _LATENT_CHANNELS) // p
+    block_keys = [k for k in s if k.startswith("blocks.")]
     cfg: dict[str, Any] = dict(
         patch_size=patch, num_attention_heads=dim // HEAD_DIM, attention_head_dim=HEAD_DIM,
-        in_channels=in_dim, out_channels=out_dim, text_dim=s["text_embedding.0.weight"][1],
-        freq_dim=s["time_embedding.0.weight"][1], ffn_dim=s["blocks.0.ffn.0.weight"][0], num_layers=layers,
-        cross_attn_norm="blocks.0.norm3.weight" in s,
-        qk_norm="rms_norm_across_heads" if "blocks.0.self_attn.norm_q.weight" in s else None,
+        in_channels=in_dim, out_channels=out_dim, text_dim=size("text_dim"), freq_dim=size("freq_dim"),
+        ffn_dim=size("ffn_dim"), num_layers=layers,
+        # a block that lacks these is then reported as missing them, not the others as unexpected
+        cross_attn_norm=any(re.fullmatch(r"blocks\.\d+\.norm3\.(weight|bias)", k) for k in block_keys),
+        qk_norm=("rms_norm_across_heads" if any(re.fullmatch(r"blocks\.\d+\.(self|cross)_attn\.norm_[qk]\.weight", k)
+                                                for k in block_keys) else None),
         eps=1e-6, image_dim=None, added_kv_proj_dim=None, rope_max_seq_len=1024, pos_embed_seq_len=None,
     )
     variant = "t2v"
-    if "img_emb.proj.0.bias" in s:
-        cfg.update(image_dim=s["img_emb.proj.0.bias"][0], added_kv_proj_dim=dim)
+    if any(k.startswith("img_emb.") for k in s):
+        cfg.update(image_dim=size("image_dim"), added_kv_proj_dim=dim)
         variant = "i2v"
         if "img_emb.emb_pos" in s:
-            cfg["pos_embed_seq_len"] = s["img_emb.emb_pos"][1]
+            cfg["pos_embed_seq_len"] = size("pos_embed_seq_len")
             variant = "flf2v"
     elif in_dim == 36:
         variant = "i2v"  # Wan 2.2 I2V-A14B: image latents in the input channels, no CLIP branch
     elif in_dim == out_dim == 48:
         variant = "ti2v_5b"  # Wan 2.2 TI2V-5B (dim 3072); rule keyed on channels so tiny tests match too
-    if "vace_patch_embedding.weight" in s:
+    if any(k.startswith("vace_") for k in s):
         n_vace = _count(s, "vace_blocks")
         if n_vace == 0 or n_vace > layers:
             raise CheckpointError(f"{where}: {n_vace} vace_blocks for {layers} blocks")
         # ComfyUI's rule (range(0, layers, layers // n_vace)): 1.3B 30/15 -> every 2nd; 14B 40/8 -> every 5th
         step = layers // n_vace
-        cfg.update(vace_layers=[i * step for i in range(n_vace)],
-                   vace_in_channels=s["vace_patch_embedding.weight"][1])
+        cfg.update(vace_layers=[i * step for i in range(n_vace)], vace_in_channels=size("vace_in_channels"))
         variant = "vace"
     return cfg, variant
 

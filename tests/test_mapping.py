@@ -297,22 +297,134 @@ def test_bad_missing_unexpected_shape(models, tmp_path):
     orig = F.original_state_dict(models["t2v"])
     missing = dict(orig)
     del missing["blocks.1.cross_attn.k.weight"]
-    with pytest.raises(ValueError, match=r"missing\.safetensors.*missing keys.*blocks\.1\.attn2\.to_k\.weight"):
+    with pytest.raises(ValueError, match=r"missing\.safetensors.*missing keys.*'blocks\.1\.cross_attn\.k\.weight'"):
         M.load_checkpoint(_save(missing, tmp_path / "missing.safetensors"))
     extra = dict(orig, **{"blocks.0.self_attn.q.lora_up.weight": torch.zeros(2, 2)})
     with pytest.raises(ValueError, match=r"extra\.safetensors.*blocks\.0\.self_attn\.q\.lora_up\.weight"):
         M.load_checkpoint(_save(extra, tmp_path / "extra.safetensors"))
     extra2 = dict(orig, **{"blocks.0.modulation.bias": torch.zeros(2)})  # matches a rule, not in the model
-    with pytest.raises(ValueError, match=r"extra2\.safetensors.*unexpected.*blocks\.0\.scale_shift_table\.bias"):
+    with pytest.raises(ValueError, match=r"extra2\.safetensors.*unexpected.*'blocks\.0\.modulation\.bias'"):
         M.load_checkpoint(_save(extra2, tmp_path / "extra2.safetensors"))
     shape = dict(orig, **{"blocks.1.ffn.2.weight": torch.zeros(256, 500)})
-    with pytest.raises(ValueError, match=r"shape\.safetensors.*wrong shapes.*blocks\.1\.ffn\.net\.2\.weight"):
+    with pytest.raises(ValueError, match=r"shape\.safetensors.*wrong shapes.*'blocks\.1\.ffn\.2\.weight'"):
         M.load_checkpoint(_save(shape, tmp_path / "shape.safetensors"))
     mixed = {("model.diffusion_model." + k if i else k): v for i, (k, v) in enumerate(orig.items())}
     with pytest.raises(ValueError, match="mixed key prefixes"):
         M.load_checkpoint(_save(mixed, tmp_path / "mixed.safetensors"))
     with pytest.raises(ValueError, match="<state_dict>.*missing keys"):
         M.convert_state_dict(missing)
+
+
+# ------------------------------------------------------------------- errors name the keys of the file
+# Every layout a user may hand us: original names, the same with ComfyUI's prefix, diffusers names.
+LAYOUTS = ("original", "comfyui", "diffusers")
+
+
+def _in_layout(model, layout):
+    """(the model's tensors as a file of ``layout`` names them, original key -> that file's key)."""
+    if layout == "diffusers":
+        return {k: v.contiguous().clone() for k, v in model.state_dict().items()}, M.original_to_diffusers_key
+    prefix = "model.diffusion_model." if layout == "comfyui" else ""
+    return F.original_state_dict(model, prefix), lambda k: prefix + k
+
+
+def _refused(sd, path) -> str:
+    """The CheckpointError message for ``sd`` saved at ``path``: the same from the header alone and
+    from a load, and naming the file."""
+    p = _save(sd, path)
+    with pytest.raises(M.CheckpointError) as inspected:
+        M.inspect_checkpoint(p)
+    with pytest.raises(M.CheckpointError) as loaded:
+        M.load_checkpoint(p)
+    msg = str(inspected.value)
+    assert isinstance(inspected.value, ValueError) and str(loaded.value) == msg and msg.startswith(p + ": ")
+    return msg
+
+
+def _named(msg, keys) -> set:
+    """The keys among ``keys`` that ``msg`` names (quoted, as errors write keys)."""
+    return {k for k in keys if repr(k) in msg}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("variant,key,shape", [
+    ("t2v", "blocks.0.ffn.0.weight", (514, 256)),  # the tensor ComfyUI reads ffn_dim from
+    ("t2v", "blocks.0.ffn.0.weight", (1024, 256)),
+    ("t2v", "blocks.0.ffn.0.weight", (512, 384)),
+    ("t2v", "head.head.weight", (128, 256)),  # ... and out_channels from (here 32 instead of 16)
+    ("t2v", "head.head.weight", (66, 256)),
+    ("t2v", "head.head.weight", (64, 384)),
+    ("t2v", "head.head.bias", (32,)),
+    ("t2v", "head.modulation", (1, 2, 384)),  # ... and dim from
+    ("t2v", "blocks.1.ffn.2.weight", (256, 500)),
+    ("t2v", "blocks.1.self_attn.q.weight", (384, 256)),
+    ("i2v", "img_emb.proj.0.bias", (80,)),  # ... and image_dim from
+    ("flf2v", "img_emb.emb_pos", (1, 8, 80)),
+    ("vace", "vace_blocks.0.before_proj.weight", (256, 384)),
+])
+def test_wrong_shape_names_that_tensor_only(layout, variant, key, shape, models, tmp_path):
+    sd, in_file = _in_layout(models[variant], layout)
+    k = in_file(key)
+    good = tuple(sd[k].shape)
+    sd[k] = torch.zeros(shape)
+    msg = _refused(sd, tmp_path / "bad_shape.safetensors")
+    assert f"wrong shapes: {k!r} is {shape}, expected {good}" in msg
+    assert _named(msg, sd) == {k}, msg
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_shapes_that_disagree_evenly_are_both_named(layout, models, tmp_path):
+    # head.head.weight says 48 output channels, head.head.bias 16: both real Wan sizes, nothing to choose by
+    sd, in_file = _in_layout(models["t2v"], layout)
+    w, b = in_file("head.head.weight"), in_file("head.head.bias")
+    sd[w] = torch.zeros(192, 256)
+    msg = _refused(sd, tmp_path / "tie.safetensors")
+    assert "cannot detect out_channels" in msg and f"{w!r} is (192, 256)" in msg and f"{b!r} is (64,)" in msg
+    assert _named(msg, sd) == {w, b}, msg
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("variant,key", [
+    ("t2v", "blocks.1.cross_attn.k.weight"),
+    ("t2v", "blocks.0.ffn.0.weight"),
+    ("t2v", "head.head.bias"),
+    ("t2v", "blocks.0.norm3.weight"),  # its presence sets cross_attn_norm
+    ("t2v", "blocks.1.self_attn.norm_q.weight"),  # ... and qk_norm
+    ("t2v", "head.modulation"),
+    ("i2v", "img_emb.proj.0.bias"),
+    ("vace", "vace_blocks.0.after_proj.bias"),
+])
+def test_missing_key_named_as_in_the_file(layout, variant, key, models, tmp_path):
+    sd, in_file = _in_layout(models[variant], layout)
+    k = in_file(key)
+    del sd[k]
+    msg = _refused(sd, tmp_path / "missing.safetensors")
+    assert "missing" in msg and _named(msg, [k, *sd]) == {k}, msg
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_unexpected_key_named_as_in_the_file(layout, models, tmp_path):
+    sd, in_file = _in_layout(models["t2v"], layout)
+    k = in_file("blocks.0.modulation") + ".bias"  # a name the table converts, that the model lacks
+    sd[k] = torch.zeros(2)
+    msg = _refused(sd, tmp_path / "unexpected.safetensors")
+    assert "unexpected keys" in msg and _named(msg, sd) == {k}, msg
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("key,dtype", [
+    ("blocks.0.ffn.0.weight", torch.int64), ("head.head.bias", torch.int32),
+    ("blocks.1.modulation", torch.uint8), ("blocks.0.norm3.weight", torch.bool),
+])
+def test_non_float_tensor_refused(layout, key, dtype, models, tmp_path):
+    sd, in_file = _in_layout(models["t2v"], layout)
+    k = in_file(key)
+    sd[k] = sd[k].to(dtype)
+    msg = _refused(sd, tmp_path / "ints.safetensors")
+    assert f"not floating point (Wan weights are bf16/fp16/fp32/fp8): {k!r} ({str(dtype)[6:]})" in msg, msg
+    assert _named(msg, sd) == {k}, msg
+    with pytest.raises(M.CheckpointError, match="<state_dict>: tensors that are not floating point"):
+        M.convert_state_dict(sd)
 
 
 def test_bad_truncated_and_corrupt(models, tmp_path):
