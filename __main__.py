@@ -143,13 +143,13 @@ def _run(args, config, layout, path, info, variant, latent) -> dict:
     g = torch.Generator().manual_seed(0)
     inputs = tiny.random_inputs(variant, args.batch, *latent, text_tokens=512, seed=1)
     if args.checkpoint:  # real shapes for real models
-        inputs["hidden_states"] = torch.randn(args.batch, cfg["in_channels"], *latent, generator=g)
-        inputs["encoder_hidden_states"] = torch.randn(args.batch, 512, cfg["text_dim"], generator=g)
+        inputs.hidden_states = torch.randn(args.batch, cfg["in_channels"], *latent, generator=g)
+        inputs.encoder_hidden_states = torch.randn(args.batch, 512, cfg["text_dim"], generator=g)
         if cfg.get("image_dim"):
             n = 514 if cfg.get("pos_embed_seq_len") else 257
-            inputs["encoder_hidden_states_image"] = torch.randn(args.batch, n, cfg["image_dim"], generator=g)
+            inputs.encoder_hidden_states_image = torch.randn(args.batch, n, cfg["image_dim"], generator=g)
         if variant == "vace":
-            inputs["control_hidden_states"] = torch.randn(args.batch, cfg["vace_in_channels"], *latent, generator=g)
+            inputs.control_hidden_states = torch.randn(args.batch, cfg["vace_in_channels"], *latent, generator=g)
     tokens = latent[0] * (latent[1] // 2) * (latent[2] // 2)
 
     with parallel.WorkerGroup(config) as group:
@@ -157,9 +157,9 @@ def _run(args, config, layout, path, info, variant, latent) -> dict:
         loaded = group.load("main", path)
         load_s = time.perf_counter() - t0
         stats, times, worker_ms = {}, [], []
-        out = group.forward("main", **inputs, stats=stats)  # warm-up
+        out = group.forward("main", inputs, stats=stats)  # warm-up
         for _ in range(args.steps):
-            out = group.forward("main", **inputs, stats=stats)
+            out = group.forward("main", inputs, stats=stats)
             times.append(stats["owner_ms"])
             worker_ms.append(stats["worker_ms"])
         step_layout = stats["layout"]
@@ -173,13 +173,13 @@ def _run(args, config, layout, path, info, variant, latent) -> dict:
         ref_model = getattr(diffusers, info.diffusers_class)(**cfg)
         ref_model.load_state_dict(state, strict=True)
         ref_model.eval()
-        ref = tiny.reference_forward(ref_model, **inputs)
+        ref = tiny.reference_forward(ref_model, inputs)
         max_rel_err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
 
     result = {
-        "layout": step_layout,
+        "layout": str(step_layout),
         "configured_layout": str(layout),
-        "backend": loaded["backend"],
+        "backend": loaded.backend,
         "world_size": args.gpus,
         "device": config.device,
         "dtype": config.dtype,

@@ -200,8 +200,11 @@ class _Names:
         return self.prefix + (key if self.fmt == "diffusers" else (diffusers_to_original_key(key) or key))
 
 
-def _plan(meta: dict[str, tuple[tuple, str]], path, config_json: dict | None = None) -> _Plan:
-    """meta: raw key -> (shape, dtype name).  Works out format, renames, dequant pairs, config; validates."""
+def _plan(meta: dict[str, tuple[tuple, str]], path, config_json: dict | None = None,
+          known: CheckpointInfo | None = None) -> _Plan:
+    """meta: raw key -> (shape, dtype name).  Works out format, renames, dequant pairs, config; validates.
+    ``known``: the info an earlier, validated read of the same file gave; detection and the shape
+    check against the diffusers class are skipped (the names are still worked out from ``meta``)."""
     where = _where(path)
     keys = set(meta)
     if not keys:
@@ -253,6 +256,9 @@ def _plan(meta: dict[str, tuple[tuple, str]], path, config_json: dict | None = N
         more = f" (+{len(not_float) - 5} more)" if len(not_float) > 5 else ""
         raise CheckpointError(f"{where}: tensors that are not floating point (Wan weights are "
                               f"bf16/fp16/fp32/fp8): {listed}{more}")
+    if known is not None:
+        items = [(src, mapping[n], scales.get(n)) for n, src in sorted(names.items())]
+        return _Plan(known, items)
     # 5. detection on original-named shapes
     orig_shapes = {(n if fmt != "diffusers" else inv[n]): tuple(meta[src][0]) for n, src in names.items()}
     cfg, variant = _detect(orig_shapes, where, in_file.from_original)
@@ -514,17 +520,19 @@ def load_checkpoint(path, dtype: torch.dtype | None = None) -> tuple[dict[str, t
     return dict(tensors), info
 
 
-def iter_checkpoint(path, dtype: torch.dtype | None = None, only: Iterable[str] | None = None
-                    ) -> tuple[CheckpointInfo, Iterator[tuple[str, torch.Tensor]]]:
+def iter_checkpoint(path, dtype: torch.dtype | None = None, only: Iterable[str] | None = None,
+                    info: CheckpointInfo | None = None) -> tuple[CheckpointInfo, Iterator[tuple[str, torch.Tensor]]]:
     """Like ``load_checkpoint`` but streaming: ``(info, iterator of (diffusers name, tensor))``.
 
     The header is validated before this returns; each tensor is read from the memory-mapped file
     only when the iterator reaches it, so a caller that moves every tensor to its GPU (or casts it)
     as it arrives never holds more than one tensor in host memory beyond the shared page cache.
     ``only``: read just these diffusers names (e.g. to restore weights a LoRA had patched).
+    ``info``: what ``inspect_checkpoint`` returned for this file; its validation is not repeated
+    (the worker group's ranks stream a file the owner has already checked).
     """
     files, meta, config = _files(path)
-    plan = _plan(meta, path, config)
+    plan = _plan(meta, path, config, known=info)
     if only is not None:
         wanted = set(only)
         unknown = wanted - {dst for _, dst, _ in plan.items}

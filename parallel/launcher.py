@@ -13,6 +13,7 @@ and (from the workers' side) when the owner process dies.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import json
 import os
 import shutil
@@ -29,6 +30,7 @@ from typing import Optional
 
 import torch
 
+from . import protocol as P
 from . import reaper, transport
 from .config import XDitUSPConfig
 
@@ -270,7 +272,7 @@ class WorkerGroup:
             if proc is not None and graceful:
                 for c in self.conns:
                     try:
-                        c.send(("shutdown", {}))
+                        c.send(P.encode(P.Shutdown()))
                     except OSError:
                         pass
                 try:
@@ -327,14 +329,16 @@ class WorkerGroup:
         return (f"rank {f.rank} (pid {pid}) stopped responding during {op!r}: no heartbeat for "
                 f"{self.config.heartbeat_timeout_s:g}s (process: {_proc_state(pid)})")
 
-    def _call(self, op: str, payload: dict, timeout: float) -> list:
+    def _call(self, request, timeout: float) -> list:
         """Send one request to every rank and collect every reply. A rank that raises, dies, hangs
         or is stopped, or torchrun's agent dying, fails the call within seconds (the heartbeat
         timeout), naming what failed first; a call that simply runs longer than `timeout` fails too."""
         if not self.alive:
             raise WorkerError("the worker group is not running (it was closed or a worker died); it restarts on the next load")
+        op = type(request).__name__.lower()  # "load", "forward", ... in messages
+        wire = P.encode(request)
         for c in self.conns:
-            c.send((op, payload))
+            c.send(wire)
         replies: dict[int, object] = {}
         raised: dict[int, _Failure] = {}
         pending = {c: r for r, c in enumerate(self.conns)}
@@ -349,15 +353,15 @@ class WorkerGroup:
                 break
             for c in mpc.wait([c for c, r in pending.items() if r not in closed], timeout=min(left, 0.2)):
                 try:
-                    status, value = c.recv()
+                    reply = P.decode(c.recv())
                 except (EOFError, OSError):
                     closed.add(pending[c])  # the rank died: its heartbeat channel says when (below)
                     continue
                 r = pending.pop(c)
-                if status == "ok":
-                    replies[r] = value
+                if isinstance(reply, P.Failed):
+                    raised[r] = _Failure(reply.time, r, "raised", dataclasses.asdict(reply))
                 else:
-                    raised[r] = _Failure(value.get("time", time.monotonic()), r, "raised", value)
+                    replies[r] = reply
             lost = self._liveness.failures(self.config.heartbeat_timeout_s)
         if not (raised or pending):
             return [replies[r] for r in range(self.config.world_size)]
@@ -382,7 +386,7 @@ class WorkerGroup:
             msg += "\n" + self._logs(None if rank is None else [rank]) + "\nThe worker group was shut down; it restarts on the next run."
         raise WorkerError(msg, rank=rank)
 
-    def load(self, key: str, path: str) -> dict:
+    def load(self, key: str, path: str) -> P.Loaded:
         """Load a checkpoint on every rank under `key` (starting the group if needed)."""
         with self._lock:
             from ..wan_to_xdit_mapping import inspect_checkpoint
@@ -392,18 +396,18 @@ class WorkerGroup:
             info = inspect_checkpoint(path)  # a bad file fails here, before any worker is involved
             self.config.plan(info.num_heads)  # and so does a layout or kernel that cannot run it
             self.start()
-            info = self._call("load", {"key": key, "path": os.path.abspath(path)}, self.config.load_timeout_s)[0]
-            info["path"] = os.path.abspath(path)
-            self.models[key] = info
-            return info
+            path = os.path.abspath(path)
+            loaded = self._call(P.Load(key, path, dataclasses.asdict(info)), self.config.load_timeout_s)[0]
+            self.models[key] = loaded
+            return loaded
 
     def unload(self, key: str):
         with self._lock:
             if key in self.models and self.alive:
-                self._call("unload", {"key": key}, 60)
+                self._call(P.Unload(key), 60)
             self.models.pop(key, None)
 
-    def set_lora(self, key: str, patches: dict[str, list]) -> dict:
+    def set_lora(self, key: str, patches: dict[str, list]) -> P.LoraSet:
         """Replace the LoRA state of model `key`; merged on the workers, base weights kept there.
 
         patches: {diffusers weight name: [("lora", up, down, scale) | ("diff", delta, scale), ...]}
@@ -411,92 +415,73 @@ class WorkerGroup:
         with self._lock:
             if key not in self.models:
                 raise KeyError(f"no model loaded under {key!r}")
-            tensors, specs = {}, {}
+            tensors, refs = {}, {}
             for name, items in patches.items():
-                out = []
-                for j, item in enumerate(items):
-                    kind, *arrays, scale = item
+                for j, (kind, *arrays, scale) in enumerate(items):
                     if kind not in ("lora", "diff") or len(arrays) != (2 if kind == "lora" else 1):
                         raise ValueError(f"{name}: a LoRA patch is ('lora', up, down, scale) or ('diff', delta, scale)")
                     names = [f"{name}#{j}#{i}" for i in range(len(arrays))]
                     tensors.update({n: a.float().contiguous() for n, a in zip(names, arrays)})
-                    out.append((kind, *names, float(scale)))
-                specs[name] = out
+                    refs.setdefault(name, []).append((kind, names, float(scale)))
             written, _ = self.arena.pack(tensors, {})
-            patches_msg = {name: [(kind, *[written[n] for n in refs], scale) for kind, *refs, scale in items]
-                           for name, items in specs.items()}
-            arena = self.arena.name if tensors else ""
-            return self._call("lora", {"key": key, "arena": arena, "patches": patches_msg}, self.config.load_timeout_s)[0]
+            request = P.SetLora(key, self.arena.name if tensors else "", {
+                name: [P.LoraPatch(kind, [written[n] for n in names], scale) for kind, names, scale in items]
+                for name, items in refs.items()})
+            return self._call(request, self.config.load_timeout_s)[0]
 
-    def forward(
-        self,
-        key: str,
-        hidden_states: torch.Tensor,
-        timestep: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        encoder_hidden_states_image: Optional[torch.Tensor] = None,
-        control_hidden_states: Optional[torch.Tensor] = None,
-        control_hidden_states_scale=None,
-        stats: Optional[dict] = None,
-    ) -> torch.Tensor:
-        """One transformer forward of model `key` on the group; diffusers' argument names.
+    def forward(self, key: str, inputs: P.ForwardInputs, stats: Optional[dict] = None) -> torch.Tensor:
+        """One transformer forward of model `key` on the group.
 
-        timestep: [B], or per latent frame [B, frames], or per token [B, tokens] (Wan 2.2 TI2V).
         Returns [B, out_channels, frames, height, width] in hidden_states' dtype, on the CPU."""
         with self._lock:
             info = self.models.get(key)
             if info is None:
                 raise KeyError(f"no model loaded under {key!r} (loaded: {sorted(self.models)})")
-            self._check_inputs(info, hidden_states, timestep, encoder_hidden_states)
-            b, _, f, h, w = hidden_states.shape
-            timestep = timestep.reshape(-1) if timestep.ndim == 0 else timestep
-            if timestep.shape[0] == 1 and b > 1:
-                timestep = timestep.expand(b, *timestep.shape[1:])
+            self._check_inputs(info, inputs)
+            x, t = inputs.hidden_states, inputs.timestep
+            b, _, f, h, w = x.shape
+            t = t.reshape(-1) if t.ndim == 0 else t
+            if t.shape[0] == 1 and b > 1:
+                t = t.expand(b, *t.shape[1:])
+            tensors = dict(inputs.tensors(), timestep=t)
             wire = self.config.torch_dtype()  # the workers compute in it: send and receive in it
-            tensors = {
-                "hidden_states": hidden_states,
-                "timestep": timestep.float(),
-                "encoder_hidden_states": encoder_hidden_states,
-                "encoder_hidden_states_image": encoder_hidden_states_image,
-                "control_hidden_states": control_hidden_states,
-            }
             dtypes = {k: (torch.float32 if k == "timestep" else wire) for k in tensors}
-            out_shape = (b, info["out_channels"], f, h, w)
             t0 = time.perf_counter()
-            inputs, reserved = self.arena.pack(tensors, {"out": (out_shape, wire)}, dtypes)
+            specs, reserved = self.arena.pack(tensors, {"out": ((b, info.out_channels, f, h, w), wire)}, dtypes)
             t1 = time.perf_counter()
-            scale = None
-            if control_hidden_states_scale is not None:
-                scale = torch.as_tensor(control_hidden_states_scale, dtype=torch.float32).flatten().tolist()
-            replies = self._call(
-                "forward",
-                {"key": key, "arena": self.arena.name, "inputs": inputs, "out": reserved["out"], "control_scale": scale},
-                self.config.forward_timeout_s,
-            )
+            scale = inputs.control_hidden_states_scale
+            if scale is not None:
+                scale = torch.as_tensor(scale, dtype=torch.float32).flatten().tolist()
+            request = P.Forward(key, self.arena.name, specs, reserved["out"], scale)
+            replies: list[P.ForwardDone] = self._call(request, self.config.forward_timeout_s)
             t2 = time.perf_counter()
-            out = self.arena.read(reserved["out"], hidden_states.dtype)
+            out = self.arena.read(reserved["out"], x.dtype)
             if stats is not None:
                 t3 = time.perf_counter()
                 stats.update(
                     owner_ms=(t3 - t0) * 1e3, pack_ms=(t1 - t0) * 1e3, read_ms=(t3 - t2) * 1e3,
-                    worker_ms=max(r["ms"] for r in replies), worker_in_ms=max(r["in_ms"] for r in replies),
-                    worker_out_ms=max(r["out_ms"] for r in replies), layout=replies[0]["layout"],
-                    pinned=replies[0]["pinned"], peak_bytes=[r["peak_bytes"] for r in replies],
+                    worker_ms=max(r.ms for r in replies), worker_in_ms=max(r.in_ms for r in replies),
+                    worker_out_ms=max(r.out_ms for r in replies), layout=replies[0].layout,
+                    pinned=replies[0].pinned, peak_bytes=[r.peak_bytes for r in replies],
                 )
             return out
 
+    def ping(self) -> list[P.Pong]:
+        """Every rank's answer (rank, models it holds): a round trip through each request loop."""
+        with self._lock:
+            return self._call(P.Ping(), 30)
+
     @staticmethod
-    def _check_inputs(info, x, t, ctx):
+    def _check_inputs(info: P.Loaded, inputs: P.ForwardInputs):
         """Shape errors are caught here, before any rank can diverge inside a collective."""
+        x, t, ctx = inputs.hidden_states, inputs.timestep, inputs.encoder_hidden_states
         if x.ndim != 5:
             raise ValueError(f"hidden_states must be [B, C, frames, height, width], got {tuple(x.shape)}")
-        if x.shape[1] != info["in_channels"]:
-            raise ValueError(
-                f"hidden_states has {x.shape[1]} channels but the {info['variant']} model takes {info['in_channels']}"
-            )
-        pt, ph, pw = info["patch_size"]
+        if x.shape[1] != info.in_channels:
+            raise ValueError(f"hidden_states has {x.shape[1]} channels but the {info.variant} model takes {info.in_channels}")
+        pt, ph, pw = info.patch_size
         if x.shape[2] % pt or x.shape[3] % ph or x.shape[4] % pw:
-            raise ValueError(f"latent {tuple(x.shape[2:])} is not divisible by the patch size {tuple(info['patch_size'])}")
+            raise ValueError(f"latent {tuple(x.shape[2:])} is not divisible by the patch size {tuple(info.patch_size)}")
         if ctx.ndim != 3 or ctx.shape[0] != x.shape[0]:
             raise ValueError(f"encoder_hidden_states must be [B, tokens, dim] with B={x.shape[0]}, got {tuple(ctx.shape)}")
         if t.ndim > 2:

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .attention import AttentionBackend, SPGroup, usp_attention
+from .protocol import ForwardInputs
 
 
 @dataclass
@@ -111,20 +112,14 @@ class SequenceParallelWan:
             block.attn2.set_processor(CrossAttnProcessor(self.ctx))
 
     @torch.no_grad()
-    def forward(
-        self,
-        group: SPGroup,
-        hidden_states: torch.Tensor,
-        timestep: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        encoder_hidden_states_image: Optional[torch.Tensor] = None,
-        control_hidden_states: Optional[torch.Tensor] = None,
-        control_hidden_states_scale: Optional[torch.Tensor] = None,
-    ) -> Optional[torch.Tensor]:
-        """Same arguments as diffusers' forward (timestep may also be per frame, [B, frames]).
+    def forward(self, group: SPGroup, inputs: ForwardInputs) -> Optional[torch.Tensor]:
+        """The rows `inputs` holds, on this rank's device (timestep may also be per frame, [B, frames]).
 
         Returns the full output on the group leader and None on the other ranks.
         """
+        hidden_states, timestep, encoder_hidden_states = inputs.hidden_states, inputs.timestep, inputs.encoder_hidden_states
+        encoder_hidden_states_image = inputs.encoder_hidden_states_image
+        control_hidden_states, control_hidden_states_scale = inputs.control_hidden_states, inputs.control_hidden_states_scale
         m = self.model
         batch, _, frames, height, width = hidden_states.shape
         p_t, p_h, p_w = m.config.patch_size

@@ -5,7 +5,11 @@ job when no checkpoint is given, by the tests and by the transport benchmark.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
+
+from .protocol import ForwardInputs
 
 VARIANTS = ("t2v", "i2v", "flf2v", "vace", "ti2v_5b")
 TEXT_DIM = 64
@@ -64,8 +68,8 @@ def write_original_checkpoint(model, path, prefix: str = "", dtype=None) -> str:
 
 
 def random_inputs(variant: str, batch: int, latent_frames: int, latent_h: int, latent_w: int,
-                  text_tokens: int = 512, seed: int = 1) -> dict:
-    """Forward kwargs (diffusers names) for a model of `variant` and a latent of the given size.
+                  text_tokens: int = 512, seed: int = 1) -> ForwardInputs:
+    """Forward inputs for a model of `variant` and a latent of the given size.
 
     Image features are [B, tokens, dim] (FLF2V: both images' tokens concatenated, as ComfyUI sends
     them); timesteps differ per sample; TI2V-5B gets per-frame timesteps like ComfyUI's Wan 2.2."""
@@ -86,17 +90,17 @@ def random_inputs(variant: str, batch: int, latent_frames: int, latent_h: int, l
         t = torch.linspace(900.0, 300.0, batch)[:, None].repeat(1, latent_frames)
         t[:, 0] = 0.0  # first frame is the conditioning image, as in ComfyUI's WAN22 process_timestep
         kw["timestep"] = t
-    return kw
+    return ForwardInputs(**kw)
 
 
 @torch.no_grad()
-def reference_forward(model, **kw) -> torch.Tensor:
+def reference_forward(model, inputs: ForwardInputs) -> torch.Tensor:
     """Plain single-process diffusers forward of the same inputs (the parity reference).
 
     Converts our input conventions to diffusers': per-frame timesteps -> per-token, FLF2V image
     tokens [B, 2n, dim] -> [2B, n, dim]. (diffusers' processor assumes 512 text tokens when image
     tokens are present, hence random_inputs' default.)"""
-    kw = dict(kw)
+    kw = {k: v for k, v in dataclasses.asdict(inputs).items() if v is not None}
     x, t = kw["hidden_states"], kw["timestep"]
     p_t, p_h, p_w = model.config.patch_size
     if t.ndim == 2 and t.shape[1] == x.shape[2] // p_t:

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from . import reaper
+from .protocol import TensorSpec
 
 _ALIGN = 64
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32)}
@@ -147,23 +148,21 @@ class ShmArena:
         """Write `tensors` ({name: Tensor|None}, each cast to dtypes[name] if given) and reserve
         space for `reserve` ({name: (shape, dtype)}).
 
-        Returns (specs of written tensors, specs of reserved regions)."""
+        Returns ({name: TensorSpec} of the written tensors, {name: TensorSpec} of the reserved regions)."""
         dtypes = dtypes or {}
-        layout, offset = {}, 0
+        specs, offset = {}, 0
         items = [(k, tuple(t.shape), dtypes.get(k, t.dtype)) for k, t in tensors.items() if t is not None]
         items += [(k, tuple(shape), dtype) for k, (shape, dtype) in reserve.items()]
         for name, shape, dtype in items:
-            nbytes = _nbytes(shape, dtype)
-            layout[name] = (offset, shape, str(dtype))  # plain builtins: the protocol pickles no classes
-            offset += -(-nbytes // _ALIGN) * _ALIGN
+            specs[name] = TensorSpec(offset, shape, str(dtype))
+            offset += -(-_nbytes(shape, dtype) // _ALIGN) * _ALIGN
         self._ensure(offset)
         for name, t in tensors.items():
             if t is not None:
-                view(self.shm.buf, layout[name]).copy_(t.detach().reshape(t.shape))
-        written = {k: v for k, v in layout.items() if k in tensors}
-        return written, {k: v for k, v in layout.items() if k in reserve}
+                view(self.shm.buf, specs[name]).copy_(t.detach().reshape(t.shape))
+        return ({k: v for k, v in specs.items() if k in tensors}, {k: v for k, v in specs.items() if k in reserve})
 
-    def read(self, spec, dtype=None) -> torch.Tensor:
+    def read(self, spec: TensorSpec, dtype=None) -> torch.Tensor:
         """A copy of the region `spec` (in `dtype` if given), independent of the arena."""
         v = view(self.shm.buf, spec)
         return v.to(dtype, copy=True) if dtype is not None else v.clone()
@@ -188,14 +187,14 @@ def _nbytes(shape, dtype) -> int:
     return n * torch.empty((), dtype=dtype).element_size()
 
 
-def view(buf, spec) -> torch.Tensor:
+def view(buf, spec: TensorSpec) -> torch.Tensor:
     """A tensor viewing `spec` inside a shared-memory buffer (no copy)."""
-    offset, shape, dtype = spec
-    dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
-    n = _nbytes(shape, dtype)
+    dtype = _DTYPES[spec.dtype]
+    n = _nbytes(spec.shape, dtype)
     if n == 0:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(buf, dtype=dtype, count=n // torch.empty((), dtype=dtype).element_size(), offset=offset).view(shape)
+        return torch.empty(spec.shape, dtype=dtype)
+    count = n // torch.empty((), dtype=dtype).element_size()
+    return torch.frombuffer(buf, dtype=dtype, count=count, offset=spec.offset).view(spec.shape)
 
 
 class ShmReader:

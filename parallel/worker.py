@@ -1,8 +1,9 @@
 """The rank loop: one process per GPU (or CPU rank), started by torchrun from `launcher.py`.
 
-Each rank connects to its owner over the authenticated loopback channel and serves requests:
-load a model (by key), run a forward, unload, shut down. Every rank reads its inputs from the
-owner's shared-memory arena; each group leader writes its slice of the output back. A rank
+Each rank connects to its owner over two authenticated loopback channels, requests and heartbeats,
+and serves typed requests (`protocol.py`) with a `ModelRunner` (`runner.py`): load a model (by
+key), run a forward, set a LoRA state, unload, shut down. Every rank reads its inputs straight from
+the owner's shared-memory arena; each group leader writes its rows of the output back. A rank
 exits when its owner process is gone, its channel closes, or it is told to shut down.
 """
 from __future__ import annotations
@@ -19,67 +20,31 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from . import protocol as P
 from . import transport
-from .attention import SPGroup, build_sp_group, resolve_backend
 from .config import XDitUSPConfig
-from .sp_wan import SequenceParallelWan
-
-# Modules diffusers keeps in fp32 (WanTransformer3DModel._keep_in_fp32_modules); we load them so.
-FP32_MODULES = ("rope", "time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
-
-
-def _keep_fp32(name: str) -> bool:
-    parts = name.split(".")
-    return any(p in FP32_MODULES for p in parts)
-
-
-def build_model(path: str, dtype: torch.dtype, device: torch.device):
-    """diffusers Wan model with empty init, weights streamed from the checkpoint (mmap)."""
-    import diffusers
-    from accelerate import init_empty_weights
-
-    from ..wan_to_xdit_mapping import iter_checkpoint
-
-    info, tensors = iter_checkpoint(path)
-    cls = getattr(diffusers, info.diffusers_class)
-    with init_empty_weights():
-        model = cls(**info.diffusers_config)
-    base = {}
-    for name, t in tensors:  # streamed: one tensor in host memory at a time
-        target = torch.float32 if _keep_fp32(name) else dtype
-        if t.dtype.is_floating_point and t.element_size() == 1:  # plain fp8: upcast via fp32
-            t = t.float()
-        base[name] = t.to(device=device, dtype=target)
-    model.load_state_dict(base, strict=True, assign=True)
-    model.to(device).eval().requires_grad_(False)
-    return model, info
-
-
-class _Model:
-    def __init__(self, path: str, model, info, runner: SequenceParallelWan, layouts):
-        self.path, self.model, self.info, self.runner, self.layouts = path, model, info, runner, layouts
-        self.patched: set[str] = set()  # weights a LoRA has changed (restored from `path` before the next)
+from .runner import ModelRunner
 
 
 class Worker:
     def __init__(self):
         self.rank = int(os.environ["RANK"])
-        self.world = int(os.environ["WORLD_SIZE"])
-        self.local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
+        local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
         self.config = XDitUSPConfig.from_json(os.environ["XDIT_USP_CONFIG"])
         self.owner_pid = int(os.environ["XDIT_USP_OWNER_PID"])
         self.fault = os.environ.get("XDIT_USP_FAULT", "")  # test hook, see _maybe_fault
-        self.models: dict[str, _Model] = {}
-        self.groups: dict[tuple, SPGroup] = {}
         self.shm = transport.ShmReader()
         if self.config.device == "cuda":
-            torch.cuda.set_device(self.local_rank)
-            self.device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(local_rank)
+            self.device = torch.device("cuda", local_rank)
             if self.config.gpu_memory_fraction < 1.0:
                 torch.cuda.set_per_process_memory_fraction(self.config.gpu_memory_fraction, self.device)
         else:
             self.device = torch.device("cpu")
-        self.dtype = self.config.torch_dtype()
+        self.runner = ModelRunner(self.config, self.device)
+        self.handlers = {
+            P.Ping: self.ping, P.Load: self.load, P.Unload: self.unload, P.Forward: self.forward, P.SetLora: self.set_lora,
+        }
 
     # ---- lifecycle --------------------------------------------------------------------------
     def run(self):
@@ -92,38 +57,31 @@ class Worker:
         addr = json.loads(os.environ["XDIT_USP_ADDR"])
         authkey = bytes.fromhex(os.environ["XDIT_USP_AUTHKEY"])
         hello = {"rank": self.rank, "pid": os.getpid(), "device": str(self.device)}
-        self.conn = transport.connect(addr, authkey)
-        self.conn.send(("requests", hello))
+        conn = transport.connect(addr, authkey)
+        conn.send(("requests", hello))
         beats = transport.connect(addr, authkey)
         beats.send(("heartbeat", hello))
         _start_heartbeat(beats, self.owner_pid)
         while True:
             try:
-                op, payload = self.conn.recv()
+                wire = conn.recv()
             except (EOFError, OSError):
                 break  # owner closed the channel
-            except Exception as e:  # an undecodable message: report it, keep serving
-                self.conn.send(("error", self._error(e)))
-                continue
-            if op == "shutdown":
-                self.conn.send(("ok", None))
-                break
             try:
-                result = getattr(self, "op_" + op)(**payload)
-                self.conn.send(("ok", result))
+                request = P.decode(wire)
+                if isinstance(request, P.Shutdown):
+                    conn.send(P.encode(P.Done()))
+                    break
+                reply = self.handlers[type(request)](request)
             except BaseException as e:  # noqa: BLE001 - every failure goes back to the owner
-                self.conn.send(("error", self._error(e)))
+                reply = P.Failed(rank=self.rank, type=type(e).__name__, message=str(e),
+                                 traceback=traceback.format_exc(), time=time.monotonic())
+            conn.send(P.encode(reply))
         self.shm.close()
         try:
             dist.destroy_process_group()
         except Exception:
             pass
-
-    def _error(self, e: BaseException) -> dict:
-        # `time` (CLOCK_MONOTONIC, the same clock in every process) lets the owner blame the rank
-        # that failed first, whatever order the replies arrive in.
-        return {"rank": self.rank, "type": type(e).__name__, "message": str(e),
-                "traceback": traceback.format_exc(), "time": time.monotonic()}
 
     def _maybe_fault(self, where: str):
         # XDIT_USP_FAULT="<where>@<rank>[=<seconds>]": deliberate failures for the failure tests.
@@ -146,128 +104,52 @@ class Worker:
                 if where.endswith("stop"):
                     os.kill(os.getpid(), signal.SIGSTOP)
 
-    def _group(self, layout) -> SPGroup:
-        key = (layout.cfg, layout.ulysses, layout.ring)
-        if key not in self.groups:
-            self.groups[key] = build_sp_group(*key)
-        return self.groups[key]
+    def _faults(self, stage: str):
+        for kind in ("sleep", "exit", "raise", "stop"):
+            self._maybe_fault(f"{stage}_{kind}")
 
-    # ---- operations -------------------------------------------------------------------------
-    def op_ping(self):
-        return {"rank": self.rank, "models": sorted(self.models)}
+    # ---- requests ---------------------------------------------------------------------------
+    def ping(self, req: P.Ping) -> P.Pong:
+        return P.Pong(rank=self.rank, models=sorted(self.runner.models))
 
-    def op_load(self, key: str, path: str):
-        t0 = time.perf_counter()
-        for where in ("load_sleep", "load_exit", "load_raise"):
-            self._maybe_fault(where)
-        model, info = build_model(path, self.dtype, self.device)
-        heads = model.config.num_attention_heads
-        layouts = (self.config.resolve(heads), self.config.fallback_layout(heads))
-        backend = resolve_backend(self.config.attention_backend, self.config.device, max(l.ring for l in layouts))
-        for layout in layouts:
-            self._group(layout)
-        self.models[key] = _Model(path, model, info, SequenceParallelWan(model, backend), layouts)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        return {
-            "load_s": time.perf_counter() - t0,
-            "backend": backend.name,
-            "layout": str(layouts[0]),
-            "fallback_layout": str(layouts[1]),
-            "variant": info.variant,
-            "num_heads": heads,
-            "in_channels": model.config.in_channels,
-            "out_channels": model.config.out_channels,
-            "patch_size": list(model.config.patch_size),
-            "memory_bytes": torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else None,
-        }
+    def load(self, req: P.Load) -> P.Loaded:
+        from ..wan_to_xdit_mapping import CheckpointInfo
 
-    def op_unload(self, key: str):
-        self.models.pop(key, None)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        return None
+        self._faults("load")
+        return self.runner.load(req.key, req.path, CheckpointInfo(**req.info))
 
-    def op_forward(self, key: str, arena: str, inputs: dict, out: tuple, control_scale=None):
+    def unload(self, req: P.Unload) -> P.Done:
+        self.runner.unload(req.key)
+        return P.Done()
+
+    def forward(self, req: P.Forward) -> P.ForwardDone:
         t_start = time.perf_counter()
-        m = self.models.get(key)
-        if m is None:
-            raise KeyError(f"model {key!r} is not loaded on rank {self.rank}")
-        buf = self.shm.buf(arena, pin=self.device.type == "cuda")
-        x = {k: transport.view(buf, spec) for k, spec in inputs.items()}
-        batch = x["hidden_states"].shape[0]
-        layout = m.layouts[0] if batch % m.layouts[0].cfg == 0 else m.layouts[1]
-        group = self._group(layout)
-        per = batch // layout.cfg
-        rows = slice(group.cfg_index * per, (group.cfg_index + 1) * per)
-
-        def arg(name, dtype=None):
-            t = x.get(name)
-            if t is None:
-                return None
-            t = t[rows] if t.ndim and t.shape[0] == batch else t
-            return t.to(self.device, dtype=dtype or self.dtype, non_blocking=True)
-
-        args = [arg("hidden_states"), arg("timestep", torch.float32), arg("encoder_hidden_states"),
-                arg("encoder_hidden_states_image"), arg("control_hidden_states")]
-        for where in ("forward_sleep", "forward_exit", "forward_raise", "forward_stop"):
-            self._maybe_fault(where)
         cuda = self.device.type == "cuda"
+        buf = self.shm.buf(req.arena, pin=cuda)
+        inputs = P.ForwardInputs(**{name: transport.view(buf, spec) for name, spec in req.inputs.items()},
+                                 control_hidden_states_scale=req.control_scale)
+        self._faults("forward")
         sync = torch.cuda.synchronize if cuda else (lambda: None)
         sync()
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
-        result = m.runner.forward(group, *args, control_scale)
+        rows, result, layout = self.runner.forward(req.key, inputs)
         sync()
         t1 = time.perf_counter()
         if result is not None:  # group leader: write this batch slice into the owner's output
-            target = transport.view(buf, out)[rows]
+            target = transport.view(buf, req.out)[rows]
             target.copy_(result.to(target.dtype))
         t2 = time.perf_counter()
-        return {"ms": (t1 - t0) * 1e3, "in_ms": (t0 - t_start) * 1e3, "out_ms": (t2 - t1) * 1e3,
-                "layout": str(layout), "pinned": self.shm.pinned,
-                "peak_bytes": torch.cuda.max_memory_allocated(self.device) if cuda else None}
+        return P.ForwardDone(ms=(t1 - t0) * 1e3, in_ms=(t0 - t_start) * 1e3, out_ms=(t2 - t1) * 1e3,
+                             layout=layout, pinned=self.shm.pinned,
+                             peak_bytes=torch.cuda.max_memory_allocated(self.device) if cuda else None)
 
-    def op_lora(self, key: str, arena: str, patches: dict):
-        """Set the LoRA state of model `key`: patches = {diffusers weight name: [item, ...]}, item =
-        ("lora", up_spec, down_spec, scale) -> scale * up @ down (low-rank factors, merged here), or
-        ("diff", delta_spec, scale) -> scale * delta. {} removes every LoRA.
-
-        Weights patched before are first restored exactly from the checkpoint file (only those
-        tensors, through the shared page cache), so no second copy of the weights is kept on the GPU
-        and a strength change never reloads the whole model."""
-        from ..wan_to_xdit_mapping import iter_checkpoint
-
-        m = self.models[key]
-        params = dict(m.model.named_parameters())
-        unknown = [n for n in patches if n not in params]
-        if unknown:
-            raise KeyError(f"LoRA targets {unknown[:5]}, which the model does not have")
-        if m.patched:
-            _, originals = iter_checkpoint(m.path, only=m.patched)
-            for name, t in originals:
-                params[name].data.copy_(t.to(self.device, params[name].dtype))
-            m.patched = set()
-        buf = self.shm.buf(arena) if patches else None
-
-        def load(spec):
-            return transport.view(buf, spec).to(self.device, torch.float32)
-
-        for name, items in patches.items():
-            p = params[name]
-            w = p.data.float()
-            for item in items:
-                if item[0] == "lora":
-                    up, down = load(item[1]), load(item[2])
-                    w += item[3] * (up.flatten(1) @ down.flatten(1)).reshape(p.shape)
-                elif item[0] == "diff":
-                    w += item[2] * load(item[1]).reshape(p.shape)
-                else:
-                    raise ValueError(f"unknown LoRA patch kind {item[0]!r} for {name}")
-            p.data.copy_(w.to(p.dtype))
-            m.patched.add(name)
-        return {"patched": len(patches)}
+    def set_lora(self, req: P.SetLora) -> P.LoraSet:
+        buf = self.shm.buf(req.arena) if req.patches else None
+        patches = {name: [(p.kind, [transport.view(buf, t) for t in p.tensors], p.scale) for p in items]
+                   for name, items in req.patches.items()}
+        return P.LoraSet(patched=self.runner.set_lora(req.key, patches))
 
 
 HEARTBEAT_S = 0.5

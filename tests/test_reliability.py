@@ -42,7 +42,7 @@ def inputs():
 def test_every_listening_socket_of_a_group_is_on_loopback(ckpt):
     with WorkerGroup(config()) as group:
         group.load("m", ckpt)
-        group.forward("m", **inputs())  # gloo's pairs exist once a collective ran
+        group.forward("m", inputs())  # gloo's pairs exist once a collective ran
         addresses = listening_addresses([group.proc.pid, *group.pids])
     # torchrun's store (agent) and gloo's pair listeners (ranks) at least
     assert len(addresses) >= 3, addresses
@@ -55,7 +55,7 @@ def test_a_stopped_rank_is_reported_within_15_s(ckpt):
     group.load("m", ckpt)
     t0 = time.monotonic()
     with pytest.raises(WorkerError) as e:
-        group.forward("m", **inputs())
+        group.forward("m", inputs())
     took = time.monotonic() - t0
     print(f"stopped rank reported after {took:.1f} s")
     assert took < 15
@@ -86,7 +86,7 @@ def test_a_killed_agent_is_reported_as_such(ckpt):
     threading.Timer(1.0, os.kill, (group.proc.pid, signal.SIGKILL)).start()
     t0 = time.monotonic()
     with pytest.raises(WorkerError, match=r"^torchrun's agent \(pid \d+\) exited \(killed by signal 9\)") as e:
-        group.forward("m", **inputs())
+        group.forward("m", inputs())
     assert time.monotonic() - t0 < 15
     assert e.value.rank is None
     assert wait_gone(group.log_dir) == []
@@ -99,7 +99,7 @@ def test_a_dead_idle_rank_makes_the_next_load_relaunch(ckpt):
     assert wait_until(lambda: group.alive, timeout=10) is False
     group.load("m", ckpt)  # relaunches instead of failing on a dead rank
     assert group.launches == 2
-    group.forward("m", **inputs())
+    group.forward("m", inputs())
     group.close()
     assert wait_gone(group.log_dir) == []
 
@@ -185,7 +185,7 @@ import os, sys, time
 from comfyui_xdit_usp.parallel import WorkerGroup, XDitUSPConfig, tiny
 g = WorkerGroup(XDitUSPConfig(world_size=2, device="cpu", dtype="fp32"), env={env!r})
 g.load("m", {ckpt!r})
-g.forward("m", **tiny.random_inputs("t2v", 2, 3, 6, 10))  # the shared-memory arena exists now
+g.forward("m", tiny.random_inputs("t2v", 2, 3, 6, 10))  # the shared-memory arena exists now
 print(g.log_dir, flush=True)
 {then}
 """
@@ -227,7 +227,7 @@ def test_a_failed_groups_logs_live_as_long_as_its_owner(tmp_path, ckpt):
     then = textwrap.dedent("""
         os.kill(g.pids[1], 9)
         try:
-            g.forward("m", **tiny.random_inputs("t2v", 2, 3, 6, 10))
+            g.forward("m", tiny.random_inputs("t2v", 2, 3, 6, 10))
         except Exception as e:
             print(os.path.isdir(g.log_dir), str(e).splitlines()[0], flush=True)
         time.sleep(600)

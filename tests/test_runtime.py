@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from comfyui_xdit_usp.parallel import WorkerError, WorkerGroup, XDitUSPConfig
+from comfyui_xdit_usp.parallel import Layout, WorkerError, WorkerGroup, XDitUSPConfig
 from comfyui_xdit_usp.parallel import tiny
 from procs import group_processes, wait_gone
 
@@ -48,7 +48,7 @@ def references(checkpoints):
     for v, (_, model) in checkpoints.items():
         for size_name, size in SIZES.items():
             kw = tiny.random_inputs(v, 2, *size, seed=7)
-            refs[v, size_name] = (kw, tiny.reference_forward(model, **kw))
+            refs[v, size_name] = (kw, tiny.reference_forward(model, kw))
     return refs
 
 
@@ -70,14 +70,14 @@ def test_parity_every_variant(layout, checkpoints, references):
     with WorkerGroup(cpu_config(u, r, c)) as group:
         for v, (path, _) in checkpoints.items():
             info = group.load(v, path)
-            assert info["variant"] == v
-        assert info["layout"] == f"cfg{c}xulysses{u}xring{r}"
+            assert info.variant == v
+        assert info.layout == Layout(c, u, r)
         errors = {}
         for (v, size_name), (kw, ref) in references.items():
             stats = {}
-            out = group.forward(v, **kw, stats=stats)
+            out = group.forward(v, kw, stats=stats)
             assert out.shape == ref.shape
-            assert stats["layout"] == f"cfg{c}xulysses{u}xring{r}"  # batch 2 takes the cfg split
+            assert stats["layout"] == Layout(c, u, r)  # batch 2 takes the cfg split
             errors[v, size_name] = rel_err(out, ref)
         assert group.launches == 1
     worst = max(errors, key=errors.get)
@@ -88,13 +88,13 @@ def test_parity_every_variant(layout, checkpoints, references):
 def test_batch_that_cfg_cannot_split_runs_on_all_ranks(checkpoints):
     path, model = checkpoints["t2v"]
     kw = tiny.random_inputs("t2v", 1, *SIZES["padded"], seed=3)
-    ref = tiny.reference_forward(model, **kw)
+    ref = tiny.reference_forward(model, kw)
     with WorkerGroup(cpu_config(2, 1, 2)) as group:
         info = group.load("m", path)
         stats = {}
-        out = group.forward("m", **kw, stats=stats)
-    assert info["fallback_layout"] == "cfg1xulysses2xring2"
-    assert stats["layout"] == "cfg1xulysses2xring2"
+        out = group.forward("m", kw, stats=stats)
+    assert info.fallback_layout == Layout(cfg=1, ulysses=2, ring=2)
+    assert stats["layout"] == info.fallback_layout
     assert rel_err(out, ref) <= TOL
 
 
@@ -105,17 +105,17 @@ def test_warm_group_is_reused_and_holds_two_experts(checkpoints):
     with WorkerGroup(cpu_config(2)) as group:
         group.load("high", p1)
         pids = list(group.pids)
-        a = group.forward("high", **kw1)
+        a = group.forward("high", kw1)
         group.load("low", p2)
-        b = group.forward("low", **kw2)
-        a2 = group.forward("high", **kw1)
+        b = group.forward("low", kw2)
+        a2 = group.forward("high", kw1)
         assert group.launches == 1 and group.pids == pids
         assert torch.equal(a, a2)
-        assert rel_err(a, tiny.reference_forward(m1, **kw1)) <= TOL
-        assert rel_err(b, tiny.reference_forward(m2, **kw2)) <= TOL
+        assert rel_err(a, tiny.reference_forward(m1, kw1)) <= TOL
+        assert rel_err(b, tiny.reference_forward(m2, kw2)) <= TOL
         group.unload("high")
         with pytest.raises(KeyError, match="high"):
-            group.forward("high", **kw1)
+            group.forward("high", kw1)
 
 
 def test_lora_merged_on_workers_and_strength_change_needs_no_reload(checkpoints):
@@ -126,20 +126,20 @@ def test_lora_merged_on_workers_and_strength_change_needs_no_reload(checkpoints)
     name = "blocks.1.ffn.net.0.proj.weight"
     with WorkerGroup(cpu_config(2)) as group:
         group.load("m", path)
-        base = group.forward("m", **kw)
+        base = group.forward("m", kw)
         results = {}
         for strength in (1.0, 0.5):
             group.set_lora("m", {name: [("lora", up, down, strength)]})
-            results[strength] = group.forward("m", **kw)
+            results[strength] = group.forward("m", kw)
         group.set_lora("m", {})
-        restored = group.forward("m", **kw)
+        restored = group.forward("m", kw)
         assert group.launches == 1
     for strength, out in results.items():
         patched = tiny.build_model("t2v", seed=0)
         patched.load_state_dict(model.state_dict())
         with torch.no_grad():
             dict(patched.named_parameters())[name].add_(strength * up @ down)
-        ref = tiny.reference_forward(patched, **kw)
+        ref = tiny.reference_forward(patched, kw)
         assert rel_err(out, ref) <= TOL
         assert rel_err(out, base) > 1e-3  # the LoRA really changes the output
     assert torch.equal(restored, base)
@@ -210,7 +210,7 @@ def test_rank_killed_mid_forward(checkpoints):
     threading.Timer(1.0, os.kill, (victim, signal.SIGKILL)).start()
     t0 = time.monotonic()
     with pytest.raises(WorkerError, match="rank 1") as e:
-        group.forward("m", **tiny.random_inputs("t2v", 2, *SIZES["padded"]))
+        group.forward("m", tiny.random_inputs("t2v", 2, *SIZES["padded"]))
     assert time.monotonic() - t0 < 30
     assert "restarts on the next run" in str(e.value)
     assert wait_gone(group.log_dir) == []
@@ -218,7 +218,7 @@ def test_rank_killed_mid_forward(checkpoints):
     group.env = {}
     group.load("m", checkpoints["t2v"][0])
     assert group.launches == 2
-    group.forward("m", **tiny.random_inputs("t2v", 2, *SIZES["padded"]))
+    group.forward("m", tiny.random_inputs("t2v", 2, *SIZES["padded"]))
     group.close()
     assert wait_gone(group.log_dir) == []
 
@@ -228,7 +228,7 @@ def test_forward_timeout(checkpoints):
     group.load("m", checkpoints["t2v"][0])
     t0 = time.monotonic()
     with pytest.raises(WorkerError, match=r"timed out after 3s waiting for rank\(s\) \[(0, )?1\]"):
-        group.forward("m", **tiny.random_inputs("t2v", 2, *SIZES["padded"]))
+        group.forward("m", tiny.random_inputs("t2v", 2, *SIZES["padded"]))
     assert time.monotonic() - t0 < 20
     assert wait_gone(group.log_dir) == []
 
@@ -245,7 +245,7 @@ def test_the_rank_that_raised_first_is_blamed(first, later, checkpoints):
         assert "Traceback" in str(e.value) and "_maybe_fault" in str(e.value)
         assert f"then: rank {later} failed in 'load'" in str(e.value)
         assert group.alive
-        assert [r["rank"] for r in group._call("ping", {}, 30)] == [0, 1]
+        assert [pong.rank for pong in group.ping()] == [0, 1]
 
 
 def test_one_rank_raising_tears_the_group_down(checkpoints):
@@ -265,7 +265,7 @@ def test_bad_input_is_rejected_in_the_owner(checkpoints):
         kw = tiny.random_inputs("t2v", 2, *SIZES["padded"])
         kw["hidden_states"] = kw["hidden_states"][:, :8]
         with pytest.raises(ValueError, match="8 channels but the t2v model takes 16"):
-            group.forward("m", **kw)
+            group.forward("m", kw)
         assert group.alive
 
 

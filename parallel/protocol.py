@@ -1,0 +1,215 @@
+"""The owner <-> worker contract: every request and reply, typed and declared once.
+
+Messages cross the authenticated control channel as plain builtins, `(kind, {field: value})`, never
+as pickled classes (the owner and the workers may import this package under different names, and
+an unpickler should rebuild nothing but data). `encode` flattens a message dataclass, `decode`
+rebuilds it from its field types, nested dataclasses (`Layout`, `TensorSpec`) included.
+
+Tensors never travel in messages: the owner writes them into the shared-memory arena and a
+`TensorSpec` (offset, shape, dtype) says where each one is.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Optional
+
+from .config import Layout
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Where one tensor lies in the shared-memory arena."""
+
+    offset: int
+    shape: tuple
+    dtype: str  # str(torch.dtype), e.g. "torch.bfloat16"
+
+
+# The tensors of one transformer forward, in diffusers' names and order. ForwardInputs (below) is
+# the one place they are declared: the proxy builds one, the owner packs it into the arena, the
+# runner slices and moves it.
+@dataclass
+class ForwardInputs:
+    """One Wan transformer forward, diffusers' argument names.
+
+    hidden_states                [B, C, frames, height, width] latent (padded to the patch size)
+    timestep                     [B], [B, frames] or [B, tokens] (Wan 2.2 TI2V: per token)
+    encoder_hidden_states        [B, text tokens, text dim]
+    encoder_hidden_states_image  [B, image tokens, image dim] CLIP features (I2V, FLF2V) or None
+    control_hidden_states        [B, C, frames, height, width] VACE control latent or None
+    control_hidden_states_scale  VACE strength per control layer set, or None
+    """
+
+    hidden_states: typing.Any
+    timestep: typing.Any
+    encoder_hidden_states: typing.Any
+    encoder_hidden_states_image: typing.Any = None
+    control_hidden_states: typing.Any = None
+    control_hidden_states_scale: Optional[list] = None
+
+    TENSORS: typing.ClassVar[tuple[str, ...]] = (
+        "hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image", "control_hidden_states",
+    )
+
+    def tensors(self) -> dict:
+        """{name: tensor} of the tensors that are present."""
+        return {n: getattr(self, n) for n in self.TENSORS if getattr(self, n) is not None}
+
+    @property
+    def batch(self) -> int:
+        return self.hidden_states.shape[0]
+
+
+# ---- requests ---------------------------------------------------------------------------------------
+@dataclass
+class Ping:
+    pass
+
+
+@dataclass
+class Shutdown:
+    pass
+
+
+@dataclass
+class Load:
+    key: str
+    path: str
+    info: dict  # the owner's CheckpointInfo (dataclasses.asdict): the header is read and checked once
+
+
+@dataclass
+class Unload:
+    key: str
+
+
+@dataclass
+class Forward:
+    key: str
+    arena: str
+    inputs: dict[str, TensorSpec]  # ForwardInputs.TENSORS that are present
+    out: TensorSpec  # the region each group leader writes its rows of the output into
+    control_scale: Optional[list] = None
+
+
+@dataclass
+class LoraPatch:
+    """scale * up @ down ("lora"), or scale * delta ("diff": tensors = [delta])."""
+
+    kind: str
+    tensors: list[TensorSpec]
+    scale: float
+
+
+@dataclass
+class SetLora:
+    key: str
+    arena: str  # "" when `patches` is empty
+    patches: dict[str, list[LoraPatch]]  # {diffusers weight name: patches}; {} removes every LoRA
+
+
+# ---- replies ----------------------------------------------------------------------------------------
+@dataclass
+class Pong:
+    rank: int
+    models: list[str]
+
+
+@dataclass
+class Loaded:
+    load_s: float
+    backend: str
+    layout: Layout
+    fallback_layout: Layout
+    variant: str
+    num_heads: int
+    in_channels: int
+    out_channels: int
+    patch_size: list
+    memory_bytes: Optional[int]
+
+
+@dataclass
+class ForwardDone:
+    ms: float  # the transformer forward on this rank
+    in_ms: float  # reading and moving its inputs
+    out_ms: float  # writing its rows of the output (group leaders)
+    layout: Layout
+    pinned: bool
+    peak_bytes: Optional[int]
+
+
+@dataclass
+class LoraSet:
+    patched: int
+
+
+@dataclass
+class Failed:
+    """A request raised on a rank. `time` is CLOCK_MONOTONIC (one clock for every process), so the
+    owner blames the rank that failed first whatever order the replies arrive in."""
+
+    rank: int
+    type: str
+    message: str
+    traceback: str
+    time: float
+
+
+@dataclass
+class Done:
+    """A request that returns nothing."""
+
+
+MESSAGES = {cls.__name__: cls for cls in (
+    Ping, Shutdown, Load, Unload, Forward, SetLora, Pong, Loaded, ForwardDone, LoraSet, Failed, Done,
+)}
+
+
+def encode(msg) -> tuple[str, dict]:
+    kind = type(msg).__name__
+    assert MESSAGES.get(kind) is type(msg), f"{kind} is not a protocol message"
+    return kind, _plain(msg)
+
+
+def decode(wire):
+    kind, fields = wire
+    cls = MESSAGES.get(kind)
+    if cls is None:
+        raise ValueError(f"unknown message kind {kind!r}")
+    return _build(cls, fields)
+
+
+def _plain(v):
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return {f.name: _plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+    if isinstance(v, (list, tuple)):
+        return type(v)(_plain(x) for x in v)
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
+def _build(cls, fields: dict):
+    hints = typing.get_type_hints(cls)
+    return cls(**{name: _typed(hints[name], value) for name, value in fields.items()})
+
+
+def _typed(tp, v):
+    if v is None:
+        return None
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        return _typed(next(a for a in args if a is not type(None)), v)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, v)
+    if origin is dict and args:
+        return {k: _typed(args[1], x) for k, x in v.items()}
+    if origin is list and args:
+        return [_typed(args[0], x) for x in v]
+    if tp is tuple or origin is tuple:
+        return tuple(v)
+    return v
+
