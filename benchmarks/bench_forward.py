@@ -182,7 +182,7 @@ def bench_forward(model_name: str, res: str, gemm: float, reps: int):
 
         def ours():
             nonlocal out
-            out = runner.forward(group, x, t, ctx)
+            out = runner.forward(group, sub("parallel.protocol").ForwardInputs(x, t, ctx))
 
         torch.cuda.reset_peak_memory_stats()
         try:
@@ -203,6 +203,7 @@ def bench_transport(m, reps: int, diffusers_s: float | None = None):
     from safetensors.torch import save_file
 
     par = sub("parallel")
+    proto = sub("parallel.protocol")
     mapping = sub("wan_to_xdit_mapping")
     d = tempfile.mkdtemp(prefix="xdit_bench_")
     path = os.path.join(d, "wan_1.3b_random.safetensors")
@@ -215,7 +216,7 @@ def bench_transport(m, reps: int, diffusers_s: float | None = None):
         t0 = time.perf_counter()
         info = group.load("m", path)
         rows["load_s"] = time.perf_counter() - t0
-        rows["backend"] = info["backend"]
+        rows["backend"] = info.backend
         for res in ("480p", "720p"):
             for batch in (1, 2):
                 c, f, hh, ww = latent_shape(res)
@@ -223,9 +224,9 @@ def bench_transport(m, reps: int, diffusers_s: float | None = None):
                 ctx = torch.randn(batch, 512, 4096)
                 t = torch.full((batch,), 500.0)
                 stats, runs = {}, []
-                group.forward("m", x, t, ctx, stats=stats)
+                group.forward("m", proto.ForwardInputs(x, t, ctx), stats=stats)
                 for _ in range(reps):
-                    group.forward("m", x, t, ctx, stats=stats)
+                    group.forward("m", proto.ForwardInputs(x, t, ctx), stats=stats)
                     runs.append(dict(stats))
                 med = {k: sorted(r[k] for r in runs)[len(runs) // 2] for k in runs[0] if k.endswith("_ms")}
                 o, w = med["owner_ms"], med["worker_ms"]

@@ -79,6 +79,7 @@ def main():
     ap.add_argument("--ckpt-dir", default=tempfile.gettempdir())
     a = ap.parse_args()
     par = sub("parallel")
+    proto = sub("parallel.protocol")
     visible = torch.cuda.device_count()
     heads = SHAPES[a.model]["num_attention_heads"]
     path = write_checkpoint(a.model, a.ckpt_dir)
@@ -106,17 +107,17 @@ def main():
                 with par.WorkerGroup(config) as group:
                     t0 = time.perf_counter()
                     info = group.load("m", path)
-                    row.update(load_s=time.perf_counter() - t0, backend=info["backend"])
+                    row.update(load_s=time.perf_counter() - t0, backend=info.backend)
                     stats, times = {}, []
-                    group.forward("m", x, t, ctx, stats=stats)
+                    group.forward("m", proto.ForwardInputs(x, t, ctx), stats=stats)
                     for _ in range(a.reps):
-                        group.forward("m", x, t, ctx, stats=stats)
+                        group.forward("m", proto.ForwardInputs(x, t, ctx), stats=stats)
                         times.append(stats["owner_ms"] / 1e3)
                     times.sort()
-                    row.update(layout=stats["layout"], forward_b2_s=times[len(times) // 2],
+                    row.update(layout=str(stats["layout"]), forward_b2_s=times[len(times) // 2],
                                peak_gb=max(stats["peak_bytes"]) / 2**30)
                     row["cfg50_total_s"] = 50 * row["forward_b2_s"]
-                    out = group.forward("m", px, t, ctx).float()
+                    out = group.forward("m", proto.ForwardInputs(px, t, ctx)).float()
                     if reference is None and n == 1:
                         reference = out
                     if reference is not None:

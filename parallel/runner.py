@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Optional
 
 import torch
 
@@ -203,9 +203,3 @@ class ModelRunner:
             p.copy_(w.to(p.dtype))
             m.patched.add(name)
         return len(patches)
-
-
-def iter_views(specs: dict, view) -> Iterator:
-    """(name, tensor) for each spec, viewed through `view` (no copy)."""
-    for name, spec in specs.items():
-        yield name, view(spec)
