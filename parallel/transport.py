@@ -49,6 +49,7 @@ class ControlListener:
         self._ready: "queue.Queue[mpc.Connection]" = queue.Queue()
         self._closed = threading.Event()
         self.rejected = 0  # connections dropped: wrong key, or no handshake within handshake_s
+        self._rejected_lock = threading.Lock()
         self._acceptor = threading.Thread(target=self._accept_loop, name="xdit-usp-accept", daemon=True)
         self._acceptor.start()
 
@@ -71,7 +72,8 @@ class ControlListener:
             mpc.answer_challenge(conn, self.authkey)
         except Exception:  # wrong key, silence past the deadline, or a reset
             conn.close()
-            self.rejected += 1
+            with self._rejected_lock:
+                self.rejected += 1
             return
         with socket.socket(fileno=os.dup(conn.fileno())) as s2:
             _set_timeouts(s2, 0.0)  # back to fully blocking; waits use conn.poll(timeout)
