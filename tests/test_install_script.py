@@ -224,9 +224,10 @@ def test_install_into_a_fresh_comfyui_venv(tmp_path):
     with no --python. It must find the venv, install the rest without touching torch, and pass its
     2-rank CPU self-tests; a second run must find everything in place.
 
-    Takes about 4 min on 2 cores (torch into the venv ~45 s, the script ~3 min of which the three
-    self-tests ~2 min, the second run ~20 s). Needs the torch of this test's environment from pip
-    (a local wheel or an index) and PyPI for the other requirements; skips only when those are missing.
+    Takes 3.5 min on 2 cores, more when they are busy (210-430 s measured: torch into the venv
+    ~1 min, the script 2-4 min, mostly its three self-tests, the second run ~25 s). Needs the torch
+    of this test's environment from pip (a local wheel or an index) and PyPI for the other
+    requirements; skips only when those are missing.
     """
     torch_dist = importlib.metadata.version("torch")  # the torch this pack is tested with
     imported = torch_dist.split("+")[0] + ("+cu126" if torch_dist.endswith("+cu128") else "+cu128")
