@@ -120,8 +120,14 @@ fi
 
 # ---- 2. torch (never installed here) -------------------------------------------------------
 torch_report="$("$PY" - <<'PYEOF' 2>&1
+import importlib.metadata, os
 import torch
 print("version", torch.__version__)
+print("path", os.path.dirname(torch.__file__))
+try:  # the version pip knows torch by
+    print("dist", importlib.metadata.version("torch"))
+except importlib.metadata.PackageNotFoundError:
+    print("dist", "-")
 cuda = torch.cuda.is_available()
 print("cuda", int(cuda), torch.version.cuda or "-")
 n = torch.cuda.device_count() if cuda else 0
@@ -155,6 +161,20 @@ def v(s):
 sys.exit(0 if v(sys.argv[1]) >= v(sys.argv[2]) else 1)
 PYEOF
 
+# pip knows torch by its distribution version, which can differ from torch.__version__: PyPI's
+# CUDA wheels say 2.9.1+cu128 at import but install as 2.9.1, and no pip pin matches the former.
+TORCH_DIST="$(awk '$1=="dist"{print $2}' <<<"$torch_report")"
+TORCH_PATH="$(sed -n 's/^path //p' <<<"$torch_report")"
+if [[ $TORCH_DIST == - ]]; then
+    # Then pip thinks torch is missing and would install a second one to satisfy the requirements,
+    # and a pip constraint can limit a version but cannot forbid an install: stop instead.
+    die "torch $TORCH_VERSION imports from $TORCH_PATH, but pip does not see it installed (it has no package metadata)" \
+        "pip would install a second torch next to it, and this script never installs torch. Use a torch installed by pip or conda ('$PY -m pip show torch' must find it), or pass the Python that runs ComfyUI with --python."
+fi
+if [[ ${TORCH_DIST%%+*} != "${TORCH_VERSION%%+*}" ]]; then
+    warn "torch $TORCH_VERSION imports from $TORCH_PATH, but pip sees torch $TORCH_DIST installed: another copy (PYTHONPATH?) shadows it. pip will keep $TORCH_DIST."
+fi
+
 # ---- 3. pip --------------------------------------------------------------------------------
 pip_version="$("$PY" -m pip --version 2>/dev/null)" || die "pip is not available in $PY" \
     "Install pip into it: $PY -m ensurepip --upgrade"
@@ -164,10 +184,10 @@ say "pip        ${pip_version%% from *}"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/xdit_usp_install.XXXXXX")"
 cleanup() { rm -rf "$WORK"; }
 trap cleanup EXIT
-printf 'torch==%s\n' "$TORCH_VERSION" >"$WORK/keep-torch.txt"
+printf 'torch==%s\n' "$TORCH_DIST" >"$WORK/keep-torch.txt"
 PIP=("$PY" -m pip install --constraint "$WORK/keep-torch.txt")
 
-say "installing requirements.txt (torch stays at $TORCH_VERSION)"
+say "installing requirements.txt (torch stays at $TORCH_VERSION: pinned as torch==$TORCH_DIST)"
 run "${PIP[@]}" -r "$PACK_DIR/requirements.txt"
 
 # The pack itself: ComfyUI imports this folder from custom_nodes/; the editable install makes the
