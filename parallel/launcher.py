@@ -435,6 +435,7 @@ def find_group(config: XDitUSPConfig) -> Optional[WorkerGroup]:
 
 
 def registered_groups() -> list[WorkerGroup]:
+    """Every registered group, running or not."""
     with _groups_lock:
         return list(_groups.values())
 
@@ -451,18 +452,17 @@ def close_group(group: WorkerGroup):
 def load_model(config: XDitUSPConfig, key: str, path: str, on_evict=None) -> dict:
     """`load(key, path)` on the registered group of `config`, keeping one group per set of devices.
 
-    Before that group starts, every other registered group whose ranks share a device with it is
-    closed and dropped (`on_evict` is called with it first): its models are unloaded, and loading
+    First every other registered group whose ranks share a device with it is closed and dropped
+    (`on_evict(group)` is called first for each one running): its models are unloaded, and loading
     one again through this function starts its group again. A load that fails leaves no idle group
     behind: its group is closed and dropped unless other models are loaded on it. Starts and loads
     are serialized, so the one-group-per-device-set rule holds across threads."""
     with _groups_lock:
         group = get_group(config)
-        if not group.alive:
-            for other in [g for g in _groups.values() if g is not group and _share_devices(g.config, config)]:
-                if on_evict is not None:
-                    on_evict(other)
-                close_group(other)
+        for other in [g for g in _groups.values() if g is not group and _share_devices(g.config, config)]:
+            if on_evict is not None and other.alive:
+                on_evict(other)
+            close_group(other)
         try:
             return group.load(key, path)
         except BaseException:

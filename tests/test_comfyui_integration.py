@@ -524,6 +524,41 @@ def test_failed_load_leaves_no_group(runner, monkeypatch):
     assert torch.isfinite(out).all() and len(_running_groups()) == 1 and len(H.worker_processes()) >= 3
 
 
+def test_real_server_config_change_and_free_keep_at_most_one_group(models_dir, tmp_path):
+    """What a user does with `main.py --cpu` and a browser: queue the graph with Config fp32, then
+    bf16 (over HTTP), then press "Unload models" (POST /free). After each prompt one group of
+    worker processes runs, a new one; after /free none does."""
+    import inspect
+
+    base = tmp_path / "comfyui"
+    nodes_dir, models = base / "custom_nodes", base / "models" / "diffusion_models"
+    nodes_dir.mkdir(parents=True)
+    models.mkdir(parents=True)
+    os.symlink(W.ROOT, nodes_dir / "comfyui-xdit-usp")  # how a user installs the pack
+    (nodes_dir / "xdit_usp_test_nodes.py").write_text(  # the text-embedding stand-in, as a custom node
+        f"import torch\nTEXT_DIM = {TEXT_DIM}\n\n" + inspect.getsource(XDitTestRandomConditioning)
+        + "\nNODE_CLASS_MAPPINGS = {'XDitTestRandomConditioning': XDitTestRandomConditioning}\n")
+    os.symlink(os.path.join(models_dir, "diffusion_models", "tiny_t2v.safetensors"), models / "tiny_t2v.safetensors")
+
+    def graph(dtype):
+        p = t2v_graph(True, cfg_over={"dtype": dtype}, steps=2)
+        p["out"] = {"class_type": "SaveLatent", "inputs": {"samples": ["ks", 0], "filename_prefix": "xdit"}}
+        return p
+
+    with H.Server(str(base)) as server:
+        counts = []
+        for dtype in ("fp32", "bf16"):
+            server.run(graph(dtype))
+            counts.append(H.worker_processes(server.pid))
+        assert len(counts[0]) >= 3 and len(counts[1]) == len(counts[0]), (counts, server.log_tail())
+        assert not set(counts[0]) & set(counts[1])  # replaced, not added
+        server.free(unload_models=True)
+        assert H.wait_worker_processes(0, server.pid) == [], server.log_tail()
+        saved = [f for f in os.listdir(base / "output") if f.endswith(".latent")]
+        assert len(saved) == 2, saved  # SaveLatent wrote one file per prompt: they really ran
+    assert H.wait_worker_processes(0, server.pid) == []
+
+
 def test_dead_worker_is_a_comfyui_error_naming_the_rank_and_next_run_relaunches(runner):
     g = _group()
     g.close()
