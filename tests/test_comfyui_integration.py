@@ -483,8 +483,9 @@ def test_config_change_replaces_the_group_and_keeps_the_process_count(runner):
     assert len(counts[0]) >= 3 and [len(c) for c in counts] == [len(counts[0])] * 3
     assert not set(counts[0]) & set(counts[1]) and not set(counts[1]) & set(counts[2])  # replaced, not added
     assert groups[1].launches == 1 and not groups[0].alive
-    native = _latent(runner, t2v_graph(False, steps=2, seed=32))
-    assert _rel(outs[1], native) < 5e-2  # the bf16 group computes in bf16
+    err = _rel(outs[1], _latent(runner, t2v_graph(False, steps=2, seed=32)))
+    print(f"\nbf16 group vs native fp32: max rel err {err:.3g}")
+    assert err < 5e-2  # the bf16 group computes in bf16
 
 
 def test_old_model_reloads_on_use_after_its_group_was_replaced(runner):
@@ -504,8 +505,9 @@ def test_old_model_reloads_on_use_after_its_group_was_replaced(runner):
     ours = _latent(runner, two_expert_graph(True, low_dtype="bf16", seed=12), "ks2")
     assert (high.loads, low.loads) == (loads[0] + 1, loads[1] + 1)
     assert [g.config.dtype for g in _running_groups()] == ["bf16"] and len(H.worker_processes()) == procs
-    native = _latent(runner, two_expert_graph(False, seed=12), "ks2")
-    assert _rel(ours, native) < 5e-2  # the low expert computes in bf16
+    err = _rel(ours, _latent(runner, two_expert_graph(False, seed=12), "ks2"))
+    print(f"\ntwo experts, low in bf16, vs native fp32: max rel err {err:.3g}")
+    assert err < 5e-2  # the low expert computes in bf16
 
 
 def test_failed_load_leaves_no_group(runner, monkeypatch):
