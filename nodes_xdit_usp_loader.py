@@ -21,7 +21,8 @@ class XDitUSPConfigNode:
     """How the transformer is spread over the GPUs. Degrees of 0 are chosen automatically."""
 
     DESCRIPTION = ("Worker group layout for the XDit+USP WanVideo loader: how many GPUs, how the sequence is split "
-                   "(Ulysses over heads, ring for the rest) and whether cond/uncond run on separate GPU groups (CFG).")
+                   "(Ulysses over heads, ring for the rest) and whether cond/uncond run on separate GPU groups (CFG). "
+                   "One worker group runs per set of GPUs: a changed config replaces the previous group on them.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -79,8 +80,9 @@ class XDitUSPWanVideoModelLoader:
                 "unet_name": (_diffusion_model_names(), {"tooltip": "A Wan transformer from models/diffusion_models."}),
                 "weight_dtype": (list(WEIGHT_DTYPES), {
                     "default": "default",
-                    "tooltip": "dtype the workers hold and compute the weights in; default = the config's dtype "
-                               "(another value starts a separate worker group)."}),
+                    "tooltip": "dtype the workers hold and compute the weights in; default = the config's dtype. "
+                               "Another value needs its own worker group, which replaces the config's group on "
+                               "these GPUs while in use (models on the other group reload when next used)."}),
                 "xdit_usp_config": (CONFIG_TYPE,),
             }
         }

@@ -15,7 +15,12 @@ Weights are never patched in this process: at load time (partially_load / load /
 load_models_gpu calls them) the patcher's LoRA patches are sent to the workers as low-rank factors
 (group.set_lora), so a LoRA or strength change never reloads the base weights. Unloading the model
 in ComfyUI (detach, from free_memory / unload_all_models) unloads it from the workers
-(group.unload); the next use loads it again.
+(group.unload) and closes every worker group left with no model; the next use loads it again.
+
+One worker group per set of GPUs: loading on a config whose GPUs overlap a running group of another
+config (a changed Config node, another weight_dtype) closes that group first. A MODEL built on the
+closed group stays valid: its next use loads it again, as after ComfyUI unloaded it (and closes the
+group then on those GPUs). A load that fails closes its group unless other models live on it.
 """
 from __future__ import annotations
 
@@ -38,7 +43,8 @@ import comfy.patcher_extension
 import comfy.utils
 from comfy.patcher_extension import CallbacksMP
 
-from .parallel import WorkerError, XDitUSPConfig, get_group
+from .parallel import WorkerError, WorkerGroup, XDitUSPConfig
+from .parallel.launcher import close_idle_groups, find_group, load_model
 from .wan_to_xdit_mapping import (
     CheckpointInfo,
     _files,
@@ -75,22 +81,29 @@ class RemoteWanModel:
         self.users = 0  # live ComfyUI models built on this (their clones share them)
 
     @property
-    def group(self):
-        return get_group(self.config)
+    def group(self) -> Optional[WorkerGroup]:
+        """The registered worker group of this config; None once it was closed for another config
+        on the same GPUs, or for being idle."""
+        return find_group(self.config)
 
     @property
     def loaded(self) -> bool:
         g = self.group
-        return g.alive and self.key in g.models
+        return g is not None and g.alive and self.key in g.models
 
     def ensure_loaded(self) -> dict:
-        g = self.group
-        if not (g.alive and self.key in g.models):
+        if not self.loaded:
             log.info("xDiT-USP: loading %s on %d worker(s)", os.path.basename(self.path), self.config.world_size)
-            self.info = g.load(self.key, self.path)
+            self.info = load_model(self.config, self.key, self.path, on_evict=self._log_eviction)
             self.loads += 1
             self.lora_state = ()  # fresh base weights
         return self.info
+
+    def _log_eviction(self, old: WorkerGroup):
+        models = ", ".join(sorted(os.path.basename(k) for k in old.models)) or "none"
+        log.warning("xDiT-USP: closing the worker group of %s (models loaded: %s) to start one of %s on the same "
+                    "devices; a MODEL built on the closed group loads again when used", _describe(old.config),
+                    models, _describe(self.config))
 
     def ensure_ready(self):
         """Loaded, with the LoRA state last asked for (after a relaunch or an unload elsewhere)."""
@@ -99,7 +112,7 @@ class RemoteWanModel:
 
     def unload(self):
         g = self.group
-        if self.key in g.models:
+        if g is not None and self.key in g.models:
             log.info("xDiT-USP: unloading %s from the workers", os.path.basename(self.path))
             try:
                 g.unload(self.key)
@@ -119,6 +132,11 @@ class RemoteWanModel:
         self.lora_patches = patches
         self.lora_sends += 1
         return True
+
+
+def _describe(config: XDitUSPConfig) -> str:
+    where = f"{config.world_size} CPU rank(s)" if config.device == "cpu" else f"GPU(s) {config.visible_device_ids()}"
+    return f"{where}, {config.dtype}"
 
 
 _remotes: dict[tuple, RemoteWanModel] = {}
@@ -428,13 +446,18 @@ class XDitUSPModelPatcher(comfy.model_patcher.ModelPatcher):
 
     def detach(self, unpatch_all=True):
         """detach(True) is ComfyUI freeing this model's memory (LoadedModel.model_unload, from
-        free_memory / unload_all_models): unload it from the workers; the next use loads it again.
-        detach(False) is a clone being garbage-collected (ModelPatcher.__del__): the other clones
-        still use the workers' copy, and the last one going is handled by reap_orphans()."""
+        free_memory / unload_all_models): unload it from the workers, then close every worker group
+        left with no model (its processes and their CUDA contexts); the next use loads it again.
+        detach(False) is a clone being garbage-collected (ModelPatcher.__del__), or replaced by a
+        clone about to load: the other clones still use the workers' copy, and the last one going
+        is handled by reap_orphans()."""
         model = super().detach(unpatch_all)
         if unpatch_all:
             self.remote.unload()
         reap_orphans()
+        if unpatch_all:
+            for g in close_idle_groups():
+                log.info("xDiT-USP: closed the idle worker group of %s", _describe(g.config))
         return model
 
     def patch_weight_to_device(self, key, device_to=None, inplace_update=False, return_weight=False, force_cast=False):

@@ -488,12 +488,23 @@ class WorkerGroup:
             raise ValueError(f"timestep must be [B], [B, frames] or [B, tokens], got {tuple(t.shape)}")
 
 
-# One warm group per configuration, shared by every model loaded with it (ComfyUI nodes use this).
+# ---- the registry the ComfyUI nodes use: one warm group per set of devices --------------------
+# Every config has at most one registered group, and load_model() keeps at most one of the groups
+# whose ranks share a device (a GPU, or the CPU) running: each would hold a CUDA context and its own
+# copy of the weights on every card.
 _groups: dict[str, WorkerGroup] = {}
-_groups_lock = threading.Lock()
+_groups_lock = threading.RLock()
+
+
+def _share_devices(a: XDitUSPConfig, b: XDitUSPConfig) -> bool:
+    """Whether ranks of `a` and `b` would run on a common device (every CPU group shares the CPU)."""
+    if a.device != b.device:
+        return False
+    return a.device == "cpu" or not set(a.visible_device_ids()).isdisjoint(b.visible_device_ids())
 
 
 def get_group(config: XDitUSPConfig) -> WorkerGroup:
+    """The registered group of `config`; registered (not started) if there is none."""
     key = config.to_json()
     with _groups_lock:
         g = _groups.get(key)
@@ -502,8 +513,60 @@ def get_group(config: XDitUSPConfig) -> WorkerGroup:
         return g
 
 
+def find_group(config: XDitUSPConfig) -> Optional[WorkerGroup]:
+    """The registered group of `config`, or None."""
+    with _groups_lock:
+        return _groups.get(config.to_json())
+
+
+def registered_groups() -> list[WorkerGroup]:
+    """Every registered group, running or not."""
+    with _groups_lock:
+        return list(_groups.values())
+
+
+def close_group(group: WorkerGroup):
+    """Close `group` and drop it from the registry."""
+    with _groups_lock:
+        key = group.config.to_json()
+        if _groups.get(key) is group:
+            del _groups[key]
+        group.close()
+
+
+def load_model(config: XDitUSPConfig, key: str, path: str, on_evict=None) -> dict:
+    """`load(key, path)` on the registered group of `config`, keeping one group per set of devices.
+
+    First every other registered group whose ranks share a device with it is closed and dropped
+    (`on_evict(group)` is called first for each one running): its models are unloaded, and loading
+    one again through this function starts its group again. A load that fails leaves no idle group
+    behind: its group is closed and dropped unless other models are loaded on it. Starts and loads
+    are serialized, so the one-group-per-device-set rule holds across threads."""
+    with _groups_lock:
+        group = get_group(config)
+        for other in [g for g in _groups.values() if g is not group and _share_devices(g.config, config)]:
+            if on_evict is not None and other.alive:
+                on_evict(other)
+            close_group(other)
+        try:
+            return group.load(key, path)
+        except BaseException:
+            if not group.models:
+                close_group(group)
+            raise
+
+
+def close_idle_groups() -> list[WorkerGroup]:
+    """Close and drop every registered group with no model loaded (a stopped group has none);
+    returns them. ComfyUI's unload/free paths call it once they have unloaded models."""
+    with _groups_lock:
+        idle = [g for g in _groups.values() if not (g.alive and g.models)]
+        for g in idle:
+            close_group(g)
+        return idle
+
+
 def close_all_groups():
     with _groups_lock:
-        for g in _groups.values():
-            g.close()
-        _groups.clear()
+        for g in list(_groups.values()):
+            close_group(g)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import time
 import uuid
 
 import workflow_utils as W
@@ -18,6 +19,38 @@ _booted = None
 
 class ComfyUnavailable(RuntimeError):
     pass
+
+
+def worker_processes(owner_pid: int | None = None) -> list[int]:
+    """Live worker-group processes (torchrun agents and ranks) started by `owner_pid` (default: this
+    process), from the real process table: the launcher puts XDIT_USP_OWNER_PID in their environment,
+    so ranks whose agent died and that were re-parented are found too."""
+    marker = f"XDIT_USP_OWNER_PID={os.getpid() if owner_pid is None else owner_pid}".encode()
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker in env and state != "Z":
+            found.append(int(pid))
+    return sorted(found)
+
+
+def wait_worker_processes(count: int, owner_pid: int | None = None, timeout: float = 20.0) -> list[int]:
+    """worker_processes(), once there are `count` of them (a closed group's ranks take a moment to be
+    reaped), or whatever is there after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = worker_processes(owner_pid)
+        if len(found) == count or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
 
 
 def boot_or_skip():
@@ -139,3 +172,90 @@ class ExecutionFailed(RuntimeError):
     def __init__(self, typ, message, data):
         super().__init__(f"{typ}: {message}")
         self.type, self.message, self.data = typ, message, data
+
+
+class Server:
+    """A real ComfyUI server (`main.py --cpu`) in a subprocess on 127.0.0.1, driven over HTTP as a user's
+    browser drives it. `base_dir` is its --base-directory (custom_nodes/, models/, output/ ...); its
+    log is base_dir/server.log. Use as a context manager: leaving stops it (SIGINT, as Ctrl+C)."""
+
+    def __init__(self, base_dir: str, start_timeout: float = 300.0):
+        import socket
+        import subprocess
+
+        d = os.environ.get("COMFYUI_DIR")
+        if not d:
+            raise ComfyUnavailable("COMFYUI_DIR is not set")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.log_path = os.path.join(base_dir, "server.log")
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, os.path.join(d, "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+                 "--base-directory", base_dir, "--database-url", "sqlite:///:memory:", "--disable-api-nodes"],
+                cwd=d, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        self.pid = self.proc.pid
+        deadline = time.monotonic() + start_timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with code {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                self.request("GET", "/system_stats")
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise TimeoutError(f"ComfyUI did not answer within {start_timeout:.0f}s:\n{self.log_tail()}")
+                time.sleep(0.5)
+
+    def log_tail(self, n: int = 40) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return "".join(f.readlines()[-n:])
+
+    def request(self, method: str, path: str, body=None):
+        import json
+        import urllib.request
+
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            text = r.read().decode()
+        return json.loads(text) if text.strip() else None
+
+    def run(self, prompt: dict, timeout: float = 600.0) -> dict:
+        """Queue `prompt` (POST /prompt) and wait for its history entry; raises unless it succeeded."""
+        prompt_id = self.request("POST", "/prompt", {"prompt": prompt, "client_id": "xdit-usp-test"})["prompt_id"]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            entry = self.request("GET", f"/history/{prompt_id}").get(prompt_id)
+            if entry is not None:
+                status = entry["status"]
+                if status.get("status_str") != "success":
+                    raise RuntimeError(f"prompt failed: {status.get('messages')}\n{self.log_tail()}")
+                return entry
+            time.sleep(0.2)
+        raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f}s:\n{self.log_tail()}")
+
+    def free(self, **flags):
+        """POST /free, e.g. free(unload_models=True): what the UI's "Unload models" button sends."""
+        self.request("POST", "/free", flags)
+
+    def stop(self):
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()

@@ -32,6 +32,7 @@ import node_helpers  # noqa: E402
 
 PACK = H.pack_module()
 PAR = importlib.import_module(PACK.__name__ + ".parallel")
+LAUNCHER = importlib.import_module(PACK.__name__ + ".parallel.launcher")
 XM = importlib.import_module(PACK.__name__ + ".xdit_usp_model")
 from safetensors.torch import save_file  # noqa: E402
 
@@ -274,7 +275,7 @@ def t2v_graph(ours: bool, unet="tiny_t2v.safetensors", lora=None, cfg_over=None,
     return p
 
 
-def two_expert_graph(ours: bool):
+def two_expert_graph(ours: bool, low_dtype="default", seed=11):
     p = {
         "high": _loader(ours, "tiny_t2v.safetensors"),
         "low": _loader(ours, "tiny_t2v_low.safetensors"),
@@ -285,7 +286,7 @@ def two_expert_graph(ours: bool):
         "latent": {"class_type": "EmptyHunyuanLatentVideo", "inputs": dict(SAMPLE, batch_size=1)},
     }
     common = {"cfg": 4.0, "sampler_name": "euler", "scheduler": "simple", "positive": ["pos", 0],
-              "negative": ["neg", 0], "steps": 4, "noise_seed": 11}
+              "negative": ["neg", 0], "steps": 4, "noise_seed": seed}
     p["ks1"] = {"class_type": "KSamplerAdvanced", "inputs": dict(
         common, model=["ms_h", 0], add_noise="enable", latent_image=["latent", 0], start_at_step=0, end_at_step=2,
         return_with_leftover_noise="enable")}
@@ -294,6 +295,7 @@ def two_expert_graph(ours: bool):
         return_with_leftover_noise="disable")}
     if ours:
         p["cfg"] = _cfg_node()
+        p["low"]["inputs"]["weight_dtype"] = low_dtype
     return p
 
 
@@ -308,9 +310,12 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+def _group_config(**over):
+    return PAR.XDitUSPConfig(**{**dict(world_size=2, dtype="fp32", device="cpu"), **over})
+
+
 def _group(**over):
-    cfg = PAR.XDitUSPConfig(**{**dict(world_size=2, dtype="fp32", device="cpu"), **over})
-    return PAR.get_group(cfg)
+    return PAR.get_group(_group_config(**over))
 
 
 RESULTS = {}
@@ -435,18 +440,125 @@ def test_two_experts_share_one_group(runner):
     assert {"tiny_t2v.safetensors", "tiny_t2v_low.safetensors"} <= names
 
 
-def test_unload_frees_workers_and_next_run_reloads(runner):
-    _latent(runner, t2v_graph(True, seed=21))
+def _running_groups():
+    return [g for g in LAUNCHER.registered_groups() if g.alive]
+
+
+@pytest.mark.parametrize("free", ["unload_all_models", "free_memory"])
+def test_unload_closes_the_idle_group_and_next_run_relaunches(runner, free):
+    seed = 21 if free == "unload_all_models" else 23
+    _latent(runner, t2v_graph(True, seed=seed))
     g = _group()
     key = next(k for k in g.models if k.endswith("tiny_t2v.safetensors"))
     remote = next(r for r in XM._remotes.values() if r.key == key and r.config.cfg_degree == 0)
-    loads = remote.loads
+    loads, launches = remote.loads, g.launches
+    procs = len(H.worker_processes())
+    assert procs >= 3  # torchrun's agent, 2 ranks (and what the ranks started)
     gc.collect()  # models of earlier prompts (i2v, the second expert) are now garbage: reaped below
-    mm.unload_all_models()  # what POST /free {"unload_models": true} does
-    assert g.models == {} and g.alive
-    again = _latent(runner, t2v_graph(True, seed=22))  # (a new seed: ComfyUI would reuse a cached result)
-    assert key in g.models and remote.loads == loads + 1
-    assert _rel(again, _latent(runner, t2v_graph(False, seed=22))) < TOL
+    if free == "unload_all_models":
+        mm.unload_all_models()  # what POST /free {"unload_models": true} does
+    else:  # ComfyUI's memory-pressure path: a load that needs more than is free
+        cpu = torch.device("cpu")
+        mm.free_memory(mm.get_total_memory(cpu) * 2, cpu)
+    assert g.models == {} and not g.alive and LAUNCHER.registered_groups() == []
+    assert H.wait_worker_processes(0) == []
+    again = _latent(runner, t2v_graph(True, seed=seed + 1))  # (a new seed: ComfyUI would reuse a cached result)
+    g = _group()
+    assert key in g.models and remote.loads == loads + 1 and g.launches == 1 and launches == 1
+    assert len(H.worker_processes()) == procs
+    assert _rel(again, _latent(runner, t2v_graph(False, seed=seed + 1))) < TOL
+
+
+def test_config_change_replaces_the_group_and_keeps_the_process_count(runner):
+    """fp32 -> bf16 -> fp32 on the same (CPU) devices: each new config closes the previous group
+    before it starts, so one group runs throughout and the real process count stays flat."""
+    counts, groups = [], []
+    outs = {}
+    for i, dtype in enumerate(["fp32", "bf16", "fp32"]):
+        outs[i] = _latent(runner, t2v_graph(True, cfg_over={"dtype": dtype}, steps=2, seed=31 + i))
+        running = _running_groups()
+        assert [g.config.dtype for g in running] == [dtype]
+        groups.append(running[0])
+        counts.append(H.worker_processes())
+    assert len(counts[0]) >= 3 and [len(c) for c in counts] == [len(counts[0])] * 3
+    assert not set(counts[0]) & set(counts[1]) and not set(counts[1]) & set(counts[2])  # replaced, not added
+    assert groups[1].launches == 1 and not groups[0].alive
+    err = _rel(outs[1], _latent(runner, t2v_graph(False, steps=2, seed=32)))
+    print(f"\nbf16 group vs native fp32: max rel err {err:.3g}")
+    assert err < 5e-2  # the bf16 group computes in bf16
+
+
+def test_old_model_reloads_on_use_after_its_group_was_replaced(runner):
+    """Two experts on the same GPUs with different weight dtypes are two configs, so two groups that
+    cannot both run: using the expert whose group was closed starts its group and loads it again (a
+    warning says so). Old MODELs keep working, one group runs at a time, results match native."""
+    def remote(dtype, name):
+        return next(r for r in XM._remotes.values() if os.path.basename(r.key) == name
+                    and r.config.cfg_degree == 0 and r.config.dtype == dtype and r.config.world_size == 2)
+
+    _latent(runner, two_expert_graph(True, low_dtype="bf16"), "ks2")
+    assert [g.config.dtype for g in _running_groups()] == ["bf16"]
+    procs = len(H.worker_processes())
+    high, low = remote("fp32", "tiny_t2v.safetensors"), remote("bf16", "tiny_t2v_low.safetensors")
+    loads = high.loads, low.loads
+    # a new seed: both loaders' MODELs come from ComfyUI's cache, built on groups closed since
+    ours = _latent(runner, two_expert_graph(True, low_dtype="bf16", seed=12), "ks2")
+    assert (high.loads, low.loads) == (loads[0] + 1, loads[1] + 1)
+    assert [g.config.dtype for g in _running_groups()] == ["bf16"] and len(H.worker_processes()) == procs
+    err = _rel(ours, _latent(runner, two_expert_graph(False, seed=12), "ks2"))
+    print(f"\ntwo experts, low in bf16, vs native fp32: max rel err {err:.3g}")
+    assert err < 5e-2  # the low expert computes in bf16
+
+
+def test_failed_load_leaves_no_group(runner, monkeypatch):
+    """Every rank raises while loading (the group stays healthy, which used to leave it running
+    with nothing loaded): the loader node fails and no group or process is left."""
+    monkeypatch.setenv("XDIT_USP_FAULT", "load_raise@0,load_raise@1")
+    p = t2v_graph(True, cfg_over={"gpu_memory_fraction": 0.5}, steps=2)  # a config no cached output has
+    with pytest.raises(H.ExecutionFailed) as ei:
+        _latent(runner, p)
+    assert ei.value.data.get("node_type") == "XDitUSPWanVideoModelLoader", ei.value
+    assert "injected fault load_raise" in ei.value.message, ei.value
+    assert _running_groups() == [] and LAUNCHER.find_group(_group_config(gpu_memory_fraction=0.5)) is None
+    assert H.wait_worker_processes(0) == []
+    monkeypatch.delenv("XDIT_USP_FAULT")
+    out = _latent(runner, p)  # the same graph runs once the fault is gone
+    assert torch.isfinite(out).all() and len(_running_groups()) == 1 and len(H.worker_processes()) >= 3
+
+
+def test_real_server_config_change_and_free_keep_at_most_one_group(models_dir, tmp_path):
+    """What a user does with `main.py --cpu` and a browser: queue the graph with Config fp32, then
+    bf16 (over HTTP), then press "Unload models" (POST /free). After each prompt one group of
+    worker processes runs, a new one; after /free none does."""
+    import inspect
+
+    base = tmp_path / "comfyui"
+    nodes_dir, models = base / "custom_nodes", base / "models" / "diffusion_models"
+    nodes_dir.mkdir(parents=True)
+    models.mkdir(parents=True)
+    os.symlink(W.ROOT, nodes_dir / "comfyui-xdit-usp")  # how a user installs the pack
+    (nodes_dir / "xdit_usp_test_nodes.py").write_text(  # the text-embedding stand-in, as a custom node
+        f"import torch\nTEXT_DIM = {TEXT_DIM}\n\n" + inspect.getsource(XDitTestRandomConditioning)
+        + "\nNODE_CLASS_MAPPINGS = {'XDitTestRandomConditioning': XDitTestRandomConditioning}\n")
+    os.symlink(os.path.join(models_dir, "diffusion_models", "tiny_t2v.safetensors"), models / "tiny_t2v.safetensors")
+
+    def graph(dtype):
+        p = t2v_graph(True, cfg_over={"dtype": dtype}, steps=2)
+        p["out"] = {"class_type": "SaveLatent", "inputs": {"samples": ["ks", 0], "filename_prefix": "xdit"}}
+        return p
+
+    with H.Server(str(base)) as server:
+        counts = []
+        for dtype in ("fp32", "bf16"):
+            server.run(graph(dtype))
+            counts.append(H.worker_processes(server.pid))
+        assert len(counts[0]) >= 3 and len(counts[1]) == len(counts[0]), (counts, server.log_tail())
+        assert not set(counts[0]) & set(counts[1])  # replaced, not added
+        server.free(unload_models=True)
+        assert H.wait_worker_processes(0, server.pid) == [], server.log_tail()
+        saved = [f for f in os.listdir(base / "output") if f.endswith(".latent")]
+        assert len(saved) == 2, saved  # SaveLatent wrote one file per prompt: they really ran
+    assert H.wait_worker_processes(0, server.pid) == []
 
 
 def test_dead_worker_is_a_comfyui_error_naming_the_rank_and_next_run_relaunches(runner):
@@ -486,7 +598,7 @@ def test_layout_the_heads_cannot_take_fails_at_the_loader_before_launch(runner):
         _latent(runner, p)
     assert "ValueError" in ei.value.type and "heads" in ei.value.message, ei.value
     assert ei.value.data.get("node_type") == "XDitUSPWanVideoModelLoader"
-    assert _group(world_size=3, ulysses_degree=3).launches == 0
+    assert LAUNCHER.find_group(_group_config(world_size=3, ulysses_degree=3)) is None
 
 
 def test_model_object_contract_and_clear_errors(models_dir):
