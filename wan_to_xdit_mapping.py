@@ -32,7 +32,7 @@ import torch
 
 __all__ = [
     "CheckpointInfo", "CheckpointError", "RULES", "load_checkpoint", "inspect_checkpoint",
-    "convert_state_dict", "to_original", "convert_lora", "lora_delta", "original_to_diffusers_key",
+    "convert_state_dict", "to_original", "read_header", "convert_lora", "lora_delta", "original_to_diffusers_key",
     "diffusers_to_original_key",
 ]
 
@@ -496,6 +496,12 @@ def _files(path) -> tuple[dict[str, str], dict[str, tuple[tuple, str]], dict | N
         meta.update(head)
         files.update({k: os.path.join(path, s) for k in head})
     return files, meta, config
+
+
+def read_header(path) -> dict[str, tuple[tuple, str]]:
+    """Every key of ``path`` (file or diffusers folder) as written in the file -> (shape, dtype name),
+    from the safetensors header(s) alone."""
+    return _files(path)[1]
 
 
 def inspect_checkpoint(path) -> CheckpointInfo:

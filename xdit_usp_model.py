@@ -45,9 +45,10 @@ from comfy.patcher_extension import CallbacksMP
 
 from .parallel import WorkerError, WorkerGroup, XDitUSPConfig
 from .parallel.launcher import close_idle_groups, find_group, load_model
+from .parallel.protocol import ForwardInputs, Loaded
 from .wan_to_xdit_mapping import (
     CheckpointInfo,
-    _files,
+    read_header,
     diffusers_to_original_key,
     original_to_diffusers_key,
 )
@@ -91,7 +92,7 @@ class RemoteWanModel:
         g = self.group
         return g is not None and g.alive and self.key in g.models
 
-    def ensure_loaded(self) -> dict:
+    def ensure_loaded(self) -> Loaded:
         if not self.loaded:
             log.info("xDiT-USP: loading %s on %d worker(s)", os.path.basename(self.path), self.config.world_size)
             self.info = load_model(self.config, self.key, self.path, on_evict=self._log_eviction)
@@ -333,15 +334,14 @@ class XDitUSPWanProxy(torch.nn.Module):
         if not remote.loaded:  # the group died or the model was unloaded since load_models_gpu
             remote.ensure_ready()
         try:
-            out = remote.group.forward(
-                remote.key,
+            out = remote.group.forward(remote.key, ForwardInputs(
                 hidden_states=x,
                 timestep=timestep,
                 encoder_hidden_states=context,
                 encoder_hidden_states_image=img,
                 control_hidden_states=ctrl,
                 control_hidden_states_scale=scale,
-            )
+            ))
         except WorkerError as e:
             raise WorkerError(f"xDiT-USP worker rank {e.rank} failed: {e}", rank=e.rank) from e
         remote.calls += 1
@@ -476,7 +476,7 @@ class XDitUSPModelPatcher(comfy.model_patcher.ModelPatcher):
 # ---------------------------------------------------------------------------------------------
 def _original_meta_state_dict(path: str, ckpt: CheckpointInfo, dtype: torch.dtype) -> tuple[dict, Optional[dict]]:
     """Original-named meta tensors with the checkpoint's shapes (header only), and its metadata."""
-    _, meta, _ = _files(path)
+    meta = read_header(path)
     sd = {}
     for raw, (shape, _dt) in meta.items():
         k = raw[len(ckpt.prefix):] if ckpt.prefix and raw.startswith(ckpt.prefix) else raw
@@ -525,10 +525,10 @@ def build_model_patcher(config: XDitUSPConfig, path: str, ckpt: CheckpointInfo) 
         raise
     native = base.diffusion_model
     in_dim = native.patch_embedding.weight.shape[1]
-    if info["in_channels"] != in_dim or info["out_channels"] != native.out_dim:
+    if info.in_channels != in_dim or info.out_channels != native.out_dim:
         _release(remote)
         raise ValueError(
-            f"{os.path.basename(path)}: workers built {info['variant']} with {info['in_channels']}->{info['out_channels']} "
+            f"{os.path.basename(path)}: workers built {info.variant} with {info.in_channels}->{info.out_channels} "
             f"channels but ComfyUI's {type(base).__name__} expects {in_dim}->{native.out_dim}")
     proxy = XDitUSPWanProxy(native, remote, dtype)
     base.diffusion_model = proxy

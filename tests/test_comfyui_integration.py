@@ -332,7 +332,7 @@ def test_t2v_matches_native(runner):
     assert err < TOL
     g = _group()
     assert g.alive and g.launches == 1
-    assert str(g.models[next(iter(g.models))]["layout"]) == "cfg2xulysses1xring1"
+    assert str(g.models[next(iter(g.models))].layout) == "cfg2xulysses1xring1"
 
 
 def test_t2v_sequence_parallel_matches_native(runner):
@@ -343,7 +343,7 @@ def test_t2v_sequence_parallel_matches_native(runner):
     print(f"\nT2V (cfg1 x ulysses2, padded sequence) max rel err vs native: {err:.3g}")
     assert err < TOL
     g = _group(cfg_degree=1)
-    assert g.models[next(iter(g.models))]["layout"] == "cfg1xulysses2xring1"
+    assert str(g.models[next(iter(g.models))].layout) == "cfg1xulysses2xring1"
     g.close()  # one group at a time on 2 CPU cores
 
 
@@ -383,7 +383,7 @@ def test_i2v_matches_native(runner):
     print(f"\nI2V (concat latent + mask + CLIP features) max rel err vs native: {err:.3g}")
     assert err < TOL
     info = _group().models[os.path.join(folder_paths.get_folder_paths("diffusion_models")[-1], "tiny_i2v.safetensors")]
-    assert info["variant"] == "i2v" and info["in_channels"] == 36
+    assert info.variant == "i2v" and info.in_channels == 36
 
 
 @pytest.mark.parametrize("kind", ["flf2v", "vace", "ti2v_5b"])

@@ -45,7 +45,7 @@ def test_new_config_on_the_same_devices_closes_the_old_group(checkpoint):
     counts = []
     for cfg in (fp32, bf16, fp32):
         info = launcher.load_model(cfg, "m", checkpoint, on_evict=lambda g: evicted.append((g.config, set(g.models))))
-        assert info["variant"] == "t2v"
+        assert info.variant == "t2v"
         assert running() == [launcher.find_group(cfg)]
         counts.append(worker_processes())
     assert len(counts[0]) >= 3 and [len(c) for c in counts] == [len(counts[0])] * 3  # agent + ranks, flat
@@ -93,7 +93,7 @@ def test_failed_load_keeps_a_group_that_holds_other_models(checkpoint, tmp_path)
     assert launcher.find_group(cfg) is group and group.alive and set(group.models) == {"good"}
     assert worker_processes() == procs
     kw = tiny.random_inputs("t2v", 1, 2, 8, 8)  # and it still serves the model it holds
-    assert group.forward("good", **kw).shape == kw["hidden_states"].shape
+    assert group.forward("good", kw).shape == kw.hidden_states.shape
 
 
 def test_close_idle_groups_closes_only_groups_without_models(checkpoint):
