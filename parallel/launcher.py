@@ -317,34 +317,39 @@ class WorkerGroup:
                 parts.append(f"  rank {r} log:\n{_tail(p)}")
         return "logs (" + self.log_dir + "):\n" + "\n".join(parts)
 
-    def _describe(self, f: _Failure, op: str, first: bool) -> str:
+    def _describe(self, f: _Failure, op: str, first: bool, started: float) -> str:
+        when = f"during {op!r}" if f.time >= started else f"before {op!r} (while idle)"
         if f.kind == "raised":
             text = f"rank {f.rank} failed in {op!r}: {f.detail['type']}: {f.detail['message']}"
             return text + ("\n" + f.detail["traceback"] if first and f.detail.get("traceback") else "")
         if f.kind == "agent":
-            return f"torchrun's agent (pid {f.detail['pid']}) exited ({f.detail['how']}) during {op!r}; its workers stop with it"
+            return f"torchrun's agent (pid {f.detail['pid']}) exited ({f.detail['how']}) {when}; its workers stop with it"
         pid = self.pids[f.rank]
         if f.kind == "exited":
-            return f"rank {f.rank} (pid {pid}) exited during {op!r}"
-        return (f"rank {f.rank} (pid {pid}) stopped responding during {op!r}: no heartbeat for "
+            return f"rank {f.rank} (pid {pid}) exited {when}"
+        return (f"rank {f.rank} (pid {pid}) stopped responding {when}: no heartbeat for "
                 f"{self.config.heartbeat_timeout_s:g}s (process: {_proc_state(pid)})")
 
     def _call(self, request, timeout: float) -> list:
         """Send one request to every rank and collect every reply. A rank that raises, dies, hangs
         or is stopped, or torchrun's agent dying, fails the call within seconds (the heartbeat
         timeout), naming what failed first; a call that simply runs longer than `timeout` fails too."""
-        if not self.alive:
+        if self.proc is None or self._liveness is None:
             raise WorkerError("the worker group is not running (it was closed or a worker died); it restarts on the next load")
         op = type(request).__name__.lower()  # "load", "forward", ... in messages
         wire = P.encode(request)
-        for c in self.conns:
-            c.send(wire)
+        started = time.monotonic()
+        closed: set[int] = set()
+        for r, c in enumerate(self.conns):
+            try:
+                c.send(wire)
+            except OSError:
+                closed.add(r)  # the rank is gone: its heartbeat channel says when (below)
         replies: dict[int, object] = {}
         raised: dict[int, _Failure] = {}
         pending = {c: r for r, c in enumerate(self.conns)}
-        closed: set[int] = set()
         deadline = time.monotonic() + timeout
-        lost: list[_Failure] = []
+        lost = self._liveness.failures(self.config.heartbeat_timeout_s)  # a rank may have died while idle
         while pending and not lost:
             if raised:  # give the others a moment to report too, then stop waiting
                 deadline = min(deadline, min(f.time for f in raised.values()) + GRACE_S)
@@ -373,8 +378,8 @@ class WorkerGroup:
                 f.detail.update(pid=self.proc.pid if self.proc is not None else "?", how=how)
         if failures:
             first = failures[0]
-            msg = self._describe(first, op, first=True)
-            later = [self._describe(f, op, first=False) for f in failures[1:]]
+            msg = self._describe(first, op, True, started)
+            later = [self._describe(f, op, False, started) for f in failures[1:]]
             if later:
                 msg += "\nthen: " + "\nthen: ".join(ln.splitlines()[0] for ln in later)
         else:

@@ -150,7 +150,7 @@ def test_config_errors_say_what_works():
         XDitUSPConfig(world_size=12, ulysses_degree=3, ring_degree=4, cfg_degree=1, device="cpu").resolve(40)
     with pytest.raises(ValueError, match="must equal world_size 4"):
         XDitUSPConfig(world_size=4, ulysses_degree=3, device="cpu").validate()
-    with pytest.raises(ValueError, match="2 GPU\(s\) requested but no CUDA device is visible"):
+    with pytest.raises(ValueError, match=r"2 GPU\(s\) requested but no CUDA device is visible"):
         XDitUSPConfig(world_size=2, device="cuda").validate(visible_gpus=0)
     with pytest.raises(ValueError, match="tensor_parallel_size=2 is not implemented"):
         XDitUSPConfig.from_dict({"num_gpus": 2, "tensor_parallel_size": 2, "device": "cpu"})
