@@ -97,6 +97,9 @@ def test_a_dead_idle_rank_makes_the_next_load_relaunch(ckpt):
     group.load("m", ckpt)
     os.kill(group.pids[1], signal.SIGKILL)
     assert wait_until(lambda: group.alive, timeout=10) is False
+    with pytest.raises(WorkerError, match=r"^rank 1 \(pid \d+\) exited before 'forward' \(while idle\)") as e:
+        group.forward("m", inputs())
+    assert e.value.rank == 1
     group.load("m", ckpt)  # relaunches instead of failing on a dead rank
     assert group.launches == 2
     group.forward("m", inputs())
