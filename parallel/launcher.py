@@ -318,7 +318,10 @@ class WorkerGroup:
         return "logs (" + self.log_dir + "):\n" + "\n".join(parts)
 
     def _describe(self, f: _Failure, op: str, first: bool, started: float) -> str:
-        when = f"during {op!r}" if f.time >= started else f"before {op!r} (while idle)"
+        # A silent rank's time is its last heartbeat: it fell silent before the call only if it
+        # was already past the timeout then.
+        known_at = f.time + self.config.heartbeat_timeout_s if f.kind == "silent" else f.time
+        when = f"during {op!r}" if known_at >= started else f"before {op!r} (while idle)"
         if f.kind == "raised":
             text = f"rank {f.rank} failed in {op!r}: {f.detail['type']}: {f.detail['message']}"
             return text + ("\n" + f.detail["traceback"] if first and f.detail.get("traceback") else "")
