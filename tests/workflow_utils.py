@@ -1,10 +1,9 @@
-"""Helpers shared by test_nodes.py and test_comfyui_integration.py (no ComfyUI import here)."""
+"""Helpers shared by the tests (no ComfyUI import here): the pack itself, and the example workflow."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
+import runpy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "example_workflows", "xdit_usp_example.json")
@@ -18,16 +17,11 @@ OUR_TYPES = {"XDitUSPConfigNode", "XDitUSPWanVideoModelLoader"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 
-def load_pack(name: str = "xdit_usp_pack_under_test"):
-    """Import the pack's __init__.py the way ComfyUI does (a package from a folder path)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "__init__.py"),
-                                                  submodule_search_locations=[ROOT])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+def load_pack():
+    """This checkout as the package `comfyui_xdit_usp`, its __init__ run (parallel/_entry.py's
+    `bind_package`, which the workers and the benchmarks use too). tests/conftest.py calls it first,
+    so every test imports the pack's modules under that one name."""
+    return runpy.run_path(os.path.join(ROOT, "parallel", "_entry.py"))["bind_package"]()
 
 
 def load_example() -> dict:
