@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -13,8 +12,7 @@ from safetensors.torch import save_file
 from comfyui_xdit_usp import wan_to_xdit_mapping as M
 from comfyui_xdit_usp.parallel import tiny
 from comfyui_xdit_usp.parallel.tiny import VARIANTS
-
-ENTRY = os.path.join(os.path.dirname(M.__file__), "parallel", "_entry.py")
+from workflow_utils import ENTRY
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,16 @@ from __future__ import annotations
 import json
 import os
 import runpy
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "example_workflows", "xdit_usp_example.json")
+ENTRY = os.path.join(ROOT, "parallel", "_entry.py")
+# The first statement of any Python code a test runs in a new interpreter: it imports this checkout
+# as `comfyui_xdit_usp` too, whatever is installed under that name.
+BIND_PACK = f"import runpy; runpy.run_path({ENTRY!r})['bind_package']()"
+# The command line job (`python -m comfyui_xdit_usp`, `xdit-usp`) of this checkout.
+CLI = [sys.executable, "-c", BIND_PACK + "; from comfyui_xdit_usp.__main__ import cli; cli()"]
 
 # Native ComfyUI node types the example workflow may use (checked against ComfyUI when available).
 NATIVE_TYPES = {
@@ -21,7 +28,7 @@ def load_pack():
     """This checkout as the package `comfyui_xdit_usp`, its __init__ run (parallel/_entry.py's
     `bind_package`, which the workers and the benchmarks use too). tests/conftest.py calls it first,
     so every test imports the pack's modules under that one name."""
-    return runpy.run_path(os.path.join(ROOT, "parallel", "_entry.py"))["bind_package"]()
+    return runpy.run_path(ENTRY)["bind_package"]()
 
 
 def load_example() -> dict:
