@@ -5,6 +5,7 @@ every world size used) and 45 tokens (divides by none, so padding is exercised).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -148,7 +149,7 @@ def test_config_errors_say_what_works():
         XDitUSPConfig(world_size=12, ulysses_degree=3, ring_degree=4, cfg_degree=1, device="cpu").resolve(40)
     with pytest.raises(ValueError, match="must equal world_size 4"):
         XDitUSPConfig(world_size=4, ulysses_degree=3, device="cpu").validate()
-    with pytest.raises(ValueError, match="2 GPU\(s\) requested but no CUDA device is visible"):
+    with pytest.raises(ValueError, match=r"2 GPU\(s\) requested but no CUDA device is visible"):
         XDitUSPConfig(world_size=2, device="cuda").validate(visible_gpus=0)
     with pytest.raises(ValueError, match="tensor_parallel_size=2 is not implemented"):
         XDitUSPConfig.from_dict({"num_gpus": 2, "tensor_parallel_size": 2, "device": "cpu"})
@@ -261,7 +262,7 @@ def test_bad_input_is_rejected_in_the_owner(checkpoints):
     with WorkerGroup(cpu_config(2)) as group:
         group.load("m", checkpoints["t2v"][0])
         kw = tiny.random_inputs("t2v", 2, *SIZES["padded"])
-        kw["hidden_states"] = kw["hidden_states"][:, :8]
+        kw = dataclasses.replace(kw, hidden_states=kw.hidden_states[:, :8])
         with pytest.raises(ValueError, match="8 channels but the t2v model takes 16"):
             group.forward("m", kw)
         assert group.alive
