@@ -1,6 +1,6 @@
 """Wan transformer checkpoints -> diffusers ``WanTransformer3DModel`` / ``WanVACETransformer3DModel`` names.
 
-Data first: ``RULES`` is the whole original->diffusers key table (DESIGN.md section 3, checked against
+Data first: ``RULES`` is the whole original->diffusers key table (checked against
 diffusers' ``transformer_wan.py`` / ``transformer_wan_vace.py`` and its single-file converter
 ``convert_wan_transformer_to_diffusers``).  The inverse table is generated from the same data.  The
 original Wan layout stores every tensor with the diffusers shape (``blocks.N.modulation`` is

@@ -1,13 +1,14 @@
-"""Shared helpers for the benchmarks: import the pack from this checkout, timers, model shapes."""
+"""Shared helpers for the benchmarks: this checkout as `comfyui_xdit_usp`, timers, model shapes."""
 from __future__ import annotations
 
-import importlib
 import os
+import runpy
 import statistics
-import sys
-import types
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Importing this module binds the checkout's folder to `comfyui_xdit_usp`, whatever the folder is called
+# and whatever is installed under that name (parallel/_entry.py; the workers and the tests do the same).
+runpy.run_path(os.path.join(REPO, "parallel", "_entry.py"))["bind_package"]()
 
 # Real Wan shapes (diffusers configs); random weights, no download.
 SHAPES = {
@@ -17,23 +18,6 @@ SHAPES = {
                 out_channels=16, text_dim=4096, freq_dim=256),
 }
 RESOLUTIONS = {"480p": (480, 832), "720p": (720, 1280)}
-
-
-def pack():
-    """The pack as a package, whatever this checkout's folder is called (like parallel/_entry.py)."""
-    try:
-        return importlib.import_module("comfyui_xdit_usp")
-    except ImportError:
-        name = "_xdit_usp_bench"
-        if name not in sys.modules:
-            mod = types.ModuleType(name)
-            mod.__path__ = [REPO]
-            sys.modules[name] = mod
-        return sys.modules[name]
-
-
-def sub(name: str):
-    return importlib.import_module(pack().__name__ + "." + name)
 
 
 def latent_shape(res: str, frames: int = 81, channels: int = 16):

@@ -29,7 +29,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import SHAPES, cuda_time, latent_shape, sub, tokens  # noqa: E402
+from _common import SHAPES, cuda_time, latent_shape, tokens  # noqa: E402
+
+from comfyui_xdit_usp.parallel import WorkerGroup, XDitUSPConfig, attention, sp_wan, tiny  # noqa: E402
+from comfyui_xdit_usp.parallel.protocol import ForwardInputs  # noqa: E402
 
 RESULTS: dict = {}
 
@@ -56,7 +59,6 @@ def attn_inputs(s, h, dtype=torch.bfloat16, seed=0):
 
 
 def bench_backends(model_name: str):
-    att = sub("parallel.attention")
     from yunchang.ring.utils import update_out_and_lse
 
     h = SHAPES[model_name]["num_attention_heads"]
@@ -67,10 +69,10 @@ def bench_backends(model_name: str):
     flops = 4 * s * s * h * 128
     # precision at a size where an fp32 reference fits
     sq, kq, vq = attn_inputs(4096, h, seed=1)
-    ref = att._backends()["math"].plain(sq.float(), kq.float(), vq.float(), scale)
+    ref = attention._backends()["math"].plain(sq.float(), kq.float(), vq.float(), scale)
     out = {}
     for name in ("cudnn", "flash", "efficient"):
-        b = att._backends()[name]
+        b = attention._backends()[name]
         row = {}
         try:
             row["plain_s"] = cuda_time(lambda: b.plain(q, k, v, scale), warmup=2, reps=5)
@@ -78,12 +80,12 @@ def bench_backends(model_name: str):
             row["lse_s"] = cuda_time(lambda: b.lse(q, k, v, scale), warmup=2, reps=5)
             row["lse_tflops"] = flops / row["lse_s"] / 1e12
             o = b.plain(sq, kq, vq, scale).float()
-            row["bf16_rel_err"] = ((o - ref).abs().max() / ref.abs().max()).item()
+            row["bf16_rel_err"] = tiny.rel_err(o, ref)
             acc = lse = None
             for kb, vb in ((kq[:, :2500], vq[:, :2500]), (kq[:, 2500:], vq[:, 2500:])):  # uneven blocks
                 bo, bl = b.lse(sq, kb, vb, scale)
                 acc, lse = update_out_and_lse(acc, lse, bo, bl)
-            row["ring_merge_rel_err"] = ((acc.float() - ref).abs().max() / ref.abs().max()).item()
+            row["ring_merge_rel_err"] = tiny.rel_err(acc, ref)
         except Exception as e:  # noqa: BLE001 - a kernel that cannot run is a result too
             row["error"] = f"{type(e).__name__}: {e}"[:300]
         out[name] = row
@@ -111,10 +113,10 @@ def bench_backends(model_name: str):
     return out
 
 
-def _time_cudnn(att, s: int, heads: int) -> float:
+def _time_cudnn(s: int, heads: int) -> float:
     """Seconds per cuDNN SDPA call at this model's attention shape (its inputs freed on return)."""
     q, k, v = attn_inputs(s, heads)
-    return cuda_time(lambda: att._backends()["cudnn"].plain(q, k, v, 1 / math.sqrt(128)), warmup=2, reps=5)
+    return cuda_time(lambda: attention._backends()["cudnn"].plain(q, k, v, 1 / math.sqrt(128)), warmup=2, reps=5)
 
 
 def keep_fp32(name: str) -> bool:
@@ -147,8 +149,6 @@ def flop_count(m, s: int) -> tuple[float, float]:
 
 @torch.no_grad()
 def bench_forward(model_name: str, res: str, gemm: float, reps: int):
-    att = sub("parallel.attention")
-    spw = sub("parallel.sp_wan")
     m = build_random(model_name)
     c, f, hh, ww = latent_shape(res)
     s = tokens(res)
@@ -157,7 +157,7 @@ def bench_forward(model_name: str, res: str, gemm: float, reps: int):
     t = torch.tensor([500.0], device="cuda")
     ctx = torch.randn(1, 512, 4096, device="cuda", generator=g).to(torch.bfloat16)
     heads = m.config.num_attention_heads
-    cudnn_s = _time_cudnn(att, s, heads)
+    cudnn_s = _time_cudnn(s, heads)
     attn_flops, lin_flops = flop_count(m, s)
     attn_rate = 4 * s * s * heads * 128 / cudnn_s
     floor = attn_flops / attn_rate + lin_flops / gemm
@@ -175,14 +175,14 @@ def bench_forward(model_name: str, res: str, gemm: float, reps: int):
     row["diffusers_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
     row["diffusers_floor_ratio"] = floor / row["diffusers_s"]
     ref = ref.float()
-    group = att.SPGroup(1, 1, 1, None, None, None, [0], 0)
+    group = attention.SPGroup(1, 1, 1, None, None, None, [0], 0)
     for backend in ("cudnn", "flash"):
-        runner = spw.SequenceParallelWan(m, att.resolve_backend(backend, "cuda", 1))
+        runner = sp_wan.SequenceParallelWan(m, attention.resolve_backend(backend, "cuda", 1))
         out = None
 
         def ours():
             nonlocal out
-            out = runner.forward(group, sub("parallel.protocol").ForwardInputs(x, t, ctx))
+            out = runner.forward(group, ForwardInputs(x, t, ctx))
 
         torch.cuda.reset_peak_memory_stats()
         try:
@@ -193,26 +193,21 @@ def bench_forward(model_name: str, res: str, gemm: float, reps: int):
         row[f"ours_{backend}_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
         row[f"ours_{backend}_floor_ratio"] = floor / row[f"ours_{backend}_s"]
         row[f"ours_{backend}_vs_diffusers"] = row[f"ours_{backend}_s"] / row["diffusers_s"]
-        row[f"ours_{backend}_rel_err_vs_diffusers"] = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+        row[f"ours_{backend}_rel_err_vs_diffusers"] = tiny.rel_err(out, ref)
     emit(f"forward_{model_name}_{res}", row)
     return m, row
 
 
 def bench_transport(m, reps: int, diffusers_s: float | None = None):
     """World-size-1 worker group on the GPU: owner time per call minus in-worker forward time."""
-    from safetensors.torch import save_file
-
-    par = sub("parallel")
-    proto = sub("parallel.protocol")
-    mapping = sub("wan_to_xdit_mapping")
     d = tempfile.mkdtemp(prefix="xdit_bench_")
     path = os.path.join(d, "wan_1.3b_random.safetensors")
-    save_file({k: v.contiguous().cpu() for k, v in mapping.to_original(m.state_dict()).items()}, path)
+    tiny.write_original_checkpoint(m, path)
     del m
     torch.cuda.empty_cache()
     rows = {}
-    cfg = par.XDitUSPConfig(world_size=1, device="cuda", dtype="bf16", attention_backend="auto")
-    with par.WorkerGroup(cfg) as group:
+    cfg = XDitUSPConfig(world_size=1, device="cuda", dtype="bf16", attention_backend="auto")
+    with WorkerGroup(cfg) as group:
         t0 = time.perf_counter()
         info = group.load("m", path)
         rows["load_s"] = time.perf_counter() - t0
@@ -224,9 +219,9 @@ def bench_transport(m, reps: int, diffusers_s: float | None = None):
                 ctx = torch.randn(batch, 512, 4096)
                 t = torch.full((batch,), 500.0)
                 stats, runs = {}, []
-                group.forward("m", proto.ForwardInputs(x, t, ctx), stats=stats)
+                group.forward("m", ForwardInputs(x, t, ctx), stats=stats)
                 for _ in range(reps):
-                    group.forward("m", proto.ForwardInputs(x, t, ctx), stats=stats)
+                    group.forward("m", ForwardInputs(x, t, ctx), stats=stats)
                     runs.append(dict(stats))
                 med = {k: sorted(r[k] for r in runs)[len(runs) // 2] for k in runs[0] if k.endswith("_ms")}
                 o, w = med["owner_ms"], med["worker_ms"]

@@ -27,7 +27,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import SHAPES, latent_shape, sub  # noqa: E402
+from _common import SHAPES, latent_shape  # noqa: E402
+
+from comfyui_xdit_usp.parallel import WorkerGroup, XDitUSPConfig, tiny  # noqa: E402
+from comfyui_xdit_usp.parallel.protocol import ForwardInputs  # noqa: E402
+from comfyui_xdit_usp.wan_to_xdit_mapping import to_original  # noqa: E402
 
 OFFICIAL_14B_720P = {1: 1837.9, 2: 945.1, 4: 497.0, 8: 287.9}  # Wan2.1 USP, whole generation, s
 PARITY_LATENT = (16, 9, 60, 106)  # 33 frames x 480 x 848 -> 9 x 30 x 53 = 14,310 tokens
@@ -56,7 +60,6 @@ def write_checkpoint(model_name: str, directory: str) -> str:
     path = os.path.join(directory, f"wan_{model_name}_random_bf16.safetensors")
     if os.path.exists(path):
         return path
-    mapping = sub("wan_to_xdit_mapping")
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         m = WanTransformer3DModel(**SHAPES[model_name])
     g = torch.Generator(device=next(m.parameters()).device).manual_seed(0)
@@ -65,7 +68,7 @@ def write_checkpoint(model_name: str, directory: str) -> str:
         sd[name] = (torch.randn(p.shape, device=p.device, generator=g) * 0.02).to(torch.bfloat16).cpu()
         p.data = torch.empty(0)
     del m
-    save_file(mapping.to_original(sd), path)
+    save_file(to_original(sd), path)
     return path
 
 
@@ -78,8 +81,6 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--ckpt-dir", default=tempfile.gettempdir())
     a = ap.parse_args()
-    par = sub("parallel")
-    proto = sub("parallel.protocol")
     visible = torch.cuda.device_count()
     heads = SHAPES[a.model]["num_attention_heads"]
     path = write_checkpoint(a.model, a.ckpt_dir)
@@ -100,28 +101,28 @@ def main():
         for name, (u, r, cfg) in layouts_for(n, heads).items():
             if a.layouts and name not in a.layouts.split(","):
                 continue
-            config = par.XDitUSPConfig(world_size=n, ulysses_degree=u, ring_degree=r, cfg_degree=cfg,
+            config = XDitUSPConfig(world_size=n, ulysses_degree=u, ring_degree=r, cfg_degree=cfg,
                                        device="cuda", dtype="bf16")
             row = {"gpus": n, "layout_name": name}
             try:
-                with par.WorkerGroup(config) as group:
+                with WorkerGroup(config) as group:
                     t0 = time.perf_counter()
                     info = group.load("m", path)
                     row.update(load_s=time.perf_counter() - t0, backend=info.backend)
                     stats, times = {}, []
-                    group.forward("m", proto.ForwardInputs(x, t, ctx), stats=stats)
+                    group.forward("m", ForwardInputs(x, t, ctx), stats=stats)
                     for _ in range(a.reps):
-                        group.forward("m", proto.ForwardInputs(x, t, ctx), stats=stats)
+                        group.forward("m", ForwardInputs(x, t, ctx), stats=stats)
                         times.append(stats["owner_ms"] / 1e3)
                     times.sort()
                     row.update(layout=str(stats["layout"]), forward_b2_s=times[len(times) // 2],
                                peak_gb=max(stats["peak_bytes"]) / 2**30)
                     row["cfg50_total_s"] = 50 * row["forward_b2_s"]
-                    out = group.forward("m", proto.ForwardInputs(px, t, ctx)).float()
+                    out = group.forward("m", ForwardInputs(px, t, ctx)).float()
                     if reference is None and n == 1:
                         reference = out
                     if reference is not None:
-                        row["parity_rel_err_vs_1gpu"] = ((out - reference).abs().max() / reference.abs().max()).item()
+                        row["parity_rel_err_vs_1gpu"] = tiny.rel_err(out, reference)
             except Exception as e:  # noqa: BLE001 - a layout that fails is a result to report
                 row["error"] = f"{type(e).__name__}: {e}"[:500]
             results["runs"].append(row)

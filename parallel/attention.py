@@ -171,10 +171,6 @@ class SPGroup:
         return self.sp_ranks.index(dist.get_rank()) if dist.is_initialized() else 0
 
     @property
-    def ring_rank(self) -> int:
-        return self.sp_rank // self.ulysses
-
-    @property
     def is_leader(self) -> bool:
         return self.sp_rank == 0
 

@@ -67,18 +67,6 @@ class Layout:
         return f"cfg{self.cfg}xulysses{self.ulysses}xring{self.ring}"
 
 
-def sequence_layout(sp: int, num_heads: int, ulysses: int = AUTO, ring: int = AUTO) -> tuple[int, int]:
-    """Split `sp` ranks into (ulysses, ring): Ulysses as far as it divides the heads, ring for the rest."""
-    if ulysses and ring:
-        return ulysses, ring
-    if ulysses:
-        return ulysses, sp // ulysses
-    if ring:
-        return sp // ring, ring
-    u = max(d for d in divisors(sp) if num_heads % d == 0)
-    return u, sp // u
-
-
 @dataclass
 class XDitUSPConfig:
     """Parallel layout and runtime settings for one worker group.

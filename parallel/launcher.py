@@ -37,7 +37,8 @@ from .config import XDitUSPConfig
 PARALLEL_DIR = os.path.dirname(os.path.abspath(__file__))
 ENTRY = os.path.join(PARALLEL_DIR, "_entry.py")
 TORCHRUN = os.path.join(PARALLEL_DIR, "_torchrun.py")  # torchrun, its store on 127.0.0.1 only
-# NVLink SHARP / multicast stay off wherever we set NCCL's environment (KINDS notes: it can hang).
+# NVLink SHARP / multicast stay off wherever we set NCCL's environment: a program using NVLink multicast
+# can take a shared host's GPUs out of service (and is not needed for these collectives).
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 # Every socket of a single-host group binds loopback: gloo's pairs and NCCL's bootstrap by interface.
 LOOPBACK_ENV = {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}

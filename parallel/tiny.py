@@ -56,14 +56,19 @@ def build_model(variant: str = "t2v", seed: int = 0):
     return model.eval()
 
 
-def write_original_checkpoint(model, path, prefix: str = "", dtype=None) -> str:
-    """Save `model` as a Wan checkpoint with original (WanVideo/ComfyUI) key names."""
-    from safetensors.torch import save_file
-
+def original_state_dict(model, prefix: str = "", dtype=None) -> dict:
+    """`model`'s weights under original (WanVideo/ComfyUI) key names, optionally prefixed and cast."""
     from ..wan_to_xdit_mapping import to_original
 
     sd = to_original(model.state_dict())
-    save_file({prefix + k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in sd.items()}, str(path))
+    return {prefix + k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in sd.items()}
+
+
+def write_original_checkpoint(model, path, prefix: str = "", dtype=None, metadata: dict | None = None) -> str:
+    """Save `model` as a Wan checkpoint with original key names (safetensors `metadata` optional)."""
+    from safetensors.torch import save_file
+
+    save_file(original_state_dict(model, prefix, dtype), str(path), metadata=metadata)
     return str(path)
 
 
@@ -109,3 +114,9 @@ def reference_forward(model, inputs: ForwardInputs) -> torch.Tensor:
     if img is not None and model.config.pos_embed_seq_len:
         kw["encoder_hidden_states_image"] = img.reshape(img.shape[0] * 2, img.shape[1] // 2, img.shape[2])
     return model(**kw, return_dict=False)[0]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """The parity measure: max |out - ref| / max |ref|, in fp32."""
+    ref = ref.float()
+    return ((out.float() - ref).abs().max() / ref.abs().max()).item()

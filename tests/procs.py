@@ -30,6 +30,13 @@ def group_processes(log_dir: str) -> list[int]:
     return processes_with_env(f"XDIT_USP_LOG_DIR={log_dir}")
 
 
+def worker_processes(owner_pid: int | None = None) -> list[int]:
+    """Live worker-group processes (torchrun agents and ranks) started by `owner_pid` (default: this
+    process): the launcher puts XDIT_USP_OWNER_PID in their environment, so ranks whose agent died
+    and that were re-parented are found too."""
+    return sorted(processes_with_env(f"XDIT_USP_OWNER_PID={os.getpid() if owner_pid is None else owner_pid}"))
+
+
 def wait_until(predicate, timeout: float, interval: float = 0.1):
     """Poll `predicate` until it returns a falsy value or `timeout` passes; return its last value."""
     deadline = time.monotonic() + timeout
@@ -42,6 +49,19 @@ def wait_until(predicate, timeout: float, interval: float = 0.1):
 
 def wait_gone(log_dir: str, timeout: float = 15.0) -> list[int]:
     return wait_until(lambda: group_processes(log_dir), timeout)
+
+
+def wait_worker_processes(count: int, owner_pid: int | None = None, timeout: float = 20.0) -> list[int]:
+    """worker_processes(), once there are `count` of them (a closed group's ranks take a moment to be
+    reaped), or whatever is there after `timeout` seconds."""
+    found: list[int] = []
+
+    def other_count():
+        found[:] = worker_processes(owner_pid)
+        return len(found) != count
+
+    wait_until(other_count, timeout)
+    return found
 
 
 def shm_segments(owner_pid: int) -> list[str]:

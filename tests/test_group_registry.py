@@ -6,15 +6,10 @@ on request. Processes are counted in the real process table.
 """
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 
 from comfyui_xdit_usp.parallel import WorkerError, XDitUSPConfig, launcher, tiny
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from comfy_harness import wait_worker_processes, worker_processes  # noqa: E402  (imports no ComfyUI)
+from procs import wait_worker_processes, worker_processes
 
 
 def cpu_config(**kw) -> XDitUSPConfig:

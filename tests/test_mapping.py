@@ -2,23 +2,22 @@
 from __future__ import annotations
 
 import json
-import os
+import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import wan_factories as F  # noqa: E402
-import wan_to_xdit_mapping as M  # noqa: E402
-
-VARIANTS = F.VARIANTS
+from comfyui_xdit_usp import wan_to_xdit_mapping as M
+from comfyui_xdit_usp.parallel import tiny
+from comfyui_xdit_usp.parallel.tiny import VARIANTS
+from workflow_utils import ENTRY
 
 
 @pytest.fixture(scope="module")
 def models():
-    return {v: F.build_model(v, seed=i) for i, v in enumerate(VARIANTS)}
+    return {v: tiny.build_model(v, seed=i) for i, v in enumerate(VARIANTS)}
 
 
 # ---------------------------------------------------------------------------------------------- table
@@ -33,35 +32,32 @@ def test_table_is_a_bijection():
             assert M.diffusers_to_original_key(dk) == ok
 
 
-def test_import_needs_no_diffusers_or_distributed():
-    import subprocess
-
-    code = ("import sys; sys.path.insert(0, %r); import wan_to_xdit_mapping; "
-            "assert 'diffusers' not in sys.modules and 'comfy' not in sys.modules; print('ok')"
-            % os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+def test_import_needs_no_diffusers_comfy_or_yunchang():
+    code = ("import runpy, sys; runpy.run_path(%r)['bind_package'](run_init=False); "
+            "import comfyui_xdit_usp.wan_to_xdit_mapping; "
+            "print(sorted(m for m in ('diffusers', 'comfy', 'yunchang') if m in sys.modules))" % ENTRY)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.stdout.strip() == "ok", r.stderr
+    assert r.stdout.strip() == "[]", r.stderr
 
 
 # ---------------------------------------------------------------------------------------- variants
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_variant_roundtrip_from_file(variant, models, tmp_path):
     model = models[variant]
-    path = F.to_original_file(model, tmp_path / f"{variant}.safetensors")
+    path = tiny.write_original_checkpoint(model, tmp_path / f"{variant}.safetensors")
     sd, info = M.load_checkpoint(path)
     assert info.variant == variant and info.format == "original" and info.path == str(path)
     assert info.diffusers_class == type(model).__name__
-    assert info.diffusers_config == F.tiny_config(variant)
+    assert info.diffusers_config == tiny.tiny_config(variant)
     assert (info.dim, info.num_heads, info.num_layers) == (256, 2, 2)
     assert info.source_dtype == "float32"
-    cls = F.model_class(variant)
+    cls = tiny.model_class(variant)
     fresh = cls(**info.diffusers_config)
     assert set(sd) == set(fresh.state_dict())
     fresh.load_state_dict(sd, strict=True)
     fresh.eval()
-    with torch.no_grad():
-        kw = F.example_inputs(variant)
-        ref, got = model(**kw)[0], fresh(**kw)[0]
+    inputs = tiny.random_inputs(variant, batch=1, latent_frames=2, latent_h=8, latent_w=8)
+    ref, got = tiny.reference_forward(model, inputs), tiny.reference_forward(fresh, inputs)
     assert torch.allclose(ref, got, atol=1e-6, rtol=0), (ref - got).abs().max()
     assert M.inspect_checkpoint(path) == info
 
@@ -70,7 +66,7 @@ def test_variant_roundtrip_from_file(variant, models, tmp_path):
 def test_matches_diffusers_single_file_converter(variant, models):
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
-    orig = F.original_state_dict(models[variant])
+    orig = tiny.original_state_dict(models[variant])
     ours, _ = M.convert_state_dict(orig)
     theirs = convert_wan_transformer_to_diffusers(dict(orig))
     if variant == "flf2v":  # diffusers' converter leaves img_emb.emb_pos unconverted
@@ -84,7 +80,7 @@ def test_matches_diffusers_single_file_converter(variant, models):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_original_diffusers_original_identity(variant, models):
-    orig = F.original_state_dict(models[variant])
+    orig = tiny.original_state_dict(models[variant])
     conv, _ = M.convert_state_dict(orig)
     back = M.to_original(conv)
     assert set(back) == set(orig)
@@ -94,7 +90,7 @@ def test_original_diffusers_original_identity(variant, models):
 @pytest.mark.parametrize("prefix,fmt", [("", "original"), ("model.diffusion_model.", "comfyui"),
                                         ("diffusion_model.", "comfyui"), ("model.", "comfyui")])
 def test_prefixes(prefix, fmt, models, tmp_path):
-    path = F.to_original_file(models["t2v"], tmp_path / "p.safetensors", prefix=prefix)
+    path = tiny.write_original_checkpoint(models["t2v"], tmp_path / "p.safetensors", prefix=prefix)
     sd, info = M.load_checkpoint(path)
     assert info.format == fmt and info.prefix == prefix
     assert set(sd) == set(models["t2v"].state_dict())
@@ -129,12 +125,13 @@ def test_diffusers_single_file_and_folder(models, tmp_path):
         M.inspect_checkpoint(folder)
 
 
-def _meta_original_shapes(cls_name, **cfg):
+def _meta_original_state_dict(cls_name, **cfg):
+    """A real-size model's state dict under original names, on the meta device (shapes only)."""
     import diffusers
 
     with torch.device("meta"):
         m = getattr(diffusers, cls_name)(**cfg)
-    return {M.diffusers_to_original_key(k): (tuple(v.shape), "bfloat16") for k, v in m.state_dict().items()}
+    return {M.diffusers_to_original_key(k): v.to(torch.bfloat16) for k, v in m.state_dict().items()}
 
 
 @pytest.mark.parametrize("name,cls,cfg,variant,n_keys", [
@@ -151,8 +148,7 @@ def _meta_original_shapes(cls_name, **cfg):
     ("vace 14B", "WanVACETransformer3DModel", dict(vace_layers=[0, 5, 10, 15, 20, 25, 30, 35]), "vace", None),
 ])
 def test_real_size_detection_from_shapes_only(name, cls, cfg, variant, n_keys):
-    meta = _meta_original_shapes(cls, **cfg)
-    info = M._plan(meta, name).info
+    _, info = M.convert_state_dict(_meta_original_state_dict(cls, **cfg))
     assert info.variant == variant and info.diffusers_class == cls
     for k, v in cfg.items():
         assert info.diffusers_config[k] == v, k
@@ -231,7 +227,7 @@ FP8 = torch.float8_e4m3fn
 
 
 def test_plain_fp8(models, tmp_path):
-    orig = F.original_state_dict(models["t2v"])
+    orig = tiny.original_state_dict(models["t2v"])
     fp8 = {k: (v.to(FP8) if v.ndim >= 2 and not k.endswith("modulation") else v) for k, v in orig.items()}
     path = tmp_path / "fp8.safetensors"
     save_file(fp8, str(path))
@@ -247,7 +243,7 @@ def test_plain_fp8(models, tmp_path):
 @pytest.mark.parametrize("spelling", ["scale_weight", "weight_scale"])
 @pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
 def test_scaled_fp8(spelling, prefix, models, tmp_path):
-    orig = F.original_state_dict(models["t2v"])
+    orig = tiny.original_state_dict(models["t2v"])
     sdq, ref = {"scaled_fp8": torch.zeros(2, dtype=FP8)}, {}
     for i, (k, v) in enumerate(orig.items()):
         if k.endswith(".weight") and v.ndim == 2:
@@ -294,7 +290,7 @@ def test_bad_unknown_layout_and_not_wan(tmp_path):
 
 
 def test_bad_missing_unexpected_shape(models, tmp_path):
-    orig = F.original_state_dict(models["t2v"])
+    orig = tiny.original_state_dict(models["t2v"])
     missing = dict(orig)
     del missing["blocks.1.cross_attn.k.weight"]
     with pytest.raises(ValueError, match=r"missing\.safetensors.*missing keys.*'blocks\.1\.cross_attn\.k\.weight'"):
@@ -325,7 +321,7 @@ def _in_layout(model, layout):
     if layout == "diffusers":
         return {k: v.contiguous().clone() for k, v in model.state_dict().items()}, M.original_to_diffusers_key
     prefix = "model.diffusion_model." if layout == "comfyui" else ""
-    return F.original_state_dict(model, prefix), lambda k: prefix + k
+    return tiny.original_state_dict(model, prefix), lambda k: prefix + k
 
 
 def _refused(sd, path) -> str:
@@ -428,7 +424,7 @@ def test_non_float_tensor_refused(layout, key, dtype, models, tmp_path):
 
 
 def test_bad_truncated_and_corrupt(models, tmp_path):
-    p = F.to_original_file(models["t2v"], tmp_path / "trunc.safetensors")
+    p = tiny.write_original_checkpoint(models["t2v"], tmp_path / "trunc.safetensors")
     data = open(p, "rb").read()
     for cut, name in [(len(data) - 100, "trunc.safetensors"), (20, "short.safetensors"), (4, "tiny.safetensors")]:
         q = tmp_path / name
@@ -452,7 +448,7 @@ def test_bad_nonexistent(tmp_path):
 
 
 def test_inspect_reads_no_tensor_data(models, tmp_path, monkeypatch):
-    p = F.to_original_file(models["flf2v"], tmp_path / "flf.safetensors", prefix="model.diffusion_model.")
+    p = tiny.write_original_checkpoint(models["flf2v"], tmp_path / "flf.safetensors", prefix="model.diffusion_model.")
     _, full = M.load_checkpoint(p)
     import safetensors
     import safetensors.torch
@@ -465,11 +461,11 @@ def test_inspect_reads_no_tensor_data(models, tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "load", boom)
     info = M.inspect_checkpoint(p)
     assert info == full and info.variant == "flf2v" and info.format == "comfyui"
-    assert info.diffusers_config["pos_embed_seq_len"] == 2 * F.IMAGE_TOKENS
+    assert info.diffusers_config["pos_embed_seq_len"] == 2 * tiny.IMAGE_TOKENS
 
 
 def test_iter_checkpoint_reads_only_the_named_tensors(models, tmp_path):
-    path = F.to_original_file(models["t2v"], tmp_path / "t2v.safetensors", prefix="model.diffusion_model.")
+    path = tiny.write_original_checkpoint(models["t2v"], tmp_path / "t2v.safetensors", prefix="model.diffusion_model.")
     wanted = {"blocks.1.ffn.net.0.proj.weight", "condition_embedder.time_proj.bias"}
     info, tensors = M.iter_checkpoint(path, only=wanted)
     got = dict(tensors)

@@ -18,6 +18,7 @@ import pytest
 
 from comfyui_xdit_usp.parallel import ConfigError, WorkerError, WorkerGroup, XDitUSPConfig, tiny, transport
 from procs import group_processes, listening_addresses, processes_with_env, shm_segments, wait_gone, wait_until
+from workflow_utils import BIND_PACK, CLI
 
 SIZE = (3, 6, 10)  # latent frames, h, w: 45 tokens
 
@@ -138,7 +139,7 @@ def test_config_errors_speak_the_interface_words():
 
 
 def cli(*args, env=None, timeout=120):
-    return subprocess.run([sys.executable, "-m", "comfyui_xdit_usp", "run", *args], capture_output=True,
+    return subprocess.run([*CLI, "run", *args], capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
@@ -174,7 +175,7 @@ def test_cli_no_visible_gpu_is_a_user_error():
 
 
 def test_cli_help_shows_the_defaults():
-    r = subprocess.run([sys.executable, "-m", "comfyui_xdit_usp", "run", "--help"], capture_output=True, text=True)
+    r = subprocess.run([*CLI, "run", "--help"], capture_output=True, text=True)
     assert r.returncode == 0
     text = " ".join(r.stdout.split())
     for default in ("(default: 2)", "(default: 3)", "(default: 900.0)", "(default: auto)"):
@@ -183,7 +184,7 @@ def test_cli_help_shows_the_defaults():
 
 
 # ---- 5. nothing left behind ----------------------------------------------------------------------------
-OWNER = """
+OWNER = BIND_PACK + """
 import os, sys, time
 from comfyui_xdit_usp.parallel import WorkerGroup, XDitUSPConfig, tiny
 g = WorkerGroup(XDitUSPConfig(world_size=2, device="cpu", dtype="fp32"), env={env!r})
@@ -250,7 +251,7 @@ def test_a_failed_groups_logs_live_as_long_as_its_owner(tmp_path, ckpt):
 
 def test_ctrl_c_in_the_cli_exits_within_a_second_quietly(tmp_path):
     env = {**os.environ, "TMPDIR": str(tmp_path), "XDIT_USP_FAULT": "forward_sleep@0=600,forward_sleep@1=600"}
-    p = subprocess.Popen([sys.executable, "-m", "comfyui_xdit_usp", "run", "--device", "cpu"],
+    p = subprocess.Popen([*CLI, "run", "--device", "cpu"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         def log_dir():

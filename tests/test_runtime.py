@@ -5,6 +5,7 @@ every world size used) and 45 tokens (divides by none, so padding is exercised).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -18,7 +19,9 @@ import torch
 
 from comfyui_xdit_usp.parallel import Layout, WorkerError, WorkerGroup, XDitUSPConfig
 from comfyui_xdit_usp.parallel import tiny
+from comfyui_xdit_usp.parallel.tiny import rel_err
 from procs import group_processes, wait_gone
+from workflow_utils import BIND_PACK
 
 VARIANTS = tiny.VARIANTS
 SIZES = {"divisible": (2, 8, 8), "padded": (3, 6, 10)}  # latent (frames, h, w) -> 32 and 45 tokens
@@ -58,10 +61,6 @@ def cpu_config(ulysses=0, ring=0, cfg=0, world=None, **kw) -> XDitUSPConfig:
     kw.setdefault("forward_timeout_s", 120)
     return XDitUSPConfig(world_size=world, ulysses_degree=ulysses, ring_degree=ring, cfg_degree=cfg,
                          device="cpu", dtype="fp32", **kw)
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -263,7 +262,7 @@ def test_bad_input_is_rejected_in_the_owner(checkpoints):
     with WorkerGroup(cpu_config(2)) as group:
         group.load("m", checkpoints["t2v"][0])
         kw = tiny.random_inputs("t2v", 2, *SIZES["padded"])
-        kw["hidden_states"] = kw["hidden_states"][:, :8]
+        kw = dataclasses.replace(kw, hidden_states=kw.hidden_states[:, :8])
         with pytest.raises(ValueError, match="8 channels but the t2v model takes 16"):
             group.forward("m", kw)
         assert group.alive
@@ -271,7 +270,7 @@ def test_bad_input_is_rejected_in_the_owner(checkpoints):
 
 def test_no_worker_outlives_a_killed_owner(checkpoints, tmp_path):
     script = tmp_path / "owner.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(BIND_PACK + textwrap.dedent(f"""
         import sys, time
         from comfyui_xdit_usp.parallel import WorkerGroup, XDitUSPConfig
         g = WorkerGroup(XDitUSPConfig(world_size=2, device="cpu", dtype="fp32"))

@@ -1,13 +1,19 @@
-"""Helpers shared by test_nodes.py and test_comfyui_integration.py (no ComfyUI import here)."""
+"""Helpers shared by the tests (no ComfyUI import here): the pack itself, and the example workflow."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
+import runpy
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "example_workflows", "xdit_usp_example.json")
+ENTRY = os.path.join(ROOT, "parallel", "_entry.py")
+# The first statement of any Python code a test runs in a new interpreter: it imports this checkout
+# as `comfyui_xdit_usp` too, whatever is installed under that name.
+BIND_PACK = f"import runpy; runpy.run_path({ENTRY!r})['bind_package']()"
+# The command line job (`python -m comfyui_xdit_usp`, `xdit-usp`) of this checkout.
+CLI = [sys.executable, "-c", BIND_PACK + "; from comfyui_xdit_usp.__main__ import cli; cli()"]
 
 # Native ComfyUI node types the example workflow may use (checked against ComfyUI when available).
 NATIVE_TYPES = {
@@ -18,16 +24,11 @@ OUR_TYPES = {"XDitUSPConfigNode", "XDitUSPWanVideoModelLoader"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 
-def load_pack(name: str = "xdit_usp_pack_under_test"):
-    """Import the pack's __init__.py the way ComfyUI does (a package from a folder path)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "__init__.py"),
-                                                  submodule_search_locations=[ROOT])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+def load_pack():
+    """This checkout as the package `comfyui_xdit_usp`, its __init__ run (parallel/_entry.py's
+    `bind_package`, which the workers and the benchmarks use too). tests/conftest.py calls it first,
+    so every test imports the pack's modules under that one name."""
+    return runpy.run_path(ENTRY)["bind_package"]()
 
 
 def load_example() -> dict:
