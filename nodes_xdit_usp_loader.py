@@ -59,7 +59,8 @@ class XDitUSPConfigNode(io.ComfyNode):
             ],
             outputs=[
                 XDitUSPConfigType.Output(
-                    "xdit_usp_config", tooltip="The worker group layout; connect it to an XDit+USP WanVideo Model Loader."),
+                    "xdit_usp_config", display_name="xdit_usp_config",  # before 0.8.0 ComfyUI named outputs by display_name only
+                    tooltip="The worker group layout; connect it to an XDit+USP WanVideo Model Loader."),
             ],
         )
 
