@@ -510,6 +510,24 @@ def test_old_model_reloads_on_use_after_its_group_was_replaced(runner):
     assert err < 5e-2  # the low expert computes in bf16
 
 
+def test_weight_hook_fails_loudly(runner):
+    """A LoRA hook on the conditioning (CreateHookLora -> Cond Set Props) would patch this process's
+    meta weights, i.e. do nothing: the sampler fails with an error that says what to use instead,
+    and the model keeps working without the hook."""
+    p = t2v_graph(True, steps=2, seed=41)
+    p["hook"] = {"class_type": "CreateHookLora",
+                 "inputs": {"lora_name": "tiny_lora.safetensors", "strength_model": 1.0, "strength_clip": 1.0}}
+    p["hooked"] = {"class_type": "ConditioningSetProperties",
+                   "inputs": {"cond_NEW": ["pos", 0], "strength": 1.0, "set_cond_area": "default", "hooks": ["hook", 0]}}
+    p["ks"]["inputs"]["positive"] = ["hooked", 0]
+    with pytest.raises(H.ExecutionFailed) as ei:
+        _latent(runner, p)
+    assert ei.value.data.get("node_type") == "KSampler", ei.value
+    assert "weight hooks" in ei.value.message and "LoraLoaderModelOnly" in ei.value.message, ei.value
+    out = _latent(runner, t2v_graph(True, steps=2, seed=41))
+    assert _rel(out, _latent(runner, t2v_graph(False, steps=2, seed=41))) < TOL
+
+
 def test_failed_load_leaves_no_group(runner, monkeypatch):
     """Every rank raises while loading (the group stays healthy, which used to leave it running
     with nothing loaded): the loader node fails and no group or process is left."""
