@@ -11,11 +11,13 @@ Imported only inside ComfyUI (it subclasses ComfyUI classes). What ComfyUI sees:
              memory; state_dict() has every `diffusion_model.<original Wan key>` so LoRA keys map),
              whose forward takes the native Wan arguments and runs one forward on the worker group.
 
-Weights are never patched in this process: at load time (partially_load / load / patch_model, as
-load_models_gpu calls them) the patcher's LoRA patches are sent to the workers as low-rank factors
-(group.set_lora), so a LoRA or strength change never reloads the base weights. Unloading the model
-in ComfyUI (detach, from free_memory / unload_all_models) unloads it from the workers
-(group.unload) and closes every worker group left with no model; the next use loads it again.
+ComfyUI's own ModelPatcher.load / partially_load / unpatch_model / detach run on it unchanged:
+no module of this process holds a weight for them to move or patch. The worker side hangs on
+ComfyUI's patcher callbacks (CallbacksMP): ON_LOAD loads the model on the workers if needed and
+sends the patcher's LoRA patches as low-rank factors (group.set_lora), so a LoRA or strength change
+never reloads the base weights; ON_DETACH (free_memory / unload_all_models) unloads it from the
+workers (group.unload) and closes every worker group left with no model; the next use loads it
+again. Weight hooks (CreateHookLora ...) cannot be applied on the workers: registering one raises.
 
 One worker group per set of GPUs: loading on a config whose GPUs overlap a running group of another
 config (a changed Config node, another weight_dtype) closes that group first. A MODEL built on the
@@ -24,7 +26,7 @@ group then on those GPUs). A load that fails closes its group unless other model
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import math
 import os
@@ -40,7 +42,6 @@ import comfy.model_detection
 import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension
-import comfy.utils
 from comfy.patcher_extension import CallbacksMP
 
 from .parallel import WorkerError, WorkerGroup, XDitUSPConfig
@@ -62,23 +63,28 @@ PREFIX = "diffusion_model."
 
 
 # ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class RemoteStats:
+    """What a RemoteWanModel did, for logs and tests."""
+    loads: int = 0  # checkpoint loads on the workers
+    lora_sends: int = 0  # LoRA states sent (an unchanged state is not sent)
+    forwards: int = 0  # forwards run
+    last_batch: int = 0  # batch of the last forward (cond+uncond batched -> 2)
+
+
 # The model as the worker group holds it, shared by every patcher (clones, two loader nodes) that
 # uses the same file with the same config.
 class RemoteWanModel:
-    def __init__(self, config: XDitUSPConfig, path: str, ckpt: CheckpointInfo):
+    def __init__(self, config: XDitUSPConfig, path: str):
         self.config = config
         self.path = path
         self.key = path
-        self.ckpt = ckpt
-        self.info: Optional[dict] = None
+        self.info: Optional[Loaded] = None
         # LoRA state on the workers: ((ComfyUI key, ((strength, patch, strength_model, offset,
         # function), ...)), ...), patch objects compared by identity; () = base weights.
         self.lora_state: tuple = ()
         self.lora_patches: dict = {}  # the patches dict last applied (re-applied after a reload)
-        self.lora_sends = 0  # how many times set_lora was called (tests check skipping)
-        self.loads = 0
-        self.calls = 0  # forwards run, and the batch of the last one (cond+uncond batched -> 2)
-        self.last_batch = 0
+        self.stats = RemoteStats()
         self.users = 0  # live ComfyUI models built on this (their clones share them)
 
     @property
@@ -96,7 +102,7 @@ class RemoteWanModel:
         if not self.loaded:
             log.info("xDiT-USP: loading %s on %d worker(s)", os.path.basename(self.path), self.config.world_size)
             self.info = load_model(self.config, self.key, self.path, on_evict=self._log_eviction)
-            self.loads += 1
+            self.stats.loads += 1
             self.lora_state = ()  # fresh base weights
         return self.info
 
@@ -131,7 +137,7 @@ class RemoteWanModel:
         self.group.set_lora(self.key, worker_patches)
         self.lora_state = state
         self.lora_patches = patches
-        self.lora_sends += 1
+        self.stats.lora_sends += 1
         return True
 
 
@@ -161,13 +167,19 @@ def reap_orphans():
             r.unload()
 
 
-def get_remote(config: XDitUSPConfig, path: str, ckpt: CheckpointInfo) -> RemoteWanModel:
+def get_remote(config: XDitUSPConfig, path: str) -> RemoteWanModel:
     key = (config.to_json(), os.path.abspath(path))
     with _remotes_lock:
         r = _remotes.get(key)
         if r is None:
-            r = _remotes[key] = RemoteWanModel(config, os.path.abspath(path), ckpt)
+            r = _remotes[key] = RemoteWanModel(config, os.path.abspath(path))
         return r
+
+
+def remote_models() -> list[RemoteWanModel]:
+    """Every model built by a loader node in this process, loaded on its workers or not."""
+    with _remotes_lock:
+        return list(_remotes.values())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,8 +356,8 @@ class XDitUSPWanProxy(torch.nn.Module):
             ))
         except WorkerError as e:
             raise WorkerError(f"xDiT-USP worker rank {e.rank} failed: {e}", rank=e.rank) from e
-        remote.calls += 1
-        remote.last_batch = bs
+        remote.stats.forwards += 1
+        remote.stats.last_batch = bs
         return out.to(x.device)[:, :, :t, :h, :w]
 
 
@@ -376,101 +388,58 @@ def _remote_class(cls: type) -> type:
 
 
 class XDitUSPModelPatcher(comfy.model_patcher.ModelPatcher):
-    """A ModelPatcher whose weights live in the worker group: loading syncs LoRA patches to the
-    workers, unloading frees the workers' copy. Nothing is ever patched in this process."""
+    """A ModelPatcher whose weights live in the worker group. ComfyUI's own load, partially_load,
+    unpatch_model and detach run on it: with no weight in this process (_load_list is empty) they
+    only keep ComfyUI's bookkeeping, and the callbacks build_model_patcher registers do the
+    workers' part (clones inherit them)."""
 
     @property
     def remote(self) -> RemoteWanModel:
         return self.model.diffusion_model.remote
 
-    def is_dynamic(self):
-        return False
-
-    def model_size(self):
-        return PROXY_SIZE
-
-    def loaded_size(self):
-        return self.model.model_loaded_weight_memory
-
-    def _restore_object_patches(self):
-        for k in list(self.object_patches_backup.keys()):
-            comfy.utils.set_attr(self.model, k, self.object_patches_backup[k])
-        self.object_patches_backup.clear()
-
-    def _check_hooks(self):
-        if self.hook_patches:
-            raise ValueError("xDiT-USP: weight hooks (e.g. CreateHookLora) are not supported; use LoraLoaderModelOnly")
-
-    def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
-        with self.use_ejected():
-            self._check_hooks()
-            reap_orphans()
-            remote = self.remote
-            remote.ensure_loaded()
-            remote.apply_patches(self.patches)
-            if device_to is not None:
-                self.model.device = device_to
-            self.model.model_lowvram = False
-            self.model.lowvram_patch_counter = 0
-            self.model.model_loaded_weight_memory = self.model_size()
-            self.model.model_offload_buffer_memory = 0
-            self.model.current_weight_patches_uuid = self.patches_uuid
-            for callback in self.get_all_callbacks(CallbacksMP.ON_LOAD):
-                callback(self, device_to, lowvram_model_memory, force_patch_weights, full_load)
-
-    def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
-        with self.use_ejected(skip_and_inject_on_exit_only=True):
-            before = self.model.model_loaded_weight_memory
-            self._restore_object_patches()
-            self.patch_model(device_to, load_weights=True)  # object patches, then our load()
-            return self.model.model_loaded_weight_memory - before
+    def _load_list(self, for_dynamic=False, default_device=None):
+        return []  # the proxy's parameters are meta tensors; the weights are on the workers
 
     def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
-        return 0  # all or nothing: ComfyUI then detaches, which unloads from the workers
-
-    def unpatch_model(self, device_to=None, unpatch_weights=True):
-        # ComfyUI unpatches to switch patch sets too (a LoRA added, a strength changed): the base
-        # weights stay on the workers and the next load() sends the new LoRA state. Freeing the
-        # workers' memory is detach()'s job.
-        self.eject_model()
-        if unpatch_weights:
-            self.unpatch_hooks()
-            self.model.model_lowvram = False
-            self.model.lowvram_patch_counter = 0
-            self.model.current_weight_patches_uuid = None
-            self.model.model_loaded_weight_memory = 0
-            self.model.model_offload_buffer_memory = 0
-            if device_to is not None:
-                self.model.device = device_to
-        self._restore_object_patches()
-
-    def detach(self, unpatch_all=True):
-        """detach(True) is ComfyUI freeing this model's memory (LoadedModel.model_unload, from
-        free_memory / unload_all_models): unload it from the workers, then close every worker group
-        left with no model (its processes and their CUDA contexts); the next use loads it again.
-        detach(False) is a clone being garbage-collected (ModelPatcher.__del__), or replaced by a
-        clone about to load: the other clones still use the workers' copy, and the last one going
-        is handled by reap_orphans()."""
-        model = super().detach(unpatch_all)
-        if unpatch_all:
-            self.remote.unload()
-        reap_orphans()
-        if unpatch_all:
-            for g in close_idle_groups():
-                log.info("xDiT-USP: closed the idle worker group of %s", _describe(g.config))
-        return model
+        return 0  # all or nothing: ComfyUI then detaches, which unloads from the workers (ON_DETACH)
 
     def patch_weight_to_device(self, key, device_to=None, inplace_update=False, return_weight=False, force_cast=False):
         raise RuntimeError(f"xDiT-USP: weights live in the worker group; {key} cannot be patched in ComfyUI's process")
 
-    def pin_weight_to_device(self, key):
-        pass
 
-    def unpin_weight(self, key):
-        pass
+CALLBACK_KEY = "xdit_usp"
 
-    def unpin_all_weights(self):
-        pass
+
+def _refuse_weight_hooks(patcher: XDitUSPModelPatcher, *args):
+    """CallbacksMP.ON_REGISTER_ALL_HOOK_PATCHES / ON_LOAD: weight hooks would be applied to this
+    process's meta weights, i.e. not at all; say so instead."""
+    if patcher.hook_patches:
+        raise ValueError("xDiT-USP: weight hooks (CreateHookLora, CreateHookModelAsLora ...) cannot be applied on the "
+                         "worker group; apply the LoRA with LoraLoaderModelOnly instead")
+
+
+def _on_load(patcher: XDitUSPModelPatcher, device_to, lowvram_model_memory, force_patch_weights, full_load):
+    """CallbacksMP.ON_LOAD: the model on the workers, with this patcher's LoRA patches."""
+    _refuse_weight_hooks(patcher)
+    reap_orphans()
+    remote = patcher.remote
+    remote.ensure_loaded()
+    remote.apply_patches(patcher.patches)
+
+
+def _on_detach(patcher: XDitUSPModelPatcher, unpatch_all: bool):
+    """CallbacksMP.ON_DETACH. detach(True) is ComfyUI freeing this model's memory
+    (LoadedModel.model_unload, from free_memory / unload_all_models): unload it from the workers,
+    then close every worker group left with no model (its processes and their CUDA contexts); the
+    next use loads it again. detach(False) is a clone being garbage-collected
+    (ModelPatcher.__del__), or replaced by a clone about to load: the other clones still use the
+    workers' copy, and the last one going is handled by reap_orphans()."""
+    if unpatch_all:
+        patcher.remote.unload()
+    reap_orphans()
+    if unpatch_all:
+        for g in close_idle_groups():
+            log.info("xDiT-USP: closed the idle worker group of %s", _describe(g.config))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,7 +484,7 @@ def build_model_patcher(config: XDitUSPConfig, path: str, ckpt: CheckpointInfo) 
     if not isinstance(base, comfy.model_base.WAN21):
         raise ValueError(f"{os.path.basename(path)}: ComfyUI builds {type(base).__name__}, not a Wan model")
 
-    remote = get_remote(config, path, ckpt)
+    remote = get_remote(config, path)
     remote.users += 1  # before reaping: a re-run loader must not unload the model it is about to use
     reap_orphans()
     try:
@@ -538,11 +507,8 @@ def build_model_patcher(config: XDitUSPConfig, path: str, ckpt: CheckpointInfo) 
     load_device = comfy.model_management.get_torch_device()
     offload_device = comfy.model_management.unet_offload_device()
     patcher = XDitUSPModelPatcher(base, load_device=load_device, offload_device=offload_device, size=PROXY_SIZE)
-    # loaded already (eagerly, above): tell ComfyUI it is, at no cost
+    patcher.add_callback_with_key(CallbacksMP.ON_LOAD, CALLBACK_KEY, _on_load)
+    patcher.add_callback_with_key(CallbacksMP.ON_DETACH, CALLBACK_KEY, _on_detach)
+    patcher.add_callback_with_key(CallbacksMP.ON_REGISTER_ALL_HOOK_PATCHES, CALLBACK_KEY, _refuse_weight_hooks)
     return patcher
 
-
-def describe(patcher) -> dict:
-    """Small summary for logs/tests."""
-    r = patcher.remote
-    return {"key": r.key, "config": json.loads(r.config.to_json()), "info": r.info, "lora_sends": r.lora_sends}

@@ -352,27 +352,27 @@ def test_lora_matches_native_and_strength_change_does_not_reload(runner):
     native = _latent(runner, t2v_graph(False, lora=1.0))
     g = _group()
     launches = g.launches
-    remote = next(r for r in XM._remotes.values() if r.key.endswith("tiny_t2v.safetensors")
+    remote = next(r for r in XM.remote_models() if r.key.endswith("tiny_t2v.safetensors")
                   and r.config.cfg_degree == 0)
-    sends, loads = remote.lora_sends, remote.loads
+    sends, loads = remote.stats.lora_sends, remote.stats.loads
     ours = _latent(runner, t2v_graph(True, lora=1.0))
     err = _rel(ours, native)
     RESULTS["lora"] = err
     print(f"\nLoRA max rel err vs native: {err:.3g}; LoRA effect {_rel(ours, base):.3g}")
     assert _rel(ours, base) > 1e-2, "the LoRA should change the output noticeably"
     assert err < TOL
-    assert remote.lora_sends == sends + 1
+    assert remote.stats.lora_sends == sends + 1
     # a strength change sends new factors only: same group, no new load
     native_half = _latent(runner, t2v_graph(False, lora=0.5))
     ours_half = _latent(runner, t2v_graph(True, lora=0.5))
     assert _rel(ours_half, native_half) < TOL
-    assert remote.lora_sends == sends + 2 and g.launches == launches
-    assert remote.loads == loads, "a LoRA or strength change must not reload the base weights"
+    assert remote.stats.lora_sends == sends + 2 and g.launches == launches
+    assert remote.stats.loads == loads, "a LoRA or strength change must not reload the base weights"
     # same strength again: nothing sent; removing the LoRA restores the base weights on the workers
     _latent(runner, t2v_graph(True, lora=0.5, steps=2))
-    assert remote.lora_sends == sends + 2
+    assert remote.stats.lora_sends == sends + 2
     again = _latent(runner, t2v_graph(True))
-    assert _rel(again, base) < 1e-6 and remote.lora_sends == sends + 3
+    assert _rel(again, base) < 1e-6 and remote.stats.lora_sends == sends + 3
 
 
 def test_i2v_matches_native(runner):
@@ -422,8 +422,8 @@ def test_sampler_custom_advanced(runner):
     err = _rel(ours, native)
     RESULTS["SamplerCustomAdvanced"] = err
     assert err < TOL
-    remote = next(r for r in XM._remotes.values() if r.key.endswith("tiny_t2v.safetensors") and r.config.cfg_degree == 0)
-    assert remote.last_batch == 2, "ComfyUI should batch cond and uncond into one forward (our memory_required is small)"
+    remote = next(r for r in XM.remote_models() if r.key.endswith("tiny_t2v.safetensors") and r.config.cfg_degree == 0)
+    assert remote.stats.last_batch == 2, "ComfyUI should batch cond and uncond into one forward (our memory_required is small)"
 
 
 def test_two_experts_share_one_group(runner):
@@ -450,8 +450,8 @@ def test_unload_closes_the_idle_group_and_next_run_relaunches(runner, free):
     _latent(runner, t2v_graph(True, seed=seed))
     g = _group()
     key = next(k for k in g.models if k.endswith("tiny_t2v.safetensors"))
-    remote = next(r for r in XM._remotes.values() if r.key == key and r.config.cfg_degree == 0)
-    loads, launches = remote.loads, g.launches
+    remote = next(r for r in XM.remote_models() if r.key == key and r.config.cfg_degree == 0)
+    loads, launches = remote.stats.loads, g.launches
     procs = len(H.worker_processes())
     assert procs >= 3  # torchrun's agent, 2 ranks (and what the ranks started)
     gc.collect()  # models of earlier prompts (i2v, the second expert) are now garbage: reaped below
@@ -464,7 +464,7 @@ def test_unload_closes_the_idle_group_and_next_run_relaunches(runner, free):
     assert H.wait_worker_processes(0) == []
     again = _latent(runner, t2v_graph(True, seed=seed + 1))  # (a new seed: ComfyUI would reuse a cached result)
     g = _group()
-    assert key in g.models and remote.loads == loads + 1 and g.launches == 1 and launches == 1
+    assert key in g.models and remote.stats.loads == loads + 1 and g.launches == 1 and launches == 1
     assert len(H.worker_processes()) == procs
     assert _rel(again, _latent(runner, t2v_graph(False, seed=seed + 1))) < TOL
 
@@ -493,21 +493,39 @@ def test_old_model_reloads_on_use_after_its_group_was_replaced(runner):
     cannot both run: using the expert whose group was closed starts its group and loads it again (a
     warning says so). Old MODELs keep working, one group runs at a time, results match native."""
     def remote(dtype, name):
-        return next(r for r in XM._remotes.values() if os.path.basename(r.key) == name
+        return next(r for r in XM.remote_models() if os.path.basename(r.key) == name
                     and r.config.cfg_degree == 0 and r.config.dtype == dtype and r.config.world_size == 2)
 
     _latent(runner, two_expert_graph(True, low_dtype="bf16"), "ks2")
     assert [g.config.dtype for g in _running_groups()] == ["bf16"]
     procs = len(H.worker_processes())
     high, low = remote("fp32", "tiny_t2v.safetensors"), remote("bf16", "tiny_t2v_low.safetensors")
-    loads = high.loads, low.loads
+    loads = high.stats.loads, low.stats.loads
     # a new seed: both loaders' MODELs come from ComfyUI's cache, built on groups closed since
     ours = _latent(runner, two_expert_graph(True, low_dtype="bf16", seed=12), "ks2")
-    assert (high.loads, low.loads) == (loads[0] + 1, loads[1] + 1)
+    assert (high.stats.loads, low.stats.loads) == (loads[0] + 1, loads[1] + 1)
     assert [g.config.dtype for g in _running_groups()] == ["bf16"] and len(H.worker_processes()) == procs
     err = _rel(ours, _latent(runner, two_expert_graph(False, seed=12), "ks2"))
     print(f"\ntwo experts, low in bf16, vs native fp32: max rel err {err:.3g}")
     assert err < 5e-2  # the low expert computes in bf16
+
+
+def test_weight_hook_fails_loudly(runner):
+    """A LoRA hook on the conditioning (CreateHookLora -> Cond Set Props) would patch this process's
+    meta weights, i.e. do nothing: the sampler fails with an error that says what to use instead,
+    and the model keeps working without the hook."""
+    p = t2v_graph(True, steps=2, seed=41)
+    p["hook"] = {"class_type": "CreateHookLora",
+                 "inputs": {"lora_name": "tiny_lora.safetensors", "strength_model": 1.0, "strength_clip": 1.0}}
+    p["hooked"] = {"class_type": "ConditioningSetProperties",
+                   "inputs": {"cond_NEW": ["pos", 0], "strength": 1.0, "set_cond_area": "default", "hooks": ["hook", 0]}}
+    p["ks"]["inputs"]["positive"] = ["hooked", 0]
+    with pytest.raises(H.ExecutionFailed) as ei:
+        _latent(runner, p)
+    assert ei.value.data.get("node_type") == "KSampler", ei.value
+    assert "weight hooks" in ei.value.message and "LoraLoaderModelOnly" in ei.value.message, ei.value
+    out = _latent(runner, t2v_graph(True, steps=2, seed=41))
+    assert _rel(out, _latent(runner, t2v_graph(False, steps=2, seed=41))) < TOL
 
 
 def test_failed_load_leaves_no_group(runner, monkeypatch):
@@ -606,11 +624,11 @@ def test_model_object_contract_and_clear_errors(models_dir):
     import comfy.model_patcher
     from comfy.weight_adapter import LoHaAdapter
 
-    (cfg,) = NODES.NODE_CLASS_MAPPINGS["XDitUSPConfigNode"]().create(
+    (cfg,) = NODES.NODE_CLASS_MAPPINGS["XDitUSPConfigNode"].execute(
         gpus=2, ulysses_degree=0, ring_degree=0, cfg_degree=0, dtype="fp32", attention_backend="auto",
-        gpu_memory_fraction=1.0, device="cpu")
-    loader = NODES.NODE_CLASS_MAPPINGS["XDitUSPWanVideoModelLoader"]()
-    (model,) = loader.load("tiny_vace.safetensors", "default", cfg)
+        gpu_memory_fraction=1.0, device="cpu").result
+    loader = NODES.NODE_CLASS_MAPPINGS["XDitUSPWanVideoModelLoader"]
+    (model,) = loader.execute("tiny_vace.safetensors", "default", cfg).result
     assert isinstance(model, comfy.model_patcher.ModelPatcher)
     assert isinstance(model.model, comfy.model_base.WAN21_Vace)
     dm = model.model.diffusion_model
@@ -665,9 +683,9 @@ def test_progress_per_step_and_cancel_within_one_step(runner, monkeypatch):
     _latent(runner, t2v_graph(True, steps=2))  # warm: loaded
     g = _group()
     launches = g.launches
-    remote = next(r for r in XM._remotes.values() if r.key.endswith("tiny_t2v.safetensors")
+    remote = next(r for r in XM.remote_models() if r.key.endswith("tiny_t2v.safetensors")
                   and r.config.cfg_degree == 0 and r.config.world_size == 2)
-    calls = remote.calls
+    forwards = remote.stats.forwards
     seen = []
 
     def hook(value, total, preview=None, node_id=None, **kw):
@@ -684,7 +702,7 @@ def test_progress_per_step_and_cancel_within_one_step(runner, monkeypatch):
         mm.interrupt_current_processing(False)
     assert any(e == "execution_interrupted" for e, _ in runner.server.messages)
     assert seen[:2] == [(1, 8), (2, 8)]  # one progress update per step
-    assert remote.calls - calls == 2  # one batched cond+uncond forward per step; none after Cancel
+    assert remote.stats.forwards - forwards == 2  # one batched cond+uncond forward per step; none after Cancel
     monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", None)
     out = _latent(runner, t2v_graph(True, steps=2))
     assert torch.isfinite(out).all() and g.alive and g.launches == launches

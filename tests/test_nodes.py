@@ -1,5 +1,6 @@
-"""Node definitions and the example workflow; runs without ComfyUI (CI). With COMFYUI_DIR set and
-ComfyUI importable, the workflow's native node types are also checked against ComfyUI's own."""
+"""The pack's import outside ComfyUI and the example workflow's structure (no ComfyUI needed); with
+COMFYUI_DIR set and ComfyUI importable: the V3 node schemas, the interface saved workflows rely on,
+the workflow's node types against ComfyUI's own, and every ComfyUI API the pack relies on."""
 from __future__ import annotations
 
 import os
@@ -12,14 +13,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import workflow_utils as W  # noqa: E402
 
 pack = W.load_pack()
-NODES = pack.NODE_CLASS_MAPPINGS
 
 
 def test_import_without_comfyui_imports_no_comfy():
     code = (
-        "import sys; sys.path.insert(0, %r); import workflow_utils as W; p = W.load_pack(); "
-        "assert set(p.NODE_CLASS_MAPPINGS) == W.OUR_TYPES, p.NODE_CLASS_MAPPINGS; "
-        "bad = [m for m in ('comfy', 'folder_paths', 'nodes', 'diffusers') if m in sys.modules]; "
+        "import inspect, sys; sys.path.insert(0, %r); import workflow_utils as W; p = W.load_pack(); "
+        "assert inspect.iscoroutinefunction(p.comfy_entrypoint); "
+        "assert not hasattr(p, 'NODE_CLASS_MAPPINGS'), 'a V1 mapping would hide comfy_entrypoint from ComfyUI'; "
+        "bad = [m for m in ('comfy', 'comfy_api', 'folder_paths', 'nodes', 'diffusers') if m in sys.modules]; "
         "assert not bad, bad; print('ok')"
     ) % os.path.dirname(os.path.abspath(__file__))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -27,66 +28,98 @@ def test_import_without_comfyui_imports_no_comfy():
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
 
 
-def test_mappings():
-    assert set(NODES) == W.OUR_TYPES
-    assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == set(NODES)
-    assert pack.NODE_DISPLAY_NAME_MAPPINGS["XDitUSPConfigNode"] == "XDit+USP Config"
-    assert pack.NODE_DISPLAY_NAME_MAPPINGS["XDitUSPWanVideoModelLoader"] == "XDit+USP WanVideo Model Loader"
+# ------------------------------------------------------------------- against ComfyUI, when present
+def _comfy_nodes():
+    if not os.environ.get("COMFYUI_DIR"):
+        pytest.skip("COMFYUI_DIR is not set: the V3 nodes need ComfyUI's comfy_api")
+    try:
+        import comfy_harness
+    except ImportError as e:  # pragma: no cover
+        pytest.skip(f"ComfyUI not importable: {e}")
+    try:
+        return comfy_harness.boot()
+    except comfy_harness.ComfyUnavailable as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def nodes():
+    return _comfy_nodes()
+
+
+def test_registered_through_comfy_entrypoint(nodes):
+    for name in W.OUR_TYPES:
+        assert nodes.NODE_CLASS_MAPPINGS[name].GET_SCHEMA().node_id == name
+    assert nodes.NODE_DISPLAY_NAME_MAPPINGS["XDitUSPConfigNode"] == "XDit+USP Config"
+    assert nodes.NODE_DISPLAY_NAME_MAPPINGS["XDitUSPWanVideoModelLoader"] == "XDit+USP WanVideo Model Loader"
 
 
 @pytest.mark.parametrize("name", sorted(W.OUR_TYPES))
-def test_node_class_contract(name):
-    cls = NODES[name]
-    it = cls.INPUT_TYPES()
-    assert isinstance(it, dict) and "required" in it and set(it) <= {"required", "optional", "hidden"}
-    for section in ("required", "optional"):
-        for inp, spec in it.get(section, {}).items():
-            assert isinstance(spec, tuple) and 1 <= len(spec) <= 2, (inp, spec)
-            assert isinstance(spec[0], (str, list)), (inp, spec)
-            if len(spec) == 2:
-                assert isinstance(spec[1], dict)
-                opts = spec[1]
-                if isinstance(spec[0], list) and "default" in opts:
-                    assert opts["default"] in spec[0]
-                if spec[0] in ("INT", "FLOAT") and "default" in opts:
-                    assert opts.get("min", -1e30) <= opts["default"] <= opts.get("max", 1e30)
-    assert isinstance(cls.RETURN_TYPES, tuple) and all(isinstance(t, str) for t in cls.RETURN_TYPES)
-    if hasattr(cls, "RETURN_NAMES"):
-        assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES)
-    assert callable(getattr(cls, cls.FUNCTION))
-    assert cls.CATEGORY == "WanVideo/xDiT-USP"
-    # the function takes exactly the declared inputs
+def test_node_schema(nodes, name):
     import inspect
 
-    params = set(inspect.signature(getattr(cls, cls.FUNCTION)).parameters) - {"self"}
-    assert params == set(it["required"]) | set(it.get("optional", {}))
+    cls = nodes.NODE_CLASS_MAPPINGS[name]
+    schema = cls.GET_SCHEMA()
+    assert schema.category == "WanVideo/xDiT-USP" and schema.description
+    for i in schema.inputs:
+        assert i.tooltip, f"{name} input {i.id} has no tooltip"
+        opts = i.as_dict()
+        if "options" in opts and "default" in opts:
+            assert opts["default"] in opts["options"], i.id
+        if "min" in opts and "default" in opts:
+            assert opts["min"] <= opts["default"] <= opts["max"], i.id
+    for o in schema.outputs:
+        assert o.tooltip, f"{name} output {o.id} has no tooltip"
+    params = set(inspect.signature(cls.execute).parameters)
+    assert params == {i.id for i in schema.inputs}
 
 
-def test_config_node_builds_and_validates():
-    node = NODES["XDitUSPConfigNode"]()
-    (cfg,) = node.create(gpus=2, ulysses_degree=0, ring_degree=0, cfg_degree=0, dtype="fp32",
-                         attention_backend="auto", gpu_memory_fraction=1.0, device="cpu")
+# Node ids, input names and order, and output types are what saved workflows refer to.
+SAVED_INTERFACE = {
+    "XDitUSPConfigNode": (["gpus", "ulysses_degree", "ring_degree", "cfg_degree", "dtype", "attention_backend",
+                           "gpu_memory_fraction", "device"], ["XDIT_USP_CONFIG"], ["xdit_usp_config"]),
+    "XDitUSPWanVideoModelLoader": (["unet_name", "weight_dtype", "xdit_usp_config"], ["MODEL"], ["MODEL"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(W.OUR_TYPES))
+def test_saved_workflow_interface_unchanged(nodes, name):
+    cls = nodes.NODE_CLASS_MAPPINGS[name]
+    info = cls.GET_NODE_INFO_V1()
+    inputs, types, names = SAVED_INTERFACE[name]
+    assert info["input_order"] == {"required": inputs}
+    assert list(info["output"]) == types and list(info["output_name"]) == names
+
+
+def test_config_node_builds_and_validates(nodes):
+    node = nodes.NODE_CLASS_MAPPINGS["XDitUSPConfigNode"]
+
+    def create(**kw):
+        return node.execute(**kw).result
+
+    (cfg,) = create(gpus=2, ulysses_degree=0, ring_degree=0, cfg_degree=0, dtype="fp32",
+                    attention_backend="auto", gpu_memory_fraction=1.0, device="cpu")
     assert cfg.world_size == 2 and cfg.device == "cpu" and cfg.dtype == "fp32"
     assert str(cfg.resolve(2)) == "cfg2xulysses1xring1"
     with pytest.raises(ValueError, match="Degrees that multiply to 4"):
-        node.create(gpus=4, ulysses_degree=3, ring_degree=0, cfg_degree=0, dtype="bf16",
-                    attention_backend="auto", gpu_memory_fraction=1.0, device="cpu")
+        create(gpus=4, ulysses_degree=3, ring_degree=0, cfg_degree=0, dtype="bf16",
+               attention_backend="auto", gpu_memory_fraction=1.0, device="cpu")
     with pytest.raises(ValueError, match="gpu_memory_fraction"):
-        node.create(gpus=1, ulysses_degree=0, ring_degree=0, cfg_degree=0, dtype="bf16",
-                    attention_backend="auto", gpu_memory_fraction=1.5, device="cpu")
+        create(gpus=1, ulysses_degree=0, ring_degree=0, cfg_degree=0, dtype="bf16",
+               attention_backend="auto", gpu_memory_fraction=1.5, device="cpu")
     import torch
 
     if torch.cuda.device_count() < 64:
         with pytest.raises(ValueError, match="CUDA device"):
-            node.create(gpus=64, ulysses_degree=0, ring_degree=0, cfg_degree=0, dtype="bf16",
-                        attention_backend="auto", gpu_memory_fraction=1.0, device="cuda")
+            create(gpus=64, ulysses_degree=0, ring_degree=0, cfg_degree=0, dtype="bf16",
+                   attention_backend="auto", gpu_memory_fraction=1.0, device="cuda")
 
 
-def test_loader_inputs_without_comfyui():
-    it = NODES["XDitUSPWanVideoModelLoader"].INPUT_TYPES()["required"]
-    assert isinstance(it["unet_name"][0], list)
-    assert it["xdit_usp_config"][0] == "XDIT_USP_CONFIG" == NODES["XDitUSPConfigNode"].RETURN_TYPES[0]
-    assert "default" in it["weight_dtype"][0]
+def test_loader_inputs(nodes):
+    it = nodes.NODE_CLASS_MAPPINGS["XDitUSPWanVideoModelLoader"].INPUT_TYPES()["required"]
+    assert it["unet_name"][0] == "COMBO" and isinstance(it["unet_name"][1]["options"], list)
+    assert it["xdit_usp_config"][0] == "XDIT_USP_CONFIG" == nodes.NODE_CLASS_MAPPINGS["XDitUSPConfigNode"].RETURN_TYPES[0]
+    assert "default" in it["weight_dtype"][1]["options"]
 
 
 # ---------------------------------------------------------------------------------------- workflow
@@ -124,7 +157,8 @@ def test_example_links_are_consistent():
             assert all(l in ids for l in o.get("links") or [])
 
 
-def test_example_our_nodes_match_their_classes():
+def test_example_our_nodes_match_their_classes(nodes):
+    NODES = nodes.NODE_CLASS_MAPPINGS
     wf = _workflow()
     for n in wf["nodes"]:
         if n["type"] not in W.OUR_TYPES:
@@ -137,8 +171,9 @@ def test_example_our_nodes_match_their_classes():
         widgets = [(name, spec) for name, spec in specs.items() if W.is_widget(spec)]
         assert len(n["widgets_values"]) == len(widgets)
         for (name, spec), v in zip(widgets, n["widgets_values"]):
-            if isinstance(spec[0], list) and spec[0]:
-                assert v in spec[0], (name, v)
+            options = spec[1].get("options") if len(spec) > 1 else None
+            if options:
+                assert v in options, (name, v)
     api = W.ui_to_api(wf, {k: NODES[k] for k in W.OUR_TYPES} | {t: _Stub for t in W.NATIVE_TYPES})
     cfg = api["1"]["inputs"]
     assert cfg["gpus"] == 2 and cfg["ulysses_degree"] == 0 and cfg["ring_degree"] == 0 and cfg["cfg_degree"] == 0
@@ -166,22 +201,7 @@ def test_example_defaults():
     assert len(by_type["CLIPTextEncode"]) == 2
 
 
-# ------------------------------------------------------------------- against ComfyUI, when present
-def _comfy_nodes():
-    if not os.environ.get("COMFYUI_DIR"):
-        pytest.skip("COMFYUI_DIR is not set: native node types checked against the explicit list only")
-    try:
-        import comfy_harness
-    except ImportError as e:  # pragma: no cover
-        pytest.skip(f"ComfyUI not importable: {e}")
-    try:
-        return comfy_harness.boot()
-    except comfy_harness.ComfyUnavailable as e:
-        pytest.skip(str(e))
-
-
-def test_example_native_types_exist_in_comfyui():
-    nodes = _comfy_nodes()
+def test_example_native_types_exist_in_comfyui(nodes):
     wf = _workflow()
     for t in W.NATIVE_TYPES:
         assert t in nodes.NODE_CLASS_MAPPINGS, t
@@ -197,3 +217,91 @@ def test_example_native_types_exist_in_comfyui():
 
     ks = next(n for n in wf["nodes"] if n["type"] == "KSampler")["widgets_values"]
     assert ks[4] in comfy.samplers.KSampler.SAMPLERS and ks[5] in comfy.samplers.KSampler.SCHEDULERS
+
+
+# --------------------------------------------------------- the ComfyUI API xdit_usp_model.py relies on
+# (dotted name, its parameters, or None for "must exist"). A ComfyUI release that renames or
+# re-signs one of these breaks the pack: this test names which.
+COMFY_API = [
+    ("comfy.model_patcher.ModelPatcher.__init__",
+     "self, model, load_device, offload_device, size=0, weight_inplace_update=False"),
+    ("comfy.model_patcher.ModelPatcher._load_list", "self, for_dynamic=False, default_device=None"),
+    ("comfy.model_patcher.ModelPatcher.load",
+     "self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False"),
+    ("comfy.model_patcher.ModelPatcher.partially_load", "self, device_to, extra_memory=0, force_patch_weights=False"),
+    ("comfy.model_patcher.ModelPatcher.partially_unload", "self, device_to, memory_to_free=0, force_patch_weights=False"),
+    ("comfy.model_patcher.ModelPatcher.patch_weight_to_device",
+     "self, key, device_to=None, inplace_update=False, return_weight=False, force_cast=False"),
+    ("comfy.model_patcher.ModelPatcher.detach", "self, unpatch_all=True"),
+    ("comfy.model_patcher.ModelPatcher.add_callback_with_key", "self, call_type, key, callback"),
+    ("comfy.model_patcher.ModelPatcher.register_all_hook_patches", None),
+    ("comfy.model_patcher.ModelPatcher.add_patches", "self, patches, strength_patch=1.0, strength_model=1.0"),
+    ("comfy.patcher_extension.CallbacksMP.ON_LOAD", None),
+    ("comfy.patcher_extension.CallbacksMP.ON_DETACH", None),
+    ("comfy.patcher_extension.CallbacksMP.ON_REGISTER_ALL_HOOK_PATCHES", None),
+    ("comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL", None),
+    ("comfy.patcher_extension.WrapperExecutor.new_class_executor",
+     "original, class_obj, wrappers, idx=0"),
+    ("comfy.patcher_extension.get_all_wrappers",
+     "wrapper_type, transformer_options, is_model_options=False"),
+    ("comfy.model_base.WAN21.memory_required", "self, input_shape, cond_shapes={}"),
+    ("comfy.model_base.WAN21_Vace", None),
+    ("comfy.model_detection.model_config_from_unet",
+     "state_dict, unet_key_prefix, use_base_if_no_match=False, metadata=None"),
+    ("comfy.ldm.wan.model.WanModel.forward",
+     "self, x, timestep, context, clip_fea=None, time_dim_concat=None, transformer_options={}, **kwargs"),
+    ("comfy.ldm.common_dit.pad_to_patch_size", None),
+    ("comfy.model_management.get_torch_device", "()"),
+    ("comfy.model_management.unet_offload_device", "()"),
+    ("comfy.model_management.throw_exception_if_processing_interrupted", "()"),
+    ("comfy.weight_adapter.LoRAAdapter", None),
+    ("comfy.weight_adapter.WeightAdapterBase", None),
+]
+
+
+def _resolve(dotted: str):
+    import importlib
+
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for attr in parts[i:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(dotted)
+
+
+@pytest.mark.parametrize("name,params", COMFY_API, ids=[n for n, _ in COMFY_API])
+def test_comfyui_api_the_pack_relies_on(nodes, name, params):
+    import inspect
+
+    try:
+        obj = _resolve(name)
+    except (ImportError, AttributeError) as e:
+        pytest.fail(f"this ComfyUI has no {name} ({e}); xdit_usp_model.py relies on it")
+    if params is not None:  # names, kinds and defaults; annotations are not compared
+        found = ", ".join(str(p.replace(annotation=inspect.Parameter.empty))
+                          for p in inspect.signature(obj).parameters.values())
+        assert found == params.strip("()"), (
+            f"ComfyUI changed {name}: the pack was written against ({params}), this ComfyUI has ({found})")
+
+
+def test_patcher_callbacks_and_hook_paths_are_what_the_pack_hooks_into(nodes):
+    """ComfyUI's load runs ON_LOAD callbacks and then apply_hooks; detach runs ON_DETACH;
+    registering hooks runs ON_REGISTER_ALL_HOOK_PATCHES; a clone keeps its callbacks."""
+    import inspect
+
+    import comfy.model_patcher as mp
+
+    src = {f: inspect.getsource(getattr(mp.ModelPatcher, f)) for f in ("load", "detach", "register_all_hook_patches")}
+    assert "self._load_list()" in src["load"] and "CallbacksMP.ON_LOAD" in src["load"], "ModelPatcher.load changed"
+    assert "CallbacksMP.ON_DETACH" in src["detach"], "ModelPatcher.detach changed"
+    assert "CallbacksMP.ON_REGISTER_ALL_HOOK_PATCHES" in src["register_all_hook_patches"]
+    import torch
+
+    p = mp.ModelPatcher(torch.nn.Linear(1, 1), torch.device("cpu"), torch.device("cpu"), size=1)
+    p.add_callback_with_key("on_load_after", "xdit_usp", print)
+    assert p.clone().get_callbacks("on_load_after", "xdit_usp") == [print]
