@@ -10,6 +10,7 @@ changing any of them breaks workflows users have saved.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 
@@ -17,7 +18,7 @@ import folder_paths
 from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
-from .parallel import XDitUSPConfig
+from .parallel import ConfigError, XDitUSPConfig
 from .parallel.config import ATTENTION_BACKENDS, DEVICES, DTYPES
 
 CATEGORY = "WanVideo/xDiT-USP"
@@ -72,7 +73,8 @@ class XDitUSPConfigNode(io.ComfyNode):
             cfg_degree=int(cfg_degree), dtype=dtype, attention_backend=attention_backend,
             gpu_memory_fraction=float(gpu_memory_fraction), device=device,
         )
-        cfg.validate()  # ValueError saying what would work
+        with _node_words():
+            cfg.validate()  # ConfigError saying what would work
         return io.NodeOutput(cfg)
 
 
@@ -116,10 +118,24 @@ class XDitUSPWanVideoModelLoader(io.ComfyNode):
             raise ValueError(f"xdit_usp_config must come from an XDit+USP Config node, got {type(cfg).__name__}")
         if weight_dtype != "default" and weight_dtype != cfg.dtype:
             cfg = dataclasses.replace(cfg, dtype=weight_dtype)
-        cfg.validate()
         ckpt = inspect_checkpoint(path)  # header only; a bad file fails here
-        cfg.resolve(ckpt.num_heads)  # a layout the heads can't take fails here, before any launch
+        with _node_words():
+            cfg.validate()
+            cfg.plan(ckpt.num_heads)  # a layout or kernel that cannot run this model fails here, before any launch
         return io.NodeOutput(build_model_patcher(cfg, os.path.abspath(path), ckpt))
+
+
+# The Config node's words for the settings that config errors name (see ConfigError.render).
+NODE_LABELS = {"world_size": "gpus"}
+
+
+@contextlib.contextmanager
+def _node_words():
+    """Config errors worded with the node's input names (`gpus`, not `world_size`)."""
+    try:
+        yield
+    except ConfigError as e:
+        raise ConfigError(e.render(NODE_LABELS)) from None
 
 
 class XDitUSPExtension(ComfyExtension):

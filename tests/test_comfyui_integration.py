@@ -614,7 +614,7 @@ def test_layout_the_heads_cannot_take_fails_at_the_loader_before_launch(runner):
     p = t2v_graph(True, cfg_over={"gpus": 3, "ulysses_degree": 3}, steps=2)
     with pytest.raises(H.ExecutionFailed) as ei:
         _latent(runner, p)
-    assert "ValueError" in ei.value.type and "heads" in ei.value.message, ei.value
+    assert "ConfigError" in ei.value.type and "heads" in ei.value.message, ei.value
     assert ei.value.data.get("node_type") == "XDitUSPWanVideoModelLoader"
     assert LAUNCHER.find_group(_group_config(world_size=3, ulysses_degree=3)) is None
 

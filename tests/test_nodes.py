@@ -101,16 +101,17 @@ def test_config_node_builds_and_validates(nodes):
                     attention_backend="auto", gpu_memory_fraction=1.0, device="cpu")
     assert cfg.world_size == 2 and cfg.device == "cpu" and cfg.dtype == "fp32"
     assert str(cfg.resolve(2)) == "cfg2xulysses1xring1"
-    with pytest.raises(ValueError, match="Degrees that multiply to 4"):
+    with pytest.raises(ValueError, match="Degrees that multiply to 4") as e:
         create(gpus=4, ulysses_degree=3, ring_degree=0, cfg_degree=0, dtype="bf16",
                attention_backend="auto", gpu_memory_fraction=1.0, device="cpu")
+    assert "must equal gpus 4" in str(e.value) and "world_size" not in str(e.value)  # the node's words
     with pytest.raises(ValueError, match="gpu_memory_fraction"):
         create(gpus=1, ulysses_degree=0, ring_degree=0, cfg_degree=0, dtype="bf16",
                attention_backend="auto", gpu_memory_fraction=1.5, device="cpu")
     import torch
 
     if torch.cuda.device_count() < 64:
-        with pytest.raises(ValueError, match="CUDA device"):
+        with pytest.raises(ValueError, match=r"CUDA device.*use gpus <= "):
             create(gpus=64, ulysses_degree=0, ring_degree=0, cfg_degree=0, dtype="bf16",
                    attention_backend="auto", gpu_memory_fraction=1.0, device="cuda")
 
