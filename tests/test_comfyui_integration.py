@@ -614,7 +614,7 @@ def test_layout_the_heads_cannot_take_fails_at_the_loader_before_launch(runner):
     p = t2v_graph(True, cfg_over={"gpus": 3, "ulysses_degree": 3}, steps=2)
     with pytest.raises(H.ExecutionFailed) as ei:
         _latent(runner, p)
-    assert "ConfigError" in ei.value.type and "heads" in ei.value.message, ei.value
+    assert ei.value.type.endswith("ConfigError") and "heads" in ei.value.message, ei.value  # a ValueError
     assert ei.value.data.get("node_type") == "XDitUSPWanVideoModelLoader"
     assert LAUNCHER.find_group(_group_config(world_size=3, ulysses_degree=3)) is None
 
@@ -661,6 +661,9 @@ def test_model_object_contract_and_clear_errors(models_dir):
         assert m.add_patches({"diffusion_model.blocks.0.self_attn.q.weight": patch}, 1.0)
         with pytest.raises(ValueError, match="not supported"):
             mm.load_models_gpu([m])
+        assert not m.remote.loaded  # ComfyUI detaches a model whose load failed: unloaded from the workers
+    out = dm(x, t, ctx, vace_context=vace, vace_strength=[1.0])  # and the next use loads it again
+    assert out.shape == (1, 16, 2, 4, 4) and model.remote.loaded
     assert any(k.endswith("tiny_vace.safetensors") for k in _group().models)
     # once no ComfyUI object refers to the model, the workers drop it at the next safe point
     del model, m, dm, sd
