@@ -13,44 +13,13 @@ import time
 import uuid
 
 import workflow_utils as W
+from procs import wait_worker_processes, worker_processes  # noqa: F401 (served to the ComfyUI tests)
 
 _booted = None
 
 
 class ComfyUnavailable(RuntimeError):
     pass
-
-
-def worker_processes(owner_pid: int | None = None) -> list[int]:
-    """Live worker-group processes (torchrun agents and ranks) started by `owner_pid` (default: this
-    process), from the real process table: the launcher puts XDIT_USP_OWNER_PID in their environment,
-    so ranks whose agent died and that were re-parented are found too."""
-    marker = f"XDIT_USP_OWNER_PID={os.getpid() if owner_pid is None else owner_pid}".encode()
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                env = f.read().split(b"\0")
-            with open(f"/proc/{pid}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if marker in env and state != "Z":
-            found.append(int(pid))
-    return sorted(found)
-
-
-def wait_worker_processes(count: int, owner_pid: int | None = None, timeout: float = 20.0) -> list[int]:
-    """worker_processes(), once there are `count` of them (a closed group's ranks take a moment to be
-    reaped), or whatever is there after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = worker_processes(owner_pid)
-        if len(found) == count or time.monotonic() > deadline:
-            return found
-        time.sleep(0.1)
 
 
 def boot_or_skip():
