@@ -174,7 +174,7 @@ def _run(args, config, layout, path, info, variant, latent) -> dict:
         ref_model.load_state_dict(state, strict=True)
         ref_model.eval()
         ref = tiny.reference_forward(ref_model, inputs)
-        max_rel_err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+        max_rel_err = tiny.rel_err(out, ref)
 
     result = {
         "layout": str(step_layout),

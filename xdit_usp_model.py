@@ -275,7 +275,6 @@ class XDitUSPWanProxy(torch.nn.Module):
         self.native_class = type(native).__name__
         self.is_vace = hasattr(native, "vace_blocks")
         self.has_image_branch = getattr(native, "img_emb", None) is not None
-        self.has_ref_conv = getattr(native, "ref_conv", None) is not None
         self.dtype = dtype
         self.remote = remote
 

@@ -505,7 +505,7 @@ _groups: dict[str, WorkerGroup] = {}
 _groups_lock = threading.RLock()
 
 
-def _share_devices(a: XDitUSPConfig, b: XDitUSPConfig) -> bool:
+def shares_devices(a: XDitUSPConfig, b: XDitUSPConfig) -> bool:
     """Whether ranks of `a` and `b` would run on a common device (every CPU group shares the CPU)."""
     if a.device != b.device:
         return False
@@ -553,7 +553,7 @@ def load_model(config: XDitUSPConfig, key: str, path: str, on_evict=None) -> dic
     are serialized, so the one-group-per-device-set rule holds across threads."""
     with _groups_lock:
         group = get_group(config)
-        for other in [g for g in _groups.values() if g is not group and _share_devices(g.config, config)]:
+        for other in [g for g in _groups.values() if g is not group and shares_devices(g.config, config)]:
             if on_evict is not None and other.alive:
                 on_evict(other)
             close_group(other)

@@ -54,7 +54,7 @@ def test_new_config_on_the_same_devices_closes_the_old_group(checkpoint):
 
 
 def test_groups_share_devices_by_device_type_and_gpu_ids():
-    share = launcher._share_devices
+    share = launcher.shares_devices
     gpus = lambda *ids: XDitUSPConfig(world_size=len(ids), device="cuda", device_ids=list(ids))  # noqa: E731
     assert share(gpus(0, 1), gpus(1, 2)) and share(gpus(0, 1), XDitUSPConfig(world_size=2, device="cuda"))
     assert not share(gpus(0, 1), gpus(2, 3))
