@@ -230,11 +230,11 @@ say "checking imports"
 "$PY" - <<'PYEOF' || die "the pack does not import (see the traceback above)" \
     "Check that requirements.txt installed cleanly in this Python; then re-run this script."
 import comfyui_xdit_usp
-from comfyui_xdit_usp import NODE_CLASS_MAPPINGS
+from comfyui_xdit_usp import comfy_entrypoint  # ComfyUI registers the nodes through it (V3 API)
 from comfyui_xdit_usp.parallel import WorkerGroup, XDitUSPConfig  # the runtime
 import comfyui_xdit_usp.parallel.worker, comfyui_xdit_usp.wan_to_xdit_mapping
 import diffusers, yunchang, safetensors, accelerate
-print("[xdit-usp] imports ok: nodes", sorted(NODE_CLASS_MAPPINGS), "| diffusers", diffusers.__version__)
+print("[xdit-usp] imports ok: comfy_entrypoint, runtime | diffusers", diffusers.__version__)
 PYEOF
 
 if [[ $SELF_TEST == 0 ]]; then
