@@ -450,7 +450,7 @@ def test_unload_closes_the_idle_group_and_next_run_relaunches(runner, free):
     g = _group()
     key = next(k for k in g.models if k.endswith("tiny_t2v.safetensors"))
     remote = next(r for r in XM.remote_models() if r.key == key and r.config.cfg_degree == 0)
-    loads, launches = remote.stats.loads, g.launches
+    loads = remote.stats.loads
     procs = len(H.worker_processes())
     assert procs >= 3  # torchrun's agent, 2 ranks (and what the ranks started)
     gc.collect()  # models of earlier prompts (i2v, the second expert) are now garbage: reaped below
@@ -463,7 +463,7 @@ def test_unload_closes_the_idle_group_and_next_run_relaunches(runner, free):
     assert H.wait_worker_processes(0) == []
     again = _latent(runner, t2v_graph(True, seed=seed + 1))  # (a new seed: ComfyUI would reuse a cached result)
     g = _group()
-    assert key in g.models and remote.stats.loads == loads + 1 and g.launches == 1 and launches == 1
+    assert key in g.models and remote.stats.loads == loads + 1 and g.launches == 1  # a new group
     assert len(H.worker_processes()) == procs
     assert _rel(again, _latent(runner, t2v_graph(False, seed=seed + 1))) < TOL
 
