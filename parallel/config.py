@@ -12,7 +12,10 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    from .attention import AttentionBackend
 
 AUTO = 0  # a degree of 0 means "choose for me"
 
@@ -214,9 +217,10 @@ class XDitUSPConfig:
             cfg = 2 if n % (2 * fixed) == 0 else 1
         return self._layout(cfg, num_heads)
 
-    def plan(self, num_heads: int) -> tuple[Layout, Layout, str]:
+    def plan(self, num_heads: int) -> tuple[Layout, Layout, AttentionBackend]:
         """(configured layout, batch-1 fallback layout, attention backend) for a model with
-        `num_heads` heads: everything the workers will use, checked in the owner before launch."""
+        `num_heads` heads: everything the workers will use, checked in the owner before launch
+        and computed by the same call on every rank."""
         from .attention import resolve_backend
 
         layouts = self.resolve(num_heads), self.fallback_layout(num_heads)
@@ -227,7 +231,7 @@ class XDitUSPConfig:
             if layouts[0].ring < ring:
                 raise ConfigError(f"{e} (the batch-1 layout {layouts[1]} uses ring)") from None
             raise
-        return layouts[0], layouts[1], backend.name
+        return layouts[0], layouts[1], backend
 
     def fallback_layout(self, num_heads: int) -> Layout:
         """Layout for a batch the cfg split cannot divide (e.g. batch 1): every rank on the sequence.

@@ -22,7 +22,7 @@ from typing import Iterable, Optional
 import torch
 
 from . import protocol
-from .attention import SPGroup, build_sp_group, resolve_backend
+from .attention import SPGroup, build_sp_group
 from .config import Layout, XDitUSPConfig
 from .sp_wan import SequenceParallelWan
 
@@ -62,9 +62,6 @@ class Replicated(Placement):
 
     def local_parameters(self, model):
         return {name: p.data for name, p in model.named_parameters()}
-
-
-PLACEMENTS = {cls.name: cls for cls in (Replicated,)}
 
 
 def _fp32_predicate(cls):
@@ -117,14 +114,13 @@ class ModelRunner:
         layout, fallback, backend = self.config.plan(info.num_heads)
         for lay in (layout, fallback):
             self.group(lay)
-        self.models[key] = _Model(path, info, module, SequenceParallelWan(module, resolve_backend(
-            backend, self.config.device, max(layout.ring, fallback.ring))), (layout, fallback))
+        self.models[key] = _Model(path, info, module, SequenceParallelWan(module, backend), (layout, fallback))
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize()
         c = module.config
         return protocol.Loaded(
-            load_s=time.perf_counter() - t0, backend=backend, layout=layout, fallback_layout=fallback,
+            load_s=time.perf_counter() - t0, backend=backend.name, layout=layout, fallback_layout=fallback,
             variant=info.variant, num_heads=info.num_heads, in_channels=c.in_channels, out_channels=c.out_channels,
             patch_size=list(c.patch_size), memory_bytes=torch.cuda.memory_allocated(self.device) if cuda else None,
         )
