@@ -33,6 +33,16 @@ class ConfigError(ValueError):
         return msg
 
 DTYPES = ("bf16", "fp16", "fp32")
+# How the weights are held on the GPUs (see parallel/runner.py, parallel/memory.py):
+#   none  every rank holds the whole model;
+#   fsdp  every parameter is split across all ranks of the group (PyTorch FSDP2) and each block is
+#         gathered just before it runs, the next one's gather overlapping the current block;
+#   auto  fsdp when the memory plan says the model does not fit unsharded, else none.
+WEIGHT_SHARDING = ("none", "fsdp", "auto")
+# The dtype the weights are stored in between uses. default: the compute dtype, except that weights a
+# file stores as fp8 stay fp8; fp8_*: every Linear weight is stored in that fp8 format and upcast to
+# the compute dtype when its layer runs (half the memory of bf16; not exact against bf16 weights).
+WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e5m2")
 DEVICES = ("cuda", "cpu")
 # Names accepted for `attention_backend`; see parallel/attention.py for what each runs.
 ATTENTION_BACKENDS = ("auto", "sdpa", "cudnn", "flash", "efficient", "math", "cpu_flash", "flash_attn", "fa3")
@@ -82,7 +92,10 @@ class XDitUSPConfig:
     dtype           compute dtype of the transformer: bf16 | fp16 | fp32.
     attention_backend  auto | sdpa | cudnn | flash | efficient | math | cpu_flash | flash_attn | fa3.
     device          cuda | cpu.  device_ids: which GPUs (default: 0..world_size-1).
-    gpu_memory_fraction  per-process cap on the CUDA caching allocator, (0, 1].
+    weight_sharding none | fsdp | auto: whether each rank holds the whole model or a 1/N shard of it.
+    weight_dtype    default | fp8_e4m3fn | fp8_e5m2: how the Linear weights are stored between uses.
+    gpu_memory_fraction  per-process cap on the CUDA caching allocator, (0, 1]; the memory plan checks
+                    a model fits under it before anything is loaded.
     launch_timeout_s / forward_timeout_s / load_timeout_s  every wait on the workers is bounded.
     heartbeat_timeout_s  a rank silent this long (dead, hung, stopped) is reported, whatever the
                     forward timeout: every rank sends a heartbeat each second.
@@ -95,6 +108,8 @@ class XDitUSPConfig:
     dtype: str = "bf16"
     attention_backend: str = "auto"
     device: str = "cuda"
+    weight_sharding: str = "auto"
+    weight_dtype: str = "default"
     device_ids: Optional[list[int]] = None
     gpu_memory_fraction: float = 1.0
     launch_timeout_s: float = 300.0
@@ -154,6 +169,10 @@ class XDitUSPConfig:
             errors.append(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             errors.append(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if self.weight_sharding not in WEIGHT_SHARDING:
+            errors.append(f"weight_sharding must be one of {WEIGHT_SHARDING}, got {self.weight_sharding!r}")
+        if self.weight_dtype not in WEIGHT_DTYPES:
+            errors.append(f"weight_dtype must be one of {WEIGHT_DTYPES}, got {self.weight_dtype!r}")
         if not (0.0 < float(self.gpu_memory_fraction) <= 1.0):
             errors.append(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
         for name in ("launch_timeout_s", "load_timeout_s", "forward_timeout_s", "heartbeat_timeout_s"):
