@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import re
 import struct
@@ -537,6 +538,20 @@ def iter_checkpoint(path, dtype: torch.dtype | None = None, only: Iterable[str] 
     ``info``: what ``inspect_checkpoint`` returned for this file; its validation is not repeated
     (the worker group's ranks stream a file the owner has already checked).
     """
+    info, raw = iter_weights(path, only=only, info=info)
+    return info, ((name, _dequant(w, s, dtype)) for name, w, s in raw)
+
+
+def iter_weights(path, only: Iterable[str] | None = None, info: CheckpointInfo | None = None,
+                 rows: Callable[[str, tuple], slice | None] | None = None
+                 ) -> tuple[CheckpointInfo, Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]]:
+    """The stored tensors, not dequantised: ``(info, iterator of (diffusers name, tensor as stored,
+    scale or None))``; the scale is a scaled-fp8 weight's (the weight is ``tensor.float() * scale``).
+
+    ``rows(name, shape)``: the rows (a slice of dim 0) of each tensor to read, or None for all of it.
+    Only those rows are read from the memory map (safetensors' ``get_slice``), and a per-row scale
+    is sliced with them: a rank that holds 1/N of every tensor reads 1/N of the file.
+    ``only`` and ``info`` as in ``iter_checkpoint``."""
     files, meta, config = _files(path)
     plan = _plan(meta, path, config, known=info)
     if only is not None:
@@ -545,24 +560,42 @@ def iter_checkpoint(path, dtype: torch.dtype | None = None, only: Iterable[str] 
         if unknown:
             raise CheckpointError(f"{_where(path)}: no tensors named {_first(unknown)}")
         plan = dataclasses.replace(plan, items=[it for it in plan.items if it[1] in wanted])
-    return plan.info, _stream(path, files, plan, dtype)
+    return plan.info, _stream(path, files, meta, plan, rows)
 
 
-def _stream(path, files, plan, dtype):
+def stored_tensors(path, info: CheckpointInfo | None = None) -> dict[str, tuple[tuple, str, tuple | None]]:
+    """diffusers name -> (shape, dtype name as stored, shape of its fp8 scale or None), from the
+    header(s) alone: what a loader needs to decide how to hold each weight before reading any."""
+    files, meta, config = _files(path)
+    plan = _plan(meta, path, config, known=info)
+    return {dst: (tuple(meta[src][0]), meta[src][1], tuple(meta[sk][0]) if sk else None) for src, dst, sk in plan.items}
+
+
+def _stream(path, files, meta, plan, rows):
     from safetensors import safe_open
 
     handles: dict[str, Any] = {}
+
+    def read(key, part):
+        if files[key] not in handles:
+            handles[files[key]] = safe_open(files[key], framework="pt", device="cpu")
+        if part is None:
+            return handles[files[key]].get_tensor(key)
+        return handles[files[key]].get_slice(key)[part]
+
     try:
         for src, dst, scale_key in plan.items:
+            shape = tuple(meta[src][0])
+            part = rows(dst, shape) if rows is not None else None
             try:
-                for key in (src, scale_key):
-                    if key is not None and files[key] not in handles:
-                        handles[files[key]] = safe_open(files[key], framework="pt", device="cpu")
-                w = handles[files[src]].get_tensor(src)
-                s = handles[files[scale_key]].get_tensor(scale_key) if scale_key else None
+                w = read(src, part)
+                s = None
+                if scale_key:
+                    per_row = len(shape) > 0 and math.prod(meta[scale_key][0]) == shape[0] > 1
+                    s = read(scale_key, part if per_row else None)
             except Exception as e:  # safetensors raises its own error types on corrupt data
                 raise CheckpointError(f"{path}: failed reading tensor data ({type(e).__name__}: {e})") from e
-            yield dst, _dequant(w, s, dtype)
+            yield dst, w, s
     finally:
         handles.clear()
 

@@ -406,7 +406,11 @@ class WorkerGroup:
             self.config.plan(info.num_heads)  # and so does a layout or kernel that cannot run it
             self.start()
             path = os.path.abspath(path)
-            loaded = self._call(P.Load(key, path, dataclasses.asdict(info)), self.config.load_timeout_s)[0]
+            placement = "fsdp" if self.config.weight_sharding == "fsdp" else "replicated"
+            replies: list[P.Loaded] = self._call(P.Load(key, path, dataclasses.asdict(info), placement),
+                                                 self.config.load_timeout_s)
+            loaded = dataclasses.replace(replies[0], param_bytes=max(r.param_bytes for r in replies),
+                                         param_bytes_per_rank=[r.param_bytes for r in replies])
             self.models[key] = loaded
             return loaded
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from .config import Layout
@@ -78,6 +78,7 @@ class Load:
     key: str
     path: str
     info: dict  # the owner's CheckpointInfo (dataclasses.asdict): the header is read and checked once
+    placement: str = "replicated"  # "replicated" | "fsdp" (runner.PLACEMENTS), chosen by the owner's memory plan
 
 
 @dataclass
@@ -129,6 +130,11 @@ class Loaded:
     out_channels: int
     patch_size: list
     memory_bytes: Optional[int]
+    placement: str = "replicated"
+    param_bytes: int = 0  # parameter bytes this rank holds between forwards
+    param_bytes_total: int = 0  # the whole model's, as held (storage dtypes)
+    param_bytes_per_rank: list = field(default_factory=list)  # every rank's param_bytes (set by the owner)
+    memory_plan: Optional[dict] = None  # the owner's estimate (parallel/memory.py), set by the owner
 
 
 @dataclass

@@ -4,7 +4,7 @@ The worker (`worker.py`) owns the RPC loop, the heartbeat and the fault hook; th
 everything a model needs on a rank, vLLM-style (executor/worker/model runner):
 
     runner = ModelRunner(config, device)
-    runner.load("high", path, info)                      -> protocol.Loaded
+    runner.load("high", path, info, "fsdp")              -> protocol.Loaded
     rows, out, layout = runner.forward("high", inputs)   # inputs: protocol.ForwardInputs (full batch)
     runner.set_lora("high", {name: [(kind, [tensors], scale)]})
 
@@ -15,6 +15,7 @@ each parameter is held between uses.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Optional
@@ -29,39 +30,124 @@ from .sp_wan import SequenceParallelWan
 
 # ---- placements -------------------------------------------------------------------------------------
 class Placement:
-    """Where a model's parameters live on this rank.
+    """Where a model's parameters live on this rank between uses.
 
-    `materialize` turns a model built on the meta device into a working one from a stream of
-    (diffusers name, tensor); `local_parameters` gives the tensors this rank holds, which a LoRA
-    merge updates in place."""
+    The runner builds the model on the meta device with each parameter in its storage dtype, then
+    asks the placement to `place` it (wrap it, allocate this rank's storage on `device`) and fills
+    that storage from the checkpoint, reading for every tensor only the `rows` this rank holds.
+    `local_parameters` gives the tensors this rank holds under their diffusers names (views a
+    LoRA merge updates in place), `rows` which rows of the full tensor each of them is."""
 
     name = "placement"
 
-    def materialize(self, model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor]],
-                    dtype_of, device: torch.device) -> torch.nn.Module:
+    def place(self, root: torch.nn.Module, units: list[torch.nn.Module], device: torch.device) -> None:
         raise NotImplementedError
 
+    def rows(self, name: str, shape: tuple) -> Optional[slice]:
+        return None
+
     def local_parameters(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        return {name: p.data for name, p in model.named_parameters()}
 
 
 class Replicated(Placement):
-    """Every rank holds every parameter (weights streamed from the mmap, one tensor in host memory
-    at a time)."""
+    """Every rank holds every parameter."""
 
     name = "replicated"
 
-    def materialize(self, model, tensors, dtype_of, device):
-        state = {}
-        for name, t in tensors:
-            if t.dtype.is_floating_point and t.element_size() == 1:  # plain fp8: upcast via fp32
-                t = t.float()
-            state[name] = t.to(device=device, dtype=dtype_of(name))
-        model.load_state_dict(state, strict=True, assign=True)
-        return model.to(device).eval().requires_grad_(False)
+    def place(self, root, units, device):
+        _to_empty(root, device)
+
+
+class FullyShard(Placement):
+    """PyTorch FSDP2: every parameter split on dim 0 over all ranks of the group (CFG groups
+    included), each unit (block, condition embedder, and the rest of the model as the root)
+    gathered just before it runs and freed after; the next block's gather is issued when the
+    current one starts, so it overlaps the current block's compute."""
+
+    name = "fsdp"
+
+    def __init__(self, device: torch.device):
+        import torch.distributed as dist
+
+        try:
+            from torch.distributed.fsdp import fully_shard  # noqa: F401 (public from torch 2.6)
+        except ImportError:
+            raise RuntimeError(f"weight_sharding='fsdp' needs torch >= 2.6 (FSDP2); this is torch {torch.__version__}") from None
+        self.world, self.rank = dist.get_world_size(), dist.get_rank()
+        from torch.distributed.device_mesh import init_device_mesh
+
+        self.mesh = init_device_mesh(device.type, (self.world,))
+
+    def place(self, root, units, device):
+        from torch.distributed.fsdp import fully_shard
+
+        for unit in units:
+            fully_shard(unit, mesh=self.mesh, reshard_after_forward=True)
+        fully_shard(root, mesh=self.mesh, reshard_after_forward=True)
+        blocks = [u for u in units if isinstance(u, _BLOCK_TYPES)]
+        for current, upcoming in zip(blocks, blocks[1:]):
+            current.set_modules_to_forward_prefetch([upcoming])
+        _to_empty(root, device)
+
+    def rows(self, name, shape):
+        if not shape:
+            return None
+        per = -(-shape[0] // self.world)  # torch.chunk, as FSDP2 splits dim 0
+        start = min(self.rank * per, shape[0])
+        return slice(start, min(start + per, shape[0]))
 
     def local_parameters(self, model):
-        return {name: p.data for name, p in model.named_parameters()}
+        return {name: p.to_local() if hasattr(p, "to_local") else p.data for name, p in model.named_parameters()}
+
+
+PLACEMENTS = {"replicated": Replicated, "fsdp": FullyShard}
+
+
+def _to_empty(module: torch.nn.Module, device: torch.device):
+    """Allocate every parameter (uninitialised) on `device`; buffers keep their values (diffusers
+    computes RoPE tables at construction, which `init_empty_weights` leaves on the CPU)."""
+    buffers = {name: b.clone() for name, b in module.named_buffers()}
+    module.to_empty(device=device)
+    for name, b in buffers.items():
+        module.get_buffer(name).copy_(b)
+
+
+def _block_types():
+    from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+
+    types = [WanTransformerBlock]
+    try:
+        from diffusers.models.transformers.transformer_wan_vace import WanVACETransformerBlock
+
+        types.append(WanVACETransformerBlock)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+_BLOCK_TYPES = _block_types()
+
+
+def _units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules a sharded placement gathers one at a time, in the order the forward runs them."""
+    vace = list(getattr(model, "vace_blocks", None) or [])
+    return [model.condition_embedder] + vace + list(model.blocks)
+
+
+class CastLinear(torch.nn.Linear):
+    """A Linear whose weight is stored in fp8 (and, for a scaled-fp8 file, with its `weight_scale`)
+    and upcast to the input's dtype each time the layer runs: the arithmetic of dequantising the
+    weight at load (`weight.float() * scale`, then the compute dtype), at half the resident bytes."""
+
+    weight_scale: Optional[torch.Tensor]
+
+    def forward(self, x):
+        w = self.weight
+        if self.weight_scale is not None:
+            scale = self.weight_scale
+            w = w.float() * (scale.reshape(-1, 1) if scale.numel() > 1 else scale)
+        return torch.nn.functional.linear(x, w.to(x.dtype), self.bias)
 
 
 def _fp32_predicate(cls):
@@ -70,25 +156,74 @@ def _fp32_predicate(cls):
     return lambda name: any(part in keep for part in name.split("."))
 
 
+_FP8 = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def storage_dtypes(model: torch.nn.Module, cls, compute: torch.dtype, weight_dtype: str,
+                   stored: dict[str, tuple]) -> tuple[dict[str, torch.dtype], set[str]]:
+    """How each parameter is held between uses: ({diffusers name: dtype}, {names kept as the file's
+    scaled fp8 with their scale}). fp32 for what diffusers keeps in fp32; Linear weights in fp8
+    when `weight_dtype` asks for it or when the file stores them in fp8 (`stored`: from
+    `wan_to_xdit_mapping.stored_tensors`); the compute dtype for everything else. A scaled-fp8
+    weight keeps its bytes and its scale when the scale is one number."""
+    keep_fp32 = _fp32_predicate(cls)
+    linear = {f"{m}.weight" for m, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
+    dtypes, scaled = {}, set()
+    for name, _ in model.named_parameters():
+        _, file_dtype, scale_shape = stored[name]
+        file_fp8 = file_dtype.startswith("float8")
+        if keep_fp32(name):
+            dtypes[name] = torch.float32
+        elif name in linear and (weight_dtype in _FP8 or file_fp8):
+            dtypes[name] = _FP8.get(weight_dtype) or getattr(torch, file_dtype)
+            if file_fp8 and dtypes[name] == getattr(torch, file_dtype) and scale_shape is not None:
+                if math.prod(scale_shape) == 1:
+                    scaled.add(name)
+                elif weight_dtype not in _FP8:  # a per-row scale: dequantised to the compute dtype
+                    dtypes[name] = compute
+        else:
+            dtypes[name] = compute
+    return dtypes, scaled
+
+
+def _set_storage(model: torch.nn.Module, dtypes: dict[str, torch.dtype], scaled: set[str]):
+    """Give every (meta) parameter its storage dtype; Linears with an fp8 weight become CastLinear
+    (with a `weight_scale` buffer when the file's weights are scaled fp8)."""
+    for name, dtype in dtypes.items():
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        p = getattr(owner, attr)
+        if p.dtype != dtype:
+            setattr(owner, attr, torch.nn.Parameter(torch.empty_like(p, dtype=dtype, device="meta"), requires_grad=False))
+        if attr == "weight" and isinstance(owner, torch.nn.Linear) and dtype.itemsize == 1:
+            owner.__class__ = CastLinear
+            owner.register_buffer("weight_scale", torch.ones(()) if name in scaled else None)
+
+
 # ---- models -----------------------------------------------------------------------------------------
 @dataclass
 class _Model:
     path: str
     info: object  # CheckpointInfo
-    module: torch.nn.Module
-    sp: SequenceParallelWan
+    sp: SequenceParallelWan  # the root module; the diffusers model is sp.model
+    placement: Placement
+    scaled: set[str]  # weights held as the file's scaled fp8 (their scale in the Linear's weight_scale)
     layouts: tuple[Layout, Layout]  # (configured, batch-1 fallback)
     patched: set[str] = field(default_factory=set)  # weights a LoRA changed (restored from `path` first)
 
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.sp.model
+
 
 class ModelRunner:
-    def __init__(self, config: XDitUSPConfig, device: torch.device, placement: Optional[Placement] = None):
+    def __init__(self, config: XDitUSPConfig, device: torch.device):
         self.config = config
         self.device = device
         self.dtype = config.torch_dtype()
-        self.placement = placement or Replicated()
         self.models: dict[str, _Model] = {}
         self._groups: dict[Layout, SPGroup] = {}
+        self._fsdp: Optional[FullyShard] = None
 
     def group(self, layout: Layout) -> SPGroup:
         """The process groups of `layout` (created on first use: a collective on every rank)."""
@@ -96,25 +231,42 @@ class ModelRunner:
             self._groups[layout] = build_sp_group(layout.cfg, layout.ulysses, layout.ring)
         return self._groups[layout]
 
+    def placement(self, name: str) -> Placement:
+        if name == "fsdp":
+            if self._fsdp is None:  # one device mesh for every sharded model
+                self._fsdp = FullyShard(self.device)
+            return self._fsdp
+        if name in ("replicated", "none"):
+            return Replicated()
+        raise ValueError(f"unknown placement {name!r}; known: {sorted(PLACEMENTS)}")
+
     # ---- load / unload ------------------------------------------------------------------------
-    def load(self, key: str, path: str, info) -> protocol.Loaded:
+    def load(self, key: str, path: str, info, placement: str = "replicated") -> protocol.Loaded:
+        """Build model `key` from `path` on the meta device, place it, and fill this rank's share
+        of every parameter from the memory-mapped file."""
         import diffusers
         from accelerate import init_empty_weights
 
-        from ..wan_to_xdit_mapping import iter_checkpoint
+        from ..wan_to_xdit_mapping import iter_weights, stored_tensors
 
         t0 = time.perf_counter()
         cls = getattr(diffusers, info.diffusers_class)
         with init_empty_weights():
             module = cls(**info.diffusers_config)
-        keep_fp32 = _fp32_predicate(cls)
-        _, tensors = iter_checkpoint(path, info=info)
-        module = self.placement.materialize(
-            module, tensors, lambda name: torch.float32 if keep_fp32(name) else self.dtype, self.device)
+        module.requires_grad_(False)
+        dtypes, scaled = storage_dtypes(module, cls, self.dtype, self.config.weight_dtype, stored_tensors(path, info))
+        _set_storage(module, dtypes, scaled)
         layout, fallback, backend = self.config.plan(info.num_heads)
+        root = SequenceParallelWan(module, backend).eval()
+        place = self.placement(placement)
+        place.place(root, _units(module), self.device)
+        local = place.local_parameters(module)
+        _, weights = iter_weights(path, info=info, rows=place.rows)
+        for name, w, scale in weights:
+            self._fill(module, local[name], name, w, scale, name in scaled)
         for lay in (layout, fallback):
             self.group(lay)
-        self.models[key] = _Model(path, info, module, SequenceParallelWan(module, backend), (layout, fallback))
+        self.models[key] = _Model(path, info, root, place, scaled, (layout, fallback))
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize()
@@ -123,7 +275,22 @@ class ModelRunner:
             load_s=time.perf_counter() - t0, backend=backend.name, layout=layout, fallback_layout=fallback,
             variant=info.variant, num_heads=info.num_heads, in_channels=c.in_channels, out_channels=c.out_channels,
             patch_size=list(c.patch_size), memory_bytes=torch.cuda.memory_allocated(self.device) if cuda else None,
+            placement=place.name, param_bytes=_nbytes(local.values()),
+            param_bytes_total=sum(p.numel() * p.element_size() for p in module.parameters()),
         )
+
+    def _fill(self, module, local: torch.Tensor, name: str, w: torch.Tensor, scale, keep_scaled: bool):
+        """Copy one stored tensor (this rank's rows of it) into the parameter storage `local`."""
+        if keep_scaled:  # the file's fp8 bytes as they are, and the scale next to them
+            module.get_submodule(name.rpartition(".")[0]).weight_scale.copy_(scale.reshape(()))
+        elif scale is not None or (w.dtype.itemsize == 1) != (local.dtype.itemsize == 1):
+            w = w.float() if scale is None else w.float() * (scale.float().reshape(-1, *[1] * (w.ndim - 1))
+                                                             if scale.numel() > 1 else scale.float())
+            if local.dtype.itemsize == 1:
+                w = w.clamp(-torch.finfo(local.dtype).max, torch.finfo(local.dtype).max)
+        if tuple(w.shape) != tuple(local.shape):
+            raise RuntimeError(f"{name}: read {tuple(w.shape)} for a local shard of {tuple(local.shape)}")
+        local.copy_(w)
 
     def unload(self, key: str):
         self.models.pop(key, None)
@@ -154,7 +321,7 @@ class ModelRunner:
         per = batch // layout.cfg
         rows = slice(group.cfg_index * per, (group.cfg_index + 1) * per)
         mine = self._rows_on_device(inputs, rows, batch)
-        return rows, m.sp.forward(group, mine), layout
+        return rows, m.sp(group, mine), layout
 
     def _rows_on_device(self, inputs: protocol.ForwardInputs, rows: slice, batch: int) -> protocol.ForwardInputs:
         moved = {}
@@ -170,32 +337,47 @@ class ModelRunner:
         scale)]}, kind "lora" (tensors = [up, down]: scale * up @ down, merged here from the
         low-rank factors) or "diff" (tensors = [delta]: scale * delta). {} removes every LoRA.
 
-        Weights patched before are first restored exactly from the checkpoint file (only those
-        tensors, through the shared page cache), so no second copy of the weights is kept on the
-        device and a strength change never reloads the model."""
-        from ..wan_to_xdit_mapping import iter_checkpoint, lora_delta
+        Each rank merges into the rows it holds (only `up`'s rows of a sharded weight are
+        multiplied out). Weights patched before are first restored exactly from the checkpoint file
+        (only those tensors and rows, through the shared page cache), so no second copy of the
+        weights is kept on the device and a strength change never reloads the model. A weight held
+        in fp8 is merged in fp32 and rounded back to fp8, as ComfyUI does for fp8 weights."""
+        from ..wan_to_xdit_mapping import iter_weights, lora_delta
 
         m = self._model(key)
-        params = self.placement.local_parameters(m.module)
+        params = m.placement.local_parameters(m.module)
         unknown = [n for n in patches if n not in params]
         if unknown:
             raise KeyError(f"LoRA targets {unknown[:5]}, which the model does not have")
         if m.patched:
-            _, originals = iter_checkpoint(m.path, only=m.patched, info=m.info)
-            for name, t in originals:
-                params[name].copy_(t.to(self.device, params[name].dtype))
+            _, originals = iter_weights(m.path, only=m.patched, info=m.info, rows=m.placement.rows)
+            for name, w, scale in originals:
+                self._fill(m.module, params[name], name, w, scale, name in m.scaled)
             m.patched = set()
         for name, items in patches.items():
             p = params[name]
-            w = p.float()
-            for kind, tensors, scale in items:
+            full_shape = tuple(m.module.get_parameter(name).shape)
+            part = m.placement.rows(name, full_shape) or slice(None)
+            scale = m.module.get_submodule(name.rpartition(".")[0]).weight_scale if name in m.scaled else None
+            w = p.float() if scale is None else p.float() * scale
+            for kind, tensors, strength in items:
                 tensors = [t.to(self.device, torch.float32) for t in tensors]
                 if kind == "lora":
-                    w += lora_delta({"up": tensors[0], "down": tensors[1]}, scale).reshape(p.shape)
+                    up, down = tensors
+                    up = up.reshape(full_shape[0], -1)[part]
+                    w += lora_delta({"up": up, "down": down}, strength).reshape(w.shape)
                 elif kind == "diff":
-                    w += scale * tensors[0].reshape(p.shape)
+                    w += strength * tensors[0].reshape(full_shape)[part]
                 else:
                     raise ValueError(f"unknown LoRA patch kind {kind!r} for {name}")
+            if scale is not None:
+                w = w / scale
+            if p.dtype.itemsize == 1:
+                w = w.clamp(-torch.finfo(p.dtype).max, torch.finfo(p.dtype).max)
             p.copy_(w.to(p.dtype))
             m.patched.add(name)
         return len(patches)
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)

@@ -98,10 +98,15 @@ def _pad_and_shard(t: torch.Tensor, dim: int, padded: int, group: SPGroup) -> to
     return t.chunk(group.sp, dim=dim)[group.sp_rank].contiguous()
 
 
-class SequenceParallelWan:
-    """Runs a diffusers Wan transformer (T2V/I2V/FLF2V/TI2V-5B, or VACE) with USP."""
+class SequenceParallelWan(torch.nn.Module):
+    """Runs a diffusers Wan transformer (T2V/I2V/FLF2V/TI2V-5B, or VACE) with USP.
+
+    A module around the diffusers model (`self.model`), so that a placement can treat the whole
+    forward as one root module: FSDP gathers the parameters the forward uses outside any block
+    (patch embedding, output head, modulation table) in this module's pre-forward hook."""
 
     def __init__(self, model: torch.nn.Module, backend: AttentionBackend):
+        super().__init__()
         self.model = model
         self.backend = backend
         self.ctx = _StepContext(backend=backend)

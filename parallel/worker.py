@@ -116,7 +116,7 @@ class Worker:
         from ..wan_to_xdit_mapping import CheckpointInfo
 
         self._faults("load")
-        return self.runner.load(req.key, req.path, CheckpointInfo(**req.info))
+        return self.runner.load(req.key, req.path, CheckpointInfo(**req.info), req.placement)
 
     def unload(self, req: P.Unload) -> P.Done:
         self.runner.unload(req.key)
