@@ -4,9 +4,10 @@
     python -m comfyui_xdit_usp run --gpus 4 --checkpoint wan2.1_t2v_1.3B_bf16.safetensors \
         --frames 81 --height 480 --width 832 --steps 5 --parity
 
-Prints the layout, the attention backend, the max relative error against a single-process
-diffusers forward of the same weights, and the time per step. With --json the last line is one
-JSON object with keys layout, backend, world_size, max_rel_err, step_ms.
+Prints the layout, the attention backend, where the weights are held, the max relative error
+against a single-process diffusers forward of the same weights, and the time per step. With --json
+the last line is one JSON object with keys layout, backend, world_size, placement,
+param_bytes_per_rank, param_bytes_total, peak_bytes_per_rank, max_rel_err, step_ms.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ from . import parallel
 CLI_LABELS = {
     "world_size": "--gpus", "ulysses_degree": "--ulysses", "ring_degree": "--ring", "cfg_degree": "--cfg",
     "attention_backend": "--attention", "forward_timeout_s": "--timeout", "device='cpu'": "--device cpu",
-    "device='cuda'": "--device cuda",
+    "device='cuda'": "--device cuda", "weight_sharding": "--shard", "weight_dtype": "--weight-dtype",
+    "gpu_memory_fraction": "--memory-fraction",
 }
 
 
@@ -64,7 +66,7 @@ def _positive_seconds(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .parallel.config import ATTENTION_BACKENDS, XDitUSPConfig
+    from .parallel.config import ATTENTION_BACKENDS, WEIGHT_DTYPES, WEIGHT_SHARDING, XDitUSPConfig
 
     p = _Parser(prog="python -m comfyui_xdit_usp", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -85,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", choices=("cuda", "cpu"), default=None, help="omitted: cuda if available, else cpu")
     r.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="omitted: fp32 on cpu, bf16 on cuda")
     r.add_argument("--attention", default="auto", choices=ATTENTION_BACKENDS, help="attention backend")
+    r.add_argument("--shard", default=XDitUSPConfig.weight_sharding, choices=WEIGHT_SHARDING,
+                   help="weights: none = whole model on every GPU; fsdp = 1/N per GPU, each block gathered as it "
+                        "runs; auto = fsdp only when the model would not fit otherwise")
+    r.add_argument("--weight-dtype", default=XDitUSPConfig.weight_dtype, choices=WEIGHT_DTYPES,
+                   help="how Linear weights are held: default = the compute dtype (an fp8 file stays fp8); fp8_* = "
+                        "that fp8 format, upcast per layer")
+    r.add_argument("--memory-fraction", type=float, default=XDitUSPConfig.gpu_memory_fraction,
+                   help="the part of each GPU's memory the workers may use (0, 1]")
     r.add_argument("--timeout", type=_positive_seconds, default=XDitUSPConfig.forward_timeout_s,
                    help="seconds one forward may take before the group is declared stuck (a dead, hung or "
                         "stopped worker is reported within ~10 s regardless)")
@@ -107,6 +117,7 @@ def run(args) -> dict:
     config = parallel.XDitUSPConfig(
         world_size=args.gpus, ulysses_degree=args.ulysses, ring_degree=args.ring, cfg_degree=args.cfg,
         dtype=dtype, attention_backend=args.attention, device=device, forward_timeout_s=args.timeout,
+        weight_sharding=args.shard, weight_dtype=args.weight_dtype, gpu_memory_fraction=args.memory_fraction,
     ).validate()  # the visible GPUs too
     if args.checkpoint:
         if not os.path.exists(args.checkpoint):
@@ -181,6 +192,12 @@ def _run(args, config, layout, path, info, variant, latent) -> dict:
         "configured_layout": str(layout),
         "backend": loaded.backend,
         "world_size": args.gpus,
+        "placement": loaded.placement,
+        "weight_dtype": config.weight_dtype,
+        "param_bytes_per_rank": loaded.param_bytes,
+        "param_bytes_total": loaded.param_bytes_total,
+        "peak_bytes_per_rank": max(stats["peak_bytes"]) if None not in stats["peak_bytes"] else None,
+        "memory_plan": loaded.memory_plan,
         "device": config.device,
         "dtype": config.dtype,
         "variant": variant,
@@ -228,6 +245,9 @@ def main(argv=None) -> int:
         print(f"model      {r['checkpoint']} ({r['variant']}), latent {r['latent']} = {r['tokens']} tokens, batch {r['batch']}")
         print(f"layout     {r['layout']} on {r['world_size']} {r['device']} worker(s), {r['dtype']}")
         print(f"attention  {r['backend']}")
+        peak = "" if r["peak_bytes_per_rank"] is None else f", peak {r['peak_bytes_per_rank'] / 1e9:.2f} GB per GPU in a forward"
+        print(f"weights    {r['placement']}: {r['param_bytes_per_rank'] / 1e9:.3f} GB on the largest rank of "
+              f"{r['param_bytes_total'] / 1e9:.3f} GB{peak}")
         print(f"parity     max relative error vs single-process diffusers forward: {err}")
         print(f"time       {r['step_ms']:.1f} ms/step (in workers {r['worker_ms']:.1f} ms), load {r['load_s']:.1f} s")
         if args.json:

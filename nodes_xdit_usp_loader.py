@@ -19,10 +19,12 @@ from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
 from .parallel import ConfigError, XDitUSPConfig
-from .parallel.config import ATTENTION_BACKENDS, DEVICES, DTYPES
+from .parallel.config import ATTENTION_BACKENDS, DEVICES, DTYPES, WEIGHT_DTYPES, WEIGHT_SHARDING
 
 CATEGORY = "WanVideo/xDiT-USP"
-WEIGHT_DTYPES = ("default",) + DTYPES
+# The loader's weight_dtype: a compute dtype (the worker group computes and holds weights in it), or
+# an fp8 storage format for the Linear weights (computed in the config's dtype).
+LOADER_WEIGHT_DTYPES = ("default",) + DTYPES + tuple(d for d in WEIGHT_DTYPES if d != "default")
 
 XDitUSPConfigType = io.Custom("XDIT_USP_CONFIG")
 
@@ -57,6 +59,11 @@ class XDitUSPConfigNode(io.ComfyNode):
                                tooltip="Cap on each worker's CUDA memory, as a fraction of its GPU."),
                 io.Combo.Input("device", options=list(DEVICES), default="cuda",
                                tooltip="cuda, or cpu (gloo ranks; for testing)."),
+                io.Combo.Input("weight_sharding", options=list(WEIGHT_SHARDING), default="auto", optional=True,
+                               tooltip="none: every GPU holds the whole model (fastest). fsdp: each GPU holds 1/N of "
+                                       "the weights and gathers each block just before it runs (a 14B model fits "
+                                       "24 GB cards at 2+ GPUs; a few percent slower with NVLink, more over PCIe). "
+                                       "auto: fsdp only when the model would not fit otherwise."),
             ],
             outputs=[
                 XDitUSPConfigType.Output(
@@ -67,11 +74,11 @@ class XDitUSPConfigNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, gpus, ulysses_degree, ring_degree, cfg_degree, dtype, attention_backend, gpu_memory_fraction,
-                device) -> io.NodeOutput:
+                device, weight_sharding="auto") -> io.NodeOutput:
         cfg = XDitUSPConfig(
             world_size=int(gpus), ulysses_degree=int(ulysses_degree), ring_degree=int(ring_degree),
             cfg_degree=int(cfg_degree), dtype=dtype, attention_backend=attention_backend,
-            gpu_memory_fraction=float(gpu_memory_fraction), device=device,
+            gpu_memory_fraction=float(gpu_memory_fraction), device=device, weight_sharding=weight_sharding or "auto",
         )
         with _node_words():
             cfg.validate()  # ConfigError saying what would work
@@ -94,11 +101,13 @@ class XDitUSPWanVideoModelLoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("unet_name", options=folder_paths.get_filename_list("diffusion_models"),
                                tooltip="A Wan transformer from models/diffusion_models."),
-                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
+                io.Combo.Input("weight_dtype", options=list(LOADER_WEIGHT_DTYPES), default="default",
                                tooltip="dtype the workers hold and compute the weights in; default = the config's "
-                                       "dtype. Another value needs its own worker group, which replaces the config's "
-                                       "group on these GPUs while in use (models on the other group reload when next "
-                                       "used)."),
+                                       "dtype (an fp8 file stays fp8). fp8_e4m3fn / fp8_e5m2: Linear weights held in "
+                                       "fp8 (half of bf16) and upcast per layer, computed in the config's dtype. A "
+                                       "value other than default needs its own worker group, which replaces the "
+                                       "config's group on these GPUs while in use (models on the other group reload "
+                                       "when next used)."),
                 XDitUSPConfigType.Input("xdit_usp_config", tooltip="From an XDit+USP Config node."),
             ],
             outputs=[
@@ -116,7 +125,9 @@ class XDitUSPWanVideoModelLoader(io.ComfyNode):
         cfg = xdit_usp_config
         if not isinstance(cfg, XDitUSPConfig):
             raise ValueError(f"xdit_usp_config must come from an XDit+USP Config node, got {type(cfg).__name__}")
-        if weight_dtype != "default" and weight_dtype != cfg.dtype:
+        if weight_dtype in WEIGHT_DTYPES[1:] and weight_dtype != cfg.weight_dtype:
+            cfg = dataclasses.replace(cfg, weight_dtype=weight_dtype)  # fp8 storage, the config's compute dtype
+        elif weight_dtype in DTYPES and weight_dtype != cfg.dtype:
             cfg = dataclasses.replace(cfg, dtype=weight_dtype)
         ckpt = inspect_checkpoint(path)  # header only; a bad file fails here
         with _node_words():

@@ -74,11 +74,12 @@ def test_node_schema(nodes, name):
     assert params == {i.id for i in schema.inputs}
 
 
-# Node ids, input names and order, and output types are what saved workflows refer to.
+# Node ids, input names and order, and output types are what saved workflows refer to. Inputs added
+# later are optional, at the end, so a workflow saved before them still runs (with their default).
 SAVED_INTERFACE = {
     "XDitUSPConfigNode": (["gpus", "ulysses_degree", "ring_degree", "cfg_degree", "dtype", "attention_backend",
-                           "gpu_memory_fraction", "device"], ["XDIT_USP_CONFIG"], ["xdit_usp_config"]),
-    "XDitUSPWanVideoModelLoader": (["unet_name", "weight_dtype", "xdit_usp_config"], ["MODEL"], ["MODEL"]),
+                           "gpu_memory_fraction", "device"], ["weight_sharding"], ["XDIT_USP_CONFIG"], ["xdit_usp_config"]),
+    "XDitUSPWanVideoModelLoader": (["unet_name", "weight_dtype", "xdit_usp_config"], [], ["MODEL"], ["MODEL"]),
 }
 
 
@@ -86,8 +87,8 @@ SAVED_INTERFACE = {
 def test_saved_workflow_interface_unchanged(nodes, name):
     cls = nodes.NODE_CLASS_MAPPINGS[name]
     info = cls.GET_NODE_INFO_V1()
-    inputs, types, names = SAVED_INTERFACE[name]
-    assert info["input_order"] == {"required": inputs}
+    inputs, optional, types, names = SAVED_INTERFACE[name]
+    assert info["input_order"] == ({"required": inputs, "optional": optional} if optional else {"required": inputs})
     assert list(info["output"]) == types and list(info["output_name"]) == names
 
 
@@ -100,6 +101,10 @@ def test_config_node_builds_and_validates(nodes):
     (cfg,) = create(gpus=2, ulysses_degree=0, ring_degree=0, cfg_degree=0, dtype="fp32",
                     attention_backend="auto", gpu_memory_fraction=1.0, device="cpu")
     assert cfg.world_size == 2 and cfg.device == "cpu" and cfg.dtype == "fp32"
+    assert cfg.weight_sharding == "auto"  # a workflow saved before the input existed
+    (cfg,) = create(gpus=2, ulysses_degree=0, ring_degree=0, cfg_degree=0, dtype="fp32",
+                    attention_backend="auto", gpu_memory_fraction=1.0, device="cpu", weight_sharding="fsdp")
+    assert cfg.weight_sharding == "fsdp"
     assert str(cfg.resolve(2)) == "cfg2xulysses1xring1"
     with pytest.raises(ValueError, match="Degrees that multiply to 4") as e:
         create(gpus=4, ulysses_degree=3, ring_degree=0, cfg_degree=0, dtype="bf16",
@@ -121,7 +126,7 @@ def test_loader_inputs(nodes):
     it = nodes.NODE_CLASS_MAPPINGS["XDitUSPWanVideoModelLoader"].INPUT_TYPES()["required"]
     assert it["unet_name"][0] == "COMBO" and isinstance(it["unet_name"][1]["options"], list)
     assert it["xdit_usp_config"][0] == "XDIT_USP_CONFIG" == nodes.NODE_CLASS_MAPPINGS["XDitUSPConfigNode"].RETURN_TYPES[0]
-    assert "default" in it["weight_dtype"][1]["options"]
+    assert {"default", "bf16", "fp8_e4m3fn", "fp8_e5m2"} <= set(it["weight_dtype"][1]["options"])
 
 
 # ---------------------------------------------------------------------------------------- workflow
