@@ -1,0 +1,325 @@
+"""The per-GPU memory plan: will one Wan transformer, placed this way, fit on these cards?
+
+Checked in the owner before any worker starts, from the checkpoint's header and a meta-device model
+(no weights read). Every number is bytes on one rank, the largest one; "GB" in messages is 2**30
+bytes, the unit `torch.cuda.max_memory_allocated` figures and BENCHMARKS.md are written in.
+
+Weights: each parameter at the size the runtime stores it in (`_itemsize`): diffusers'
+`_keep_in_fp32_modules` in fp32; with `weight_dtype` fp8_* every other nn.Linear weight in 1 byte
+(biases and the rest in the compute dtype); with "default" a tensor the file holds as fp8 (plain or
+scaled) stays 1 byte, the rest is the compute dtype.
+
+Placement: "replicated" puts every parameter on every rank. "fsdp" (FSDP2 `fully_shard`) splits
+every parameter on dim 0 over all ranks as `torch.chunk` does, ceil(rows / N) rows a rank, so rank
+0 is the largest and a [1, 6, dim] modulation table is not split at all. Its units are each block
+(`blocks.i`, `vace_blocks.i`), `condition_embedder` and the root (the rest). During a forward the
+root is gathered throughout and at most two more units at once (the running block and the
+prefetched next one, or the condition embedder and block 0): `gathered_bytes` is the root plus the
+largest such pair, at the padded size the all-gather allocates.
+
+Activations, per rank, for `rows` batch rows of `tokens` video tokens on that rank (the configured
+layout when the batch divides by its CFG degree, else the batch-1 fallback; tokens = ceil(video
+tokens / sp)), compute-dtype itemsize `item`:
+
+    blocks = rows * tokens * ((20 * dim + 2 * ffn_dim) * item / 2
+                              + VACE: (len(vace_layers) + 1) * dim * item    (hints + control stream)
+                              + per-token timesteps (TI2V-5B): dim * (7 * item + 24))
+                                (temb and its 6-way projection, each block's fp32 modulation)
+    embed  = rows * video_tokens * 3 * dim * item     (before the split: the patch embedding of the
+                                                       whole video, its padded copy and the shard)
+    activations = max(blocks, embed) + 256 MiB        (workspaces, text/image context)
+
+The 20 * dim + 2 * ffn_dim bytes a token are the residual stream, the fp32 norm and modulation
+temporaries, q/k/v and RoPE temporaries of a block, and its FFN hidden layer, fitted to these peaks
+of `torch.cuda.max_memory_allocated` (bf16, 512 text tokens, H100/H200, BENCHMARKS.md; the weights
+are this module's exact count, 26.67 GB for 14B and 2.65 GB for 1.3B):
+
+    model  GPUs  rows x tokens a rank  measured  estimated  ratio
+    14B    1     1 x 75,600             34.75      36.08     1.038
+    14B    1     2 x 75,600             42.80      45.23     1.057
+    14B    2     1 x 75,600 (cfg split) 35.50      36.08     1.016
+    1.3B   1     1 x 32,760              4.21       4.38     1.041
+    1.3B   1     2 x 32,760              5.70       5.87     1.029
+    1.3B   2     1 x 32,760 (cfg split)  4.20       4.38     1.044
+
+The VACE, per-token-timestep and embedding terms are counted from the tensors the forward keeps
+(parallel/sp_wan.py), not measured. Not counted: the CUDA context and NCCL buffers (outside the
+caching allocator), the RoPE tables (2 MB), the compute-dtype copy of one fp8 weight while its layer
+runs, and allocator fragmentation (the cap `gpu_memory_fraction` sets is on reserved memory).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+from .config import AUTO, ConfigError, XDitUSPConfig
+
+if TYPE_CHECKING:
+    from ..wan_to_xdit_mapping import CheckpointInfo
+
+GB = 2**30
+PLACEMENTS = ("replicated", "fsdp")
+_ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
+# The activation model above: bytes a token a row at a 2-byte compute dtype, and the fixed part.
+_DIM_BYTES, _FFN_BYTES, _FIXED = 20, 2, 256 * 2**20
+_MAX_WORLD_SIZE = 8  # the most GPUs (of one host) a refusal suggests
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """One model's bytes on the largest rank of a group, and whether they fit the budget."""
+
+    placement: str               # "replicated" | "fsdp"
+    world_size: int
+    weight_bytes: int            # the whole model as stored on the GPUs
+    weight_bytes_per_rank: int   # resident between forwards on the largest rank
+    gathered_bytes: int          # fsdp: the root + the two largest units in flight; 0 when replicated
+    activation_bytes: int        # per rank at the given size; 0 when no size is given
+    budget_bytes: Optional[int]  # gpu_memory_fraction x the smallest card's memory; None when unknown (CPU)
+    peak_bytes: int              # weights per rank + resident + gathered + activations
+    fits: bool                   # peak_bytes <= budget (True when budget is None)
+    resident_bytes: int = 0      # per rank, held by the group's other loaded models (the other Wan 2.2 expert)
+    gpu_memory_fraction: float = 1.0
+
+    def describe(self) -> str:
+        """One line, e.g. "fsdp over 2 GPUs: weights 14.3 GB/GPU (28.6 total) + 1.4 gathered +
+        6.8 activations = 22.5 GB of 79.1 GB (gpu_memory_fraction 1.0)"."""
+        gpus = f"{self.world_size} GPU{'s' if self.world_size > 1 else ''}"
+        where = f"fsdp over {gpus}" if self.placement == "fsdp" else f"replicated on {gpus}"
+        terms = [f"weights {_gb(self.weight_bytes_per_rank)} GB/GPU ({_gb(self.weight_bytes)} total)"]
+        for nbytes, what in ((self.resident_bytes, "held by other models"), (self.gathered_bytes, "gathered"),
+                             (self.activation_bytes, "activations")):
+            if nbytes:
+                terms.append(f"{_gb(nbytes)} {what}")
+        if self.budget_bytes is None:
+            budget = "no GPU budget known"
+        else:
+            budget = f"of {_gb(self.budget_bytes)} GB (gpu_memory_fraction {self.gpu_memory_fraction})"
+        return f"{where}: {' + '.join(terms)} = {_gb(self.peak_bytes)} GB {budget}"
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _gb(nbytes: int) -> str:
+    return f"{nbytes / GB:.1f}"
+
+
+# ---- weights ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Param:
+    name: str
+    numel: int
+    rows: int            # size of dim 0, the one FSDP splits
+    unit: str            # FSDP unit: "root", "condition_embedder", "blocks.3", "vace_blocks.0"
+    linear_weight: bool  # the weight of an nn.Linear
+    keep_fp32: bool      # in diffusers' _keep_in_fp32_modules
+
+
+@functools.lru_cache(maxsize=8)
+def _params(cls_name: str, cfg_json: str) -> tuple[_Param, ...]:
+    """Every parameter of the diffusers class built on the meta device (14B: well under a second)."""
+    import diffusers
+
+    from .runner import _fp32_predicate
+
+    cls = getattr(diffusers, cls_name)
+    with torch.device("meta"):
+        model = cls(**json.loads(cfg_json))
+    linear = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    keep_fp32 = _fp32_predicate(cls)
+    return tuple(_Param(name, p.numel(), p.shape[0], _unit(name), name in linear, keep_fp32(name))
+                 for name, p in model.named_parameters())
+
+
+def _model_params(info: CheckpointInfo) -> tuple[_Param, ...]:
+    return _params(info.diffusers_class, json.dumps(info.diffusers_config, sort_keys=True))
+
+
+def _unit(name: str) -> str:
+    parts = name.split(".")
+    if parts[0] in ("blocks", "vace_blocks"):
+        return ".".join(parts[:2])
+    return parts[0] if parts[0] == "condition_embedder" else "root"
+
+
+def _fp8_in_file(info: CheckpointInfo) -> frozenset[str]:
+    """Diffusers names of the tensors the checkpoint file stores as fp8 (from its header)."""
+    if info.path is None:
+        return frozenset()
+    from ..wan_to_xdit_mapping import original_to_diffusers_key, read_header
+
+    names = set()
+    for key, (_, dtype) in read_header(info.path).items():
+        if dtype.startswith("float8") and key.startswith(info.prefix):
+            key = key[len(info.prefix):]
+            names.add(key if info.format == "diffusers" else original_to_diffusers_key(key))
+    return frozenset(names - {None})
+
+
+def _itemsize(p: _Param, weight_dtype: str, compute: int, fp8_in_file: frozenset[str]) -> int:
+    """Bytes an element of `p` takes on the GPU (the storage rules in the module docstring)."""
+    if p.keep_fp32:
+        return 4
+    if weight_dtype != "default":
+        return 1 if p.linear_weight else compute
+    return 1 if p.name in fp8_in_file else compute
+
+
+def _weights(info: CheckpointInfo, config: XDitUSPConfig) -> list[tuple[_Param, int]]:
+    """(parameter, bytes an element) for every parameter of `info`'s model under `config`."""
+    fp8 = _fp8_in_file(info) if config.weight_dtype == "default" else frozenset()
+    compute = _ITEMSIZE[config.dtype]
+    return [(p, _itemsize(p, config.weight_dtype, compute, fp8)) for p in _model_params(info)]
+
+
+def _shard(p: _Param, itemsize: int, n: int) -> int:
+    """Bytes of rank 0's `torch.chunk` shard of `p` over `n` ranks, the largest one."""
+    return -(-p.rows // n) * (p.numel // p.rows) * itemsize
+
+
+def _gathered(weights: list[tuple[_Param, int]], n: int) -> int:
+    """Bytes of the units an FSDP forward holds gathered at once (padded to n equal shards)."""
+    units = Counter()
+    for p, itemsize in weights:
+        units[p.unit] += n * _shard(p, itemsize, n)
+    root, embedder = units.pop("root", 0), units.pop("condition_embedder", 0)
+    first, second = (sorted(units.values(), reverse=True) + [0, 0])[:2]
+    return root + first + max(second, embedder)
+
+
+# ---- activations ------------------------------------------------------------------------------------
+def _activation_bytes(info: CheckpointInfo, config: XDitUSPConfig, latent: tuple[int, int, int],
+                      batch: int) -> int:
+    """The activation model in the module docstring, for `batch` rows of a `latent` video."""
+    cfg = info.diffusers_config
+    layout = config.resolve(info.num_heads)
+    if batch % layout.cfg:
+        layout = config.fallback_layout(info.num_heads)
+    rows = batch // layout.cfg
+    video_tokens = math.prod(size // patch for size, patch in zip(latent, cfg["patch_size"]))
+    tokens = -(-video_tokens // layout.sp)
+    item, dim = _ITEMSIZE[config.dtype], info.dim
+    per_token = (_DIM_BYTES * dim + _FFN_BYTES * cfg["ffn_dim"]) * item // 2
+    if "vace_layers" in cfg:
+        per_token += (len(cfg["vace_layers"]) + 1) * dim * item
+    if info.variant == "ti2v_5b":
+        per_token += dim * (7 * item + 24)
+    embed = rows * video_tokens * 3 * dim * item
+    return max(rows * tokens * per_token, embed) + _FIXED
+
+
+# ---- plans ------------------------------------------------------------------------------------------
+def estimate(info: CheckpointInfo, config: XDitUSPConfig, placement: str,
+             latent: Optional[tuple[int, int, int]] = None, batch: int = 2,
+             card_bytes: Optional[int] = None, resident_bytes: int = 0) -> MemoryPlan:
+    """The memory plan of `info`'s model under `config` with `placement`, for `batch` rows of a
+    `latent` (frames, height, width) video, on cards of `card_bytes` each (None: no budget).
+    `resident_bytes`: per rank, already held by the group's other models."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    n = config.world_size
+    weights = _weights(info, config)
+    total = sum(p.numel * itemsize for p, itemsize in weights)
+    if placement == "fsdp" and n > 1:
+        per_rank = sum(_shard(p, itemsize, n) for p, itemsize in weights)
+        gathered = _gathered(weights, n)
+    else:  # fsdp over one rank holds the same bytes as replicated
+        per_rank, gathered = total, 0
+    activations = _activation_bytes(info, config, latent, batch) if latent is not None else 0
+    budget = int(card_bytes * config.gpu_memory_fraction) if card_bytes is not None else None
+    peak = per_rank + resident_bytes + gathered + activations
+    return MemoryPlan(
+        placement=placement, world_size=n, weight_bytes=total, weight_bytes_per_rank=per_rank,
+        gathered_bytes=gathered, activation_bytes=activations, budget_bytes=budget, peak_bytes=peak,
+        fits=budget is None or peak <= budget, resident_bytes=resident_bytes,
+        gpu_memory_fraction=config.gpu_memory_fraction,
+    )
+
+
+def standard_latent(info: CheckpointInfo) -> tuple[tuple[int, int, int], str]:
+    """(latent, video size) that "auto" plans for when no size is given: 720p for 14B-class models."""
+    if info.dim >= 5120:
+        return (21, 90, 160), "1280x720x81"
+    return (21, 60, 104), "832x480x81"
+
+
+def plan_load(info: CheckpointInfo, config: XDitUSPConfig, card_bytes: Optional[int],
+              latent: Optional[tuple[int, int, int]] = None, batch: int = 2,
+              resident_bytes: int = 0) -> MemoryPlan:
+    """The plan to load `info`'s model with: `config.weight_sharding` "none" -> replicated, "fsdp"
+    -> fsdp, "auto" -> replicated when that fits, else fsdp (planned for the model's standard size
+    when `latent` is None; "none" and "fsdp" then count the weights alone).
+
+    Raises `ConfigError` when the plan does not fit the budget, naming what would; a budget of
+    None (CPU) never refuses."""
+    size = None
+    if config.weight_sharding == "auto" and latent is None:
+        latent, size = standard_latent(info)
+
+    def plan(placement: str, **changes) -> MemoryPlan:
+        cfg = dataclasses.replace(config, **changes) if changes else config
+        return estimate(info, cfg, placement, latent, batch, card_bytes, resident_bytes)
+
+    if config.weight_sharding == "auto":
+        chosen = plan("replicated")
+        if not chosen.fits and config.world_size > 1:
+            chosen = plan("fsdp")
+    else:
+        chosen = plan("fsdp" if config.weight_sharding == "fsdp" else "replicated")
+    if not chosen.fits:
+        planned = ("the weights alone (no video size given)" if latent is None else
+                   f"latent {'x'.join(map(str, latent))}" + (f" ({size}, the model's standard size)" if size else "")
+                   + f", batch {batch}")
+        n_params = sum(p.numel for p in _model_params(info))
+        raise ConfigError(f"the Wan {info.variant} model ({n_params / 1e9:.1f}B parameters) does not fit: "
+                          f"{chosen.describe()}; planned for {planned}. {_what_fits(config, chosen, plan)}")
+    return chosen
+
+
+def _what_fits(config: XDitUSPConfig, chosen: MemoryPlan, plan) -> str:
+    """The settings that would fit, each at the smallest world size (automatic layout) that does."""
+
+    def smallest_world(placement: str, weight_dtype: str) -> Optional[MemoryPlan]:
+        for n in range(2 if placement == "fsdp" else 1, _MAX_WORLD_SIZE + 1):
+            p = plan(placement, world_size=n, weight_dtype=weight_dtype, device_ids=None,
+                     ulysses_degree=AUTO, ring_degree=AUTO, cfg_degree=AUTO)
+            if p.fits:
+                return p
+        return None
+
+    fits, misses = [], []
+    for weight_dtype in dict.fromkeys((config.weight_dtype, "fp8_e4m3fn")):
+        for placement, sharding in (("replicated", "none"), ("fsdp", "fsdp")):
+            setting = f"weight_sharding={sharding!r}" + (
+                f", weight_dtype={weight_dtype!r}" if weight_dtype != config.weight_dtype else "")
+            p = smallest_world(placement, weight_dtype)
+            if p:
+                fits.append(f"{setting}, world_size={p.world_size} ({_gb(p.peak_bytes)} GB/GPU)")
+            else:
+                misses.append(setting)
+    if fits:
+        msg = f"On cards like these it fits with {'; '.join(fits)}."
+        if misses:
+            msg += f" Not with {' or '.join(misses)} on up to {_MAX_WORLD_SIZE} GPUs."
+    else:
+        msg = f"On cards like these it fits on no world_size up to {_MAX_WORLD_SIZE}."
+    if config.gpu_memory_fraction < 1.0:
+        whole = plan(chosen.placement, gpu_memory_fraction=1.0)
+        return msg + (f" gpu_memory_fraction=1.0 ({_gb(whole.budget_bytes)} GB) "
+                      + ("would fit this plan." if whole.fits else "would not be enough either."))
+    return msg + " gpu_memory_fraction is already 1.0 (a lower one only shrinks the budget)."
+
+
+def card_bytes(config: XDitUSPConfig) -> Optional[int]:
+    """Total memory of the smallest of the config's GPUs; None for device "cpu"."""
+    if config.device == "cpu":
+        return None
+    return min(torch.cuda.get_device_properties(i).total_memory for i in config.visible_device_ids())
