@@ -28,6 +28,8 @@ CLI_LABELS = {
     "world_size": "--gpus", "ulysses_degree": "--ulysses", "ring_degree": "--ring", "cfg_degree": "--cfg",
     "attention_backend": "--attention", "forward_timeout_s": "--timeout", "device='cpu'": "--device cpu",
     "device='cuda'": "--device cuda", "weight_sharding": "--shard", "weight_dtype": "--weight-dtype",
+    "weight_sharding='fsdp'": "--shard fsdp", "weight_sharding='none'": "--shard none",
+    "weight_dtype='fp8_e4m3fn'": "--weight-dtype fp8_e4m3fn",
     "gpu_memory_fraction": "--memory-fraction",
 }
 
@@ -165,7 +167,7 @@ def _run(args, config, layout, path, info, variant, latent) -> dict:
 
     with parallel.WorkerGroup(config) as group:
         t0 = time.perf_counter()
-        loaded = group.load("main", path)
+        loaded = group.load("main", path, latent=latent, batch=args.batch)
         load_s = time.perf_counter() - t0
         stats, times, worker_ms = {}, [], []
         out = group.forward("main", inputs, stats=stats)  # warm-up

@@ -118,6 +118,7 @@ class XDitUSPWanVideoModelLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, unet_name, weight_dtype, xdit_usp_config) -> io.NodeOutput:
+        from .parallel.memory import card_bytes, plan_load
         from .wan_to_xdit_mapping import inspect_checkpoint
         from .xdit_usp_model import build_model_patcher
 
@@ -133,6 +134,7 @@ class XDitUSPWanVideoModelLoader(io.ComfyNode):
         with _node_words():
             cfg.validate()
             cfg.plan(ckpt.num_heads)  # a layout or kernel that cannot run this model fails here, before any launch
+            plan_load(ckpt, cfg, card_bytes(cfg))  # and so does a model that cannot fit (weights, standard size)
         return io.NodeOutput(build_model_patcher(cfg, os.path.abspath(path), ckpt))
 
 

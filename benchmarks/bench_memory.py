@@ -34,7 +34,7 @@ from bench_scaling import write_checkpoint  # noqa: E402
 from comfyui_xdit_usp.parallel import WorkerGroup, XDitUSPConfig, tiny  # noqa: E402
 from comfyui_xdit_usp.parallel.protocol import ForwardInputs  # noqa: E402
 
-GB = 1e9
+GB = 2**30  # GiB, as torch.cuda figures and the rest of BENCHMARKS.md
 
 
 def main():

@@ -32,7 +32,7 @@ import torch
 
 from . import protocol as P
 from . import reaper, transport
-from .config import XDitUSPConfig
+from .config import ConfigError, XDitUSPConfig
 
 PARALLEL_DIR = os.path.dirname(os.path.abspath(__file__))
 ENTRY = os.path.join(PARALLEL_DIR, "_entry.py")
@@ -157,7 +157,9 @@ class WorkerGroup:
         self.proc: Optional[subprocess.Popen] = None
         self.conns: list[mpc.Connection] = []
         self.pids: list[int] = []
-        self.models: dict[str, dict] = {}
+        self.models: dict[str, P.Loaded] = {}
+        self._infos: dict = {}  # key -> CheckpointInfo of each loaded model (for the memory plan)
+        self._sizes_checked: set = set()  # (key, input shape) the memory plan was checked for
         self.log_dir: Optional[str] = None
         self.arena = transport.ShmArena()
         self.launches = 0
@@ -294,6 +296,7 @@ class WorkerGroup:
             for c in self.conns:
                 c.close()
             self.conns, self.pids, self.models = [], [], {}
+            self._infos, self._sizes_checked = {}, set()
             self.arena.close()
             if self.log_dir and not keep_logs and proc is not None:
                 shutil.rmtree(self.log_dir, ignore_errors=True)
@@ -395,23 +398,32 @@ class WorkerGroup:
             msg += "\n" + self._logs(None if rank is None else [rank]) + "\nThe worker group was shut down; it restarts on the next run."
         raise WorkerError(msg, rank=rank)
 
-    def load(self, key: str, path: str) -> P.Loaded:
-        """Load a checkpoint on every rank under `key` (starting the group if needed)."""
+    def load(self, key: str, path: str, latent: Optional[tuple[int, int, int]] = None, batch: int = 2) -> P.Loaded:
+        """Load a checkpoint on every rank under `key` (starting the group if needed).
+
+        The memory plan (parallel/memory.py) is made first, in this process, from the header: it
+        resolves weight_sharding "auto" and refuses a model that will not fit next to the models
+        already loaded, saying what would. `latent` (frames, height, width) and `batch`: the video
+        size to plan for, when the caller knows it (the CLI does; ComfyUI learns it at the first step)."""
         with self._lock:
             from ..wan_to_xdit_mapping import inspect_checkpoint
+            from .memory import card_bytes, plan_load
 
             if not os.path.exists(path):
                 raise FileNotFoundError(f"checkpoint not found: {path}")
             info = inspect_checkpoint(path)  # a bad file fails here, before any worker is involved
             self.config.plan(info.num_heads)  # and so does a layout or kernel that cannot run it
+            resident = sum(m.param_bytes for k, m in self.models.items() if k != key)
+            plan = plan_load(info, self.config, card_bytes(self.config), latent, batch, resident)
             self.start()
             path = os.path.abspath(path)
-            placement = "fsdp" if self.config.weight_sharding == "fsdp" else "replicated"
-            replies: list[P.Loaded] = self._call(P.Load(key, path, dataclasses.asdict(info), placement),
+            replies: list[P.Loaded] = self._call(P.Load(key, path, dataclasses.asdict(info), plan.placement),
                                                  self.config.load_timeout_s)
             loaded = dataclasses.replace(replies[0], param_bytes=max(r.param_bytes for r in replies),
-                                         param_bytes_per_rank=[r.param_bytes for r in replies])
+                                         param_bytes_per_rank=[r.param_bytes for r in replies],
+                                         memory_plan=plan.as_dict())
             self.models[key] = loaded
+            self._infos[key] = info
             return loaded
 
     def unload(self, key: str):
@@ -451,6 +463,7 @@ class WorkerGroup:
             if info is None:
                 raise KeyError(f"no model loaded under {key!r} (loaded: {sorted(self.models)})")
             self._check_inputs(info, inputs)
+            self._check_memory(key, inputs)
             x, t = inputs.hidden_states, inputs.timestep
             b, _, f, h, w = x.shape
             t = t.reshape(-1) if t.ndim == 0 else t
@@ -478,6 +491,24 @@ class WorkerGroup:
                     pinned=replies[0].pinned, peak_bytes=[r.peak_bytes for r in replies],
                 )
             return out
+
+    def _check_memory(self, key: str, inputs: P.ForwardInputs):
+        """Before the first forward at a video size: refuse one the memory plan says will not fit
+        (as a clear error, not an out-of-memory failure that takes the group down)."""
+        from .memory import card_bytes, estimate
+
+        shape = tuple(inputs.hidden_states.shape)
+        if (key, shape) in self._sizes_checked or self.config.device != "cuda":
+            return
+        loaded = self.models[key]
+        resident = sum(m.param_bytes for k, m in self.models.items() if k != key)
+        plan = estimate(self._infos[key], self.config, loaded.placement, shape[2:], shape[0],
+                        card_bytes(self.config), resident)
+        if not plan.fits:
+            raise ConfigError(
+                f"a {shape[0]} x {'x'.join(map(str, shape[2:]))} latent does not fit: {plan.describe()}. Use a "
+                "smaller video or batch, more GPUs, weight_sharding='fsdp' or weight_dtype='fp8_e4m3fn'.")
+        self._sizes_checked.add((key, shape))
 
     def ping(self) -> list[P.Pong]:
         """Every rank's answer (rank, models it holds): a round trip through each request loop."""

@@ -6,8 +6,8 @@ bytes, the unit `torch.cuda.max_memory_allocated` figures and BENCHMARKS.md are 
 
 Weights: each parameter at the size the runtime stores it in (`_itemsize`): diffusers'
 `_keep_in_fp32_modules` in fp32; with `weight_dtype` fp8_* every other nn.Linear weight in 1 byte
-(biases and the rest in the compute dtype); with "default" a tensor the file holds as fp8 (plain or
-scaled) stays 1 byte, the rest is the compute dtype.
+(biases and the rest in the compute dtype); with "default" a Linear weight the file holds as fp8
+(plain or scaled) stays 1 byte, the rest is the compute dtype.
 
 Placement: "replicated" puts every parameter on every rank. "fsdp" (FSDP2 `fully_shard`) splits
 every parameter on dim 0 over all ranks as `torch.chunk` does, ceil(rows / N) rows a rank, so rank
@@ -154,14 +154,9 @@ def _fp8_in_file(info: CheckpointInfo) -> frozenset[str]:
     """Diffusers names of the tensors the checkpoint file stores as fp8 (from its header)."""
     if info.path is None:
         return frozenset()
-    from ..wan_to_xdit_mapping import original_to_diffusers_key, read_header
+    from ..wan_to_xdit_mapping import stored_tensors
 
-    names = set()
-    for key, (_, dtype) in read_header(info.path).items():
-        if dtype.startswith("float8") and key.startswith(info.prefix):
-            key = key[len(info.prefix):]
-            names.add(key if info.format == "diffusers" else original_to_diffusers_key(key))
-    return frozenset(names - {None})
+    return frozenset(name for name, (_, dtype, _) in stored_tensors(info.path, info).items() if dtype.startswith("float8"))
 
 
 def _itemsize(p: _Param, weight_dtype: str, compute: int, fp8_in_file: frozenset[str]) -> int:
@@ -170,7 +165,7 @@ def _itemsize(p: _Param, weight_dtype: str, compute: int, fp8_in_file: frozenset
         return 4
     if weight_dtype != "default":
         return 1 if p.linear_weight else compute
-    return 1 if p.name in fp8_in_file else compute
+    return 1 if p.linear_weight and p.name in fp8_in_file else compute
 
 
 def _weights(info: CheckpointInfo, config: XDitUSPConfig) -> list[tuple[_Param, int]]:

@@ -67,6 +67,8 @@ def test_sharded_parity_every_variant(layout, checkpoints, references):
             assert info.param_bytes_total == full
             assert len(info.param_bytes_per_rank) == n and sum(info.param_bytes_per_rank) == full
             assert info.param_bytes <= SHARE[n] * full, (v, info.param_bytes_per_rank, full)
+            plan = info.memory_plan  # the owner's estimate, made from the header before the load
+            assert (plan["placement"], plan["weight_bytes"], plan["weight_bytes_per_rank"]) == ("fsdp", full, info.param_bytes)
         errors = {}
         for (v, size_name, batch), (kw, ref) in references.items():
             out = group.forward(v, kw)
@@ -161,6 +163,7 @@ def test_fp8_weight_dtype_halves_linear_bytes_and_upcasts_at_use(sharding, check
     fp8_numel = sum(p.numel() for n, p in model.named_parameters() if n in linear and not _fp32_kept(model, n))
     full = sum(p.numel() * p.element_size() for p in model.parameters())
     assert info.param_bytes_total == full - 3 * fp8_numel  # fp32 -> 1 byte for those weights
+    assert info.memory_plan["weight_bytes"] == info.param_bytes_total
     assert rel_err(out, tiny.reference_forward(_rounded_to_fp8(model), kw)) <= TOL
     assert rel_err(out, tiny.reference_forward(model, kw)) > TOL  # fp8 is not exact against fp32
 
@@ -194,4 +197,5 @@ def test_scaled_fp8_file_stays_fp8_with_its_scale(checkpoints, tmp_path):
     n_fp8 = sum(v.numel() for k, v in scaled.items() if v.dtype == torch.float8_e4m3fn and k != "scaled_fp8")
     full = sum(p.numel() * p.element_size() for p in model.parameters())
     assert info.param_bytes_total == full - 3 * n_fp8
+    assert info.memory_plan["weight_bytes"] == info.param_bytes_total
     assert rel_err(out, tiny.reference_forward(ref_model, kw)) <= TOL
