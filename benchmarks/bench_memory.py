@@ -71,7 +71,7 @@ def main():
             try:
                 with WorkerGroup(config) as group:
                     t0 = time.perf_counter()
-                    info = group.load("m", path)
+                    info = group.load("m", path, latent=(f, h, w), batch=2)
                     row.update(load_s=time.perf_counter() - t0, placement=info.placement,
                                param_gb=info.param_bytes / GB, param_total_gb=info.param_bytes_total / GB,
                                plan=info.memory_plan)
