@@ -432,6 +432,13 @@ def _expected_shapes(cls_name: str, cfg_json: str) -> dict[str, tuple]:
 
 
 # --------------------------------------------------------------------------------------------------
+def fp32_predicate(cls) -> Callable[[str], bool]:
+    """Whether diffusers keeps a parameter of ``cls`` in fp32 (its ``_keep_in_fp32_modules``: rope,
+    time embedder, modulation tables, norms): a name any dotted part of which is listed."""
+    keep = set(getattr(cls, "_keep_in_fp32_modules", None) or ())
+    return lambda name: any(part in keep for part in name.split("."))
+
+
 def _dequant(w: torch.Tensor, scale: torch.Tensor | None, dtype) -> torch.Tensor:
     if scale is not None:
         scale = scale.to(torch.float32)

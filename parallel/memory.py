@@ -128,13 +128,13 @@ def _params(cls_name: str, cfg_json: str) -> tuple[_Param, ...]:
     """Every parameter of the diffusers class built on the meta device (14B: well under a second)."""
     import diffusers
 
-    from .runner import _fp32_predicate
+    from ..wan_to_xdit_mapping import fp32_predicate
 
     cls = getattr(diffusers, cls_name)
     with torch.device("meta"):
         model = cls(**json.loads(cfg_json))
     linear = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    keep_fp32 = _fp32_predicate(cls)
+    keep_fp32 = fp32_predicate(cls)
     return tuple(_Param(name, p.numel(), p.shape[0], _unit(name), name in linear, keep_fp32(name))
                  for name, p in model.named_parameters())
 

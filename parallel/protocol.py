@@ -78,7 +78,7 @@ class Load:
     key: str
     path: str
     info: dict  # the owner's CheckpointInfo (dataclasses.asdict): the header is read and checked once
-    placement: str = "replicated"  # "replicated" | "fsdp" (runner.PLACEMENTS), chosen by the owner's memory plan
+    placement: str = "replicated"  # "replicated" | "fsdp" (runner.ModelRunner.placement), chosen by the owner's memory plan
 
 
 @dataclass

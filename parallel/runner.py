@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 
@@ -26,6 +26,7 @@ from . import protocol
 from .attention import SPGroup, build_sp_group
 from .config import Layout, XDitUSPConfig
 from .sp_wan import SequenceParallelWan
+from ..wan_to_xdit_mapping import fp32_predicate
 
 
 # ---- placements -------------------------------------------------------------------------------------
@@ -69,23 +70,20 @@ class FullyShard(Placement):
 
     def __init__(self, device: torch.device):
         import torch.distributed as dist
-
-        try:
-            from torch.distributed.fsdp import fully_shard  # noqa: F401 (public from torch 2.6)
-        except ImportError:
-            raise RuntimeError(f"weight_sharding='fsdp' needs torch >= 2.6 (FSDP2); this is torch {torch.__version__}") from None
-        self.world, self.rank = dist.get_world_size(), dist.get_rank()
         from torch.distributed.device_mesh import init_device_mesh
 
+        self.world, self.rank = dist.get_world_size(), dist.get_rank()
         self.mesh = init_device_mesh(device.type, (self.world,))
 
     def place(self, root, units, device):
-        from torch.distributed.fsdp import fully_shard
-
+        try:
+            from torch.distributed.fsdp import fully_shard  # public from torch 2.6
+        except ImportError:
+            raise RuntimeError(f"weight_sharding='fsdp' needs torch >= 2.6 (FSDP2); this is torch {torch.__version__}") from None
         for unit in units:
             fully_shard(unit, mesh=self.mesh, reshard_after_forward=True)
         fully_shard(root, mesh=self.mesh, reshard_after_forward=True)
-        blocks = [u for u in units if isinstance(u, _BLOCK_TYPES)]
+        blocks = units[1:]  # after the condition embedder, in the order the forward runs them
         for current, upcoming in zip(blocks, blocks[1:]):
             current.set_modules_to_forward_prefetch([upcoming])
         _to_empty(root, device)
@@ -101,9 +99,6 @@ class FullyShard(Placement):
         return {name: p.to_local() if hasattr(p, "to_local") else p.data for name, p in model.named_parameters()}
 
 
-PLACEMENTS = {"replicated": Replicated, "fsdp": FullyShard}
-
-
 def _to_empty(module: torch.nn.Module, device: torch.device):
     """Allocate every parameter (uninitialised) on `device`; buffers keep their values (diffusers
     computes RoPE tables at construction, which `init_empty_weights` leaves on the CPU)."""
@@ -113,24 +108,9 @@ def _to_empty(module: torch.nn.Module, device: torch.device):
         module.get_buffer(name).copy_(b)
 
 
-def _block_types():
-    from diffusers.models.transformers.transformer_wan import WanTransformerBlock
-
-    types = [WanTransformerBlock]
-    try:
-        from diffusers.models.transformers.transformer_wan_vace import WanVACETransformerBlock
-
-        types.append(WanVACETransformerBlock)
-    except ImportError:
-        pass
-    return tuple(types)
-
-
-_BLOCK_TYPES = _block_types()
-
-
 def _units(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The modules a sharded placement gathers one at a time, in the order the forward runs them."""
+    """The modules a sharded placement gathers one at a time: the condition embedder, then every
+    block in the order the forward runs them (VACE blocks first)."""
     vace = list(getattr(model, "vace_blocks", None) or [])
     return [model.condition_embedder] + vace + list(model.blocks)
 
@@ -150,12 +130,6 @@ class CastLinear(torch.nn.Linear):
         return torch.nn.functional.linear(x, w.to(x.dtype), self.bias)
 
 
-def _fp32_predicate(cls):
-    """diffusers' own `_keep_in_fp32_modules` (rope, time embedder, modulation tables, norms)."""
-    keep = set(getattr(cls, "_keep_in_fp32_modules", None) or ())
-    return lambda name: any(part in keep for part in name.split("."))
-
-
 _FP8 = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
@@ -166,7 +140,7 @@ def storage_dtypes(model: torch.nn.Module, cls, compute: torch.dtype, weight_dty
     when `weight_dtype` asks for it or when the file stores them in fp8 (`stored`: from
     `wan_to_xdit_mapping.stored_tensors`); the compute dtype for everything else. A scaled-fp8
     weight keeps its bytes and its scale when the scale is one number."""
-    keep_fp32 = _fp32_predicate(cls)
+    keep_fp32 = fp32_predicate(cls)
     linear = {f"{m}.weight" for m, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
     dtypes, scaled = {}, set()
     for name, _ in model.named_parameters():
@@ -236,9 +210,9 @@ class ModelRunner:
             if self._fsdp is None:  # one device mesh for every sharded model
                 self._fsdp = FullyShard(self.device)
             return self._fsdp
-        if name in ("replicated", "none"):
+        if name == "replicated":
             return Replicated()
-        raise ValueError(f"unknown placement {name!r}; known: {sorted(PLACEMENTS)}")
+        raise ValueError(f"unknown placement {name!r}; known: 'replicated', 'fsdp'")
 
     # ---- load / unload ------------------------------------------------------------------------
     def load(self, key: str, path: str, info, placement: str = "replicated") -> protocol.Loaded:
@@ -280,12 +254,15 @@ class ModelRunner:
         )
 
     def _fill(self, module, local: torch.Tensor, name: str, w: torch.Tensor, scale, keep_scaled: bool):
-        """Copy one stored tensor (this rank's rows of it) into the parameter storage `local`."""
+        """Copy one stored tensor (this rank's rows of it) into the parameter storage `local`
+        (any dequantising or fp8 rounding happens on the device, after the copy of the stored bytes)."""
+        w = w.to(local.device)
         if keep_scaled:  # the file's fp8 bytes as they are, and the scale next to them
             module.get_submodule(name.rpartition(".")[0]).weight_scale.copy_(scale.reshape(()))
         elif scale is not None or (w.dtype.itemsize == 1) != (local.dtype.itemsize == 1):
-            w = w.float() if scale is None else w.float() * (scale.float().reshape(-1, *[1] * (w.ndim - 1))
-                                                             if scale.numel() > 1 else scale.float())
+            scale = None if scale is None else scale.to(local.device, torch.float32)
+            w = w.float() if scale is None else w.float() * (scale.reshape(-1, *[1] * (w.ndim - 1))
+                                                             if scale.numel() > 1 else scale)
             if local.dtype.itemsize == 1:
                 w = w.clamp(-torch.finfo(local.dtype).max, torch.finfo(local.dtype).max)
         if tuple(w.shape) != tuple(local.shape):
