@@ -431,6 +431,7 @@ class WorkerGroup:
             if key in self.models and self.alive:
                 self._call(P.Unload(key), 60)
             self.models.pop(key, None)
+            self._infos.pop(key, None)
 
     def set_lora(self, key: str, patches: dict[str, list]) -> P.LoraSet:
         """Replace the LoRA state of model `key`; merged on the workers, base weights kept there.

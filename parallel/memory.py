@@ -274,8 +274,12 @@ def plan_load(info: CheckpointInfo, config: XDitUSPConfig, card_bytes: Optional[
                    f"latent {'x'.join(map(str, latent))}" + (f" ({size}, the model's standard size)" if size else "")
                    + f", batch {batch}")
         n_params = sum(p.numel for p in _model_params(info))
+        held = ""
+        if resident_bytes and config.weight_sharding != "fsdp":
+            held = (f" {_gb(resident_bytes)} GB/GPU are held by models already loaded on this group (e.g. the other "
+                    "Wan 2.2 expert): with weight_sharding='fsdp' every model on the group is sharded from its load.")
         raise ConfigError(f"the Wan {info.variant} model ({n_params / 1e9:.1f}B parameters) does not fit: "
-                          f"{chosen.describe()}; planned for {planned}. {_what_fits(config, chosen, plan)}")
+                          f"{chosen.describe()}; planned for {planned}. {_what_fits(config, chosen, plan)}{held}")
     return chosen
 
 

@@ -148,6 +148,9 @@ def test_auto_counts_the_models_already_loaded():
     assert second.placement == "fsdp" and second.fits
     assert second.peak_bytes == other.peak_bytes + other.weight_bytes_per_rank
     assert "13.3 held by other models" in second.describe()
+    # the other expert loaded unsharded: the second does not fit next to it, and the refusal says why
+    with pytest.raises(ConfigError, match=r"26\.7 GB/GPU are held by models already loaded .* weight_sharding='fsdp'"):
+        plan_load(info, config, 48 * GB, latent=P720, resident_bytes=plan_load(info, config, 48 * GB).weight_bytes_per_rank)
 
 
 def test_refusal_names_what_fits():
