@@ -374,6 +374,22 @@ def test_lora_matches_native_and_strength_change_does_not_reload(runner):
     assert _rel(again, base) < 1e-6 and remote.stats.lora_sends == sends + 3
 
 
+def test_sharded_weights_with_a_lora_match_native(runner):
+    """weight_sharding fsdp on the Config node: each rank holds half the weights, a LoRA merges into
+    the shards, and a strength change still needs no reload."""
+    for strength in (1.0, 0.5):
+        native = _latent(runner, t2v_graph(False, lora=strength))
+        ours = _latent(runner, t2v_graph(True, lora=strength, cfg_over={"weight_sharding": "fsdp"}))
+        err = _rel(ours, native)
+        RESULTS[f"fsdp lora {strength}"] = err
+        assert err < TOL
+    g = _group(weight_sharding="fsdp")
+    loaded = g.models[next(iter(g.models))]
+    assert loaded.placement == "fsdp" and loaded.param_bytes <= 0.6 * loaded.param_bytes_total
+    assert g.launches == 1
+    g.close()  # one group at a time on 2 CPU cores
+
+
 def test_i2v_matches_native(runner):
     native = _latent(runner, t2v_graph(False, unet="tiny_i2v.safetensors", i2v=True))
     ours = _latent(runner, t2v_graph(True, unet="tiny_i2v.safetensors", i2v=True))
