@@ -611,15 +611,20 @@ def test_dead_worker_is_a_comfyui_error_naming_the_rank_and_next_run_relaunches(
 
 
 def test_example_workflow_passes_comfyui_validation(runner, tmp_path):
+    """With each file the workflow lists for the Missing Models panel (properties.models) saved where
+    it says, the prompt the UI sends (its Markdown note left out) passes ComfyUI's validation."""
     wf = W.load_example()
     api = W.ui_to_api(wf, NODES.NODE_CLASS_MAPPINGS)
-    names = {"diffusion_models": api["2"]["inputs"]["unet_name"], "text_encoders": api["4"]["inputs"]["clip_name"],
-             "vae": api["9"]["inputs"]["vae_name"]}
-    for folder, name in names.items():
-        d = tmp_path / folder
+    assert len(api) == len(wf["nodes"]) - 1 and all(n["class_type"] != "MarkdownNote" for n in api.values())
+    listed = [m for n in wf["nodes"] for m in n["properties"].get("models", [])]
+    assert {m["directory"]: m["name"] for m in listed} == {
+        "diffusion_models": api["2"]["inputs"]["unet_name"], "text_encoders": api["4"]["inputs"]["clip_name"],
+        "vae": api["9"]["inputs"]["vae_name"]}
+    for m in listed:
+        d = tmp_path / m["directory"]
         d.mkdir()
-        (d / name).write_bytes(b"")  # placeholders: validation only checks the names
-        folder_paths.add_model_folder_path(folder, str(d))
+        (d / m["name"]).write_bytes(b"")  # placeholders: validation only checks the names
+        folder_paths.add_model_folder_path(m["directory"], str(d))
     valid = runner.validate(api)
     assert valid[0], (valid[1], valid[3])
     assert set(valid[2]) == {"12"}  # SaveVideo is the output

@@ -139,7 +139,8 @@ def _workflow():
 def test_example_uses_only_known_node_types():
     wf = _workflow()
     types = {n["type"] for n in wf["nodes"]}
-    assert types <= W.NATIVE_TYPES | W.OUR_TYPES, types - W.NATIVE_TYPES - W.OUR_TYPES
+    known = W.NATIVE_TYPES | W.OUR_TYPES | W.UI_ONLY_TYPES
+    assert types <= known, types - known
     assert W.OUR_TYPES <= types
     assert "UNETLoader" not in types
 
@@ -215,6 +216,9 @@ def test_example_native_types_exist_in_comfyui(nodes):
     for t in W.OUR_TYPES:
         assert t in nodes.NODE_CLASS_MAPPINGS, t  # registered through ComfyUI's custom node loader
     for n in wf["nodes"]:
+        if n["type"] in W.UI_ONLY_TYPES:
+            assert n["type"] not in nodes.NODE_CLASS_MAPPINGS  # the UI's own; never sent to the server
+            continue
         cls = nodes.NODE_CLASS_MAPPINGS[n["type"]]
         assert [str(o["type"]) for o in n["outputs"]] == [str(t) for t in cls.RETURN_TYPES], n["type"]
         specs = {name: spec for name, spec, _ in W.ordered_inputs(cls.INPUT_TYPES())}

@@ -21,6 +21,8 @@ NATIVE_TYPES = {
     "VAELoader", "VAEDecode", "CreateVideo", "SaveVideo",
 }
 OUR_TYPES = {"XDitUSPConfigNode", "XDitUSPWanVideoModelLoader"}
+# Frontend-only nodes (the UI marks them isVirtualNode and leaves them out of the API prompt).
+UI_ONLY_TYPES = {"Note", "MarkdownNote"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 
@@ -80,7 +82,7 @@ def ui_to_api(workflow: dict, node_classes: dict) -> dict:
     links = {l[0]: l for l in workflow["links"]}
     prompt = {}
     for node in workflow["nodes"]:
-        if node.get("mode", 0) in (2, 4):  # muted / bypassed
+        if node.get("mode", 0) in (2, 4) or node["type"] in UI_ONLY_TYPES:  # muted / bypassed / notes
             continue
         cls = node_classes[node["type"]]
         linked = {i["name"]: links[i["link"]] for i in node.get("inputs", []) if i.get("link") is not None}
