@@ -33,6 +33,19 @@ def boot_or_skip():
                     allow_module_level=True)
 
 
+def nodes_or_skip():
+    """boot(), or skip the calling test (not its module, which may have tests that need no ComfyUI)
+    with the reason ComfyUI is unavailable."""
+    import pytest
+
+    if not os.environ.get("COMFYUI_DIR"):
+        pytest.skip("COMFYUI_DIR is not set: the V3 nodes need ComfyUI's comfy_api")
+    try:
+        return boot()
+    except ComfyUnavailable as e:
+        pytest.skip(str(e))
+
+
 def boot():
     """Import ComfyUI (CPU mode), load its built-in nodes and our pack; returns the `nodes` module."""
     global _booted

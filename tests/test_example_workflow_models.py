@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import comfy_harness  # noqa: E402
 import workflow_utils as W  # noqa: E402
 
 # The file name extensions the frontend treats as model files (its isModelFileName).
@@ -113,22 +114,9 @@ def test_native_loader_folders_match_the_frontends_categories():
 
 
 # ------------------------------------------------------------------------- against ComfyUI, when present
-def _comfy_nodes():
-    if not os.environ.get("COMFYUI_DIR"):
-        pytest.skip("COMFYUI_DIR is not set: the V3 nodes need ComfyUI's comfy_api")
-    try:
-        import comfy_harness
-    except ImportError as e:  # pragma: no cover
-        pytest.skip(f"ComfyUI not importable: {e}")
-    try:
-        return comfy_harness.boot()
-    except comfy_harness.ComfyUnavailable as e:
-        pytest.skip(str(e))
-
-
 @pytest.fixture(scope="module")
 def nodes():
-    return _comfy_nodes()
+    return comfy_harness.nodes_or_skip()
 
 
 def _options(spec):

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import comfy_harness  # noqa: E402
 import workflow_utils as W  # noqa: E402
 
 pack = W.load_pack()
@@ -29,22 +30,9 @@ def test_import_without_comfyui_imports_no_comfy():
 
 
 # ------------------------------------------------------------------- against ComfyUI, when present
-def _comfy_nodes():
-    if not os.environ.get("COMFYUI_DIR"):
-        pytest.skip("COMFYUI_DIR is not set: the V3 nodes need ComfyUI's comfy_api")
-    try:
-        import comfy_harness
-    except ImportError as e:  # pragma: no cover
-        pytest.skip(f"ComfyUI not importable: {e}")
-    try:
-        return comfy_harness.boot()
-    except comfy_harness.ComfyUnavailable as e:
-        pytest.skip(str(e))
-
-
 @pytest.fixture(scope="module")
 def nodes():
-    return _comfy_nodes()
+    return comfy_harness.nodes_or_skip()
 
 
 def test_registered_through_comfy_entrypoint(nodes):

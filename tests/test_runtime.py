@@ -23,7 +23,6 @@ from comfyui_xdit_usp.parallel.tiny import rel_err
 from procs import group_processes, wait_gone
 from workflow_utils import BIND_PACK
 
-VARIANTS = tiny.VARIANTS
 SIZES = {"divisible": (2, 8, 8), "padded": (3, 6, 10)}  # latent (frames, h, w) -> 32 and 45 tokens
 LAYOUTS = {  # name: (ulysses, ring, cfg)
     "single": (1, 1, 1),
@@ -33,16 +32,6 @@ LAYOUTS = {  # name: (ulysses, ring, cfg)
     "cfg2xulysses2": (2, 1, 2),
 }
 TOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ckpt")
-    out = {}
-    for i, v in enumerate(VARIANTS):
-        model = tiny.build_model(v, seed=i)
-        out[v] = (tiny.write_original_checkpoint(model, d / f"{v}.safetensors"), model)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from comfyui_xdit_usp.parallel import Layout, WorkerGroup, XDitUSPConfig, tiny
 from comfyui_xdit_usp.parallel.tiny import rel_err
 from comfyui_xdit_usp.wan_to_xdit_mapping import iter_weights, stored_tensors
 
-VARIANTS = tiny.VARIANTS
 SIZES = {"divisible": (2, 8, 8), "padded": (3, 6, 10)}  # latent (frames, h, w) -> 32 and 45 tokens
 LAYOUTS = {  # name: (ulysses, ring, cfg)
     "ulysses2": (2, 1, 1),
@@ -32,16 +31,6 @@ def cpu_config(ulysses, ring, cfg, **kw) -> XDitUSPConfig:
     kw = {"launch_timeout_s": 120, "forward_timeout_s": 120, "weight_sharding": "fsdp", **kw}
     return XDitUSPConfig(world_size=ulysses * ring * cfg, ulysses_degree=ulysses, ring_degree=ring, cfg_degree=cfg,
                          device="cpu", dtype="fp32", **kw)
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ckpt")
-    out = {}
-    for i, v in enumerate(VARIANTS):
-        model = tiny.build_model(v, seed=i)
-        out[v] = (tiny.write_original_checkpoint(model, d / f"{v}.safetensors"), model)
-    return out
 
 
 @pytest.fixture(scope="module")
