@@ -522,6 +522,8 @@ def main():
     ap.add_argument("--graphs", default="a,b,c,a1,d", help="comma list of " + ",".join(GRAPHS))
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--dtype", default=None, help="Config dtype (default bf16 on cuda, fp32 on cpu)")
+    ap.add_argument("--vae", default="auto", choices=("auto", "real", "small"),
+                    help="Wan 2.1 VAE of the real shape (dim 96, bf16) or a small one (dim 16); auto: small for tiny")
     ap.add_argument("--size", default=None, help="WxHxF instead of the model's default")
     ap.add_argument("--ckpt-dir", default=os.path.join(tempfile.gettempdir(), "xdit_usp_bench"))
     ap.add_argument("--comfyui-dir", default=None)
@@ -558,7 +560,7 @@ def main():
         from bench_scaling import write_checkpoint
 
         unet_path = write_checkpoint(a.model, a.ckpt_dir)
-    vae_path = write_vae(a.ckpt_dir, real=a.model != "tiny")
+    vae_path = write_vae(a.ckpt_dir, real=a.vae == "real" or (a.vae == "auto" and a.model != "tiny"))
     files_s = time.perf_counter() - t
     for kind in ("diffusion_models", "vae"):
         folder_paths.add_model_folder_path(kind, a.ckpt_dir, is_default=True)
