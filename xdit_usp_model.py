@@ -310,12 +310,18 @@ class XDitUSPWanProxy(torch.nn.Module):
             if v is not None:
                 problems.append(f"the {k!r} conditioning is not supported")
         topts = transformer_options or {}
-        if topts.get("patches_replace", {}).get("dit"):
-            problems.append("block replace patches (transformer_options patches_replace 'dit') are not supported")
-        if topts.get("patches", {}).get("double_block"):
-            problems.append("double_block patches are not supported")
+        # Every patch a node installs is refused by kind, never dropped: the workers apply none of
+        # them (e.g. SkipLayerGuidanceDiT's block replace 'dit', Uni3C's 'double_block',
+        # InfiniteTalk's audio 'attn2_patch').
+        for where in ("patches_replace", "patches"):
+            for kind, entries in sorted((topts.get(where) or {}).items()):
+                if entries:
+                    problems.append(f"{where} {kind!r} (installed by a model-patching node) is not supported")
         if topts.get("rope_options") is not None:
-            problems.append("rope_options (RoPE scaling/shift) are not supported")
+            problems.append("rope_options (RoPE scaling/shift, e.g. ScaleROPE) are not supported")
+        if x.dtype != self.dtype:  # BaseModel casts the input to its compute dtype: ModelComputeDtype changed it
+            problems.append(f"compute dtype {str(x.dtype)[6:]} (e.g. from ModelComputeDtype) differs from the "
+                            f"workers' {str(self.dtype)[6:]}: set the dtype on the XDit+USP Config node instead")
         if problems:
             raise ValueError("xDiT-USP WanVideo model: " + "; ".join(problems) +
                              ". The worker group runs the plain Wan transformer; use a native loader for this graph.")

@@ -390,6 +390,19 @@ def test_sharded_weights_with_a_lora_match_native(runner):
     g.close()  # one group at a time on 2 CPU cores
 
 
+def test_a_compute_dtype_the_workers_do_not_use_is_refused(runner):
+    """ModelComputeDtype changes the dtype native Wan computes in; the workers compute in the Config
+    node's dtype, so a different one is an error before the step, never a silent difference."""
+    p = t2v_graph(True, steps=1)
+    p["dt"] = {"class_type": "ModelComputeDtype", "inputs": {"model": ["model", 0], "dtype": "bf16"}}
+    p["ms"]["inputs"]["model"] = ["dt", 0]
+    with pytest.raises(H.ExecutionFailed, match="ModelComputeDtype") as ei:
+        _latent(runner, p)
+    assert "XDit+USP Config" in str(ei.value)
+    p["dt"]["inputs"]["dtype"] = "fp32"  # the workers' own dtype (the test Config's): runs
+    assert torch.isfinite(_latent(runner, p)).all()
+
+
 def test_i2v_matches_native(runner):
     native = _latent(runner, t2v_graph(False, unet="tiny_i2v.safetensors", i2v=True))
     ours = _latent(runner, t2v_graph(True, unet="tiny_i2v.safetensors", i2v=True))
@@ -666,7 +679,11 @@ def test_model_object_contract_and_clear_errors(models_dir):
                     (dict(time_dim_concat=torch.zeros(1, 16, 1, 4, 4)), "time_dim_concat"),
                     (dict(control={"output": []}), "ControlNet"),
                     (dict(vace_context=torch.zeros(1, 2, 96, 2, 4, 4), vace_strength=[1.0, 1.0]), "control inputs"),
-                    (dict(transformer_options={"rope_options": {"scale_x": 2.0}}), "rope_options")]:
+                    (dict(transformer_options={"rope_options": {"scale_x": 2.0}}), "rope_options"),
+                    (dict(transformer_options={"patches": {"attn2_patch": [lambda *a, **k: None]}}),
+                     "patches 'attn2_patch'"),
+                    (dict(transformer_options={"patches_replace": {"dit": {("double_block", 0): None}}}),
+                     "patches_replace 'dit'")]:
         kw.setdefault("vace_context", vace)
         kw.setdefault("vace_strength", [1.0])
         with pytest.raises(ValueError, match=msg):
