@@ -57,8 +57,11 @@ import uuid
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(REPO, "tests"))
 
 import torch  # noqa: E402
+
+import comfy_harness  # noqa: E402  (tests/: the executor stub and the conditioning node the tests use too)
 
 SIZES = {"tiny": (64, 48, 5), "1.3b": (832, 480, 81), "14b": (1280, 720, 81)}  # width, height, frames
 TINY_TEXT_DIM = 64
@@ -149,7 +152,7 @@ def boot(directory: str, cpu: bool):
                if n not in nodes.NODE_CLASS_MAPPINGS]
     if missing:
         raise RuntimeError(f"ComfyUI lacks the nodes {missing} (see the import warnings above)")
-    nodes.NODE_CLASS_MAPPINGS.update({"XDitBenchRandomConditioning": RandomConditioning,
+    nodes.NODE_CLASS_MAPPINGS.update({"XDitBenchRandomConditioning": comfy_harness.RandomConditioning,
                                       "XDitBenchCapture": Capture})
     return nodes
 
@@ -163,24 +166,6 @@ def pack_module():
 
 
 # ------------------------------------------------------------------------------ benchmark nodes
-class RandomConditioning:
-    """CONDITIONING made of a fixed random tensor (no text encoder)."""
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31}),
-                             "tokens": ("INT", {"default": 512, "min": 1, "max": 4096}),
-                             "dim": ("INT", {"default": 4096, "min": 1, "max": 8192})}}
-
-    RETURN_TYPES = ("CONDITIONING",)
-    FUNCTION = "make"
-    CATEGORY = "testing"
-
-    def make(self, seed, tokens, dim):
-        g = torch.Generator().manual_seed(seed)
-        return ([[torch.randn(1, tokens, dim, generator=g), {}]],)
-
-
 CAPTURED: dict = {}
 
 
@@ -200,22 +185,6 @@ class Capture:
         CAPTURED["latent"] = samples["samples"].detach().float().cpu().clone()
         CAPTURED["image"] = images.detach().float().cpu().clone()
         return {}
-
-
-class Server:
-    """What PromptExecutor needs from server.PromptServer; keeps every message with its time."""
-
-    def __init__(self):
-        self.client_id = None
-        self.last_node_id = None
-        self.last_prompt_id = None
-        self.messages = []
-
-    def send_sync(self, event, data, sid=None):
-        self.messages.append((time.perf_counter(), event, data))
-
-    def queue_updated(self):
-        pass
 
 
 # --------------------------------------------------------------------------------- measurements
@@ -411,9 +380,10 @@ def build_graph(spec: dict, a, unet: str, vae: str) -> dict:
     return p
 
 
-def node_times(messages, start: float, end: float) -> dict[str, float]:
+def node_times(server, start: float, end: float) -> dict[str, float]:
     """Seconds per node: from its `executing` message to the next one (or the end)."""
-    marks = [(t, d["node"]) for t, e, d in messages if e == "executing" and d.get("node") is not None]
+    marks = [(t, d["node"]) for t, (e, d) in zip(server.times, server.messages)
+             if e == "executing" and d.get("node") is not None]
     out = {}
     for i, (t, node) in enumerate(marks):
         nxt = marks[i + 1][0] if i + 1 < len(marks) else end
@@ -447,7 +417,7 @@ def run_graph(name: str, a, unet: str, vae: str, probe: Probe, pack) -> tuple[di
     smi = SmiSampler()
     base = smi.read() if (cuda and smi.exe) else {}
     probe.reset()
-    server = Server()
+    server = comfy_harness.ServerStub()
     executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC,
                                         cache_args={"lru": 0, "ram": 0.0, "ram_inactive": 0.0})
     valid = asyncio.run(execution.validate_prompt(str(uuid.uuid4()), prompt, None))
@@ -458,12 +428,12 @@ def run_graph(name: str, a, unet: str, vae: str, probe: Probe, pack) -> tuple[di
     executor.execute(prompt, str(uuid.uuid4()), {"client_id": "bench"}, ["out"])
     t1 = time.perf_counter()
     smi_peak = smi.stop()
-    errors = [d for _, e, d in server.messages if e == "execution_error"]
+    errors = [d for e, d in server.messages if e == "execution_error"]
     if errors or not executor.success:
         e = errors[0] if errors else {}
         raise RuntimeError(f"{e.get('exception_type', '?')}: {e.get('exception_message', 'execution failed')}\n"
                            + "".join(e.get("traceback", [])))
-    nt = node_times(server.messages, t0, t1)
+    nt = node_times(server, t0, t1)
     (i0, i1), (o0, o1) = probe.inner[-1], probe.outer[-1]
     marks = [i0] + probe.steps
     per_step = [b - c for b, c in zip(marks[1:], marks[:-1])]

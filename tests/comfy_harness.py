@@ -106,17 +106,40 @@ class CaptureLatent:
         return {}
 
 
+class RandomConditioning:
+    """CONDITIONING made of a fixed random tensor (no text encoder needed)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31}),
+                             "tokens": ("INT", {"default": 512, "min": 1, "max": 4096}),
+                             "dim": ("INT", {"default": 4096, "min": 1, "max": 8192})}}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "make"
+    CATEGORY = "testing"
+
+    def make(self, seed, tokens, dim):
+        import torch
+
+        g = torch.Generator().manual_seed(seed)
+        return ([[torch.randn(1, tokens, dim, generator=g), {}]],)
+
+
 class ServerStub:
-    """What PromptExecutor needs from server.PromptServer; records every message."""
+    """What PromptExecutor needs from server.PromptServer; records every message, and when it came
+    (`times`, time.perf_counter, one per message)."""
 
     def __init__(self):
         self.client_id = None
         self.last_node_id = None
         self.last_prompt_id = None
         self.messages = []
+        self.times = []
 
     def send_sync(self, event, data, sid=None):
         self.messages.append((event, data))
+        self.times.append(time.perf_counter())
 
     def queue_updated(self):
         pass
@@ -142,6 +165,7 @@ class Runner:
         if not valid[0]:
             raise AssertionError(f"prompt failed validation: {valid[1]} {valid[3]}")
         self.server.messages.clear()
+        self.server.times.clear()
         self.executor.execute(prompt, str(uuid.uuid4()), {"client_id": "test"}, outputs)
         errors = [d for e, d in self.server.messages if e == "execution_error"]
         if errors or not self.executor.success:

@@ -47,24 +47,6 @@ class _ClipVisionOutput:
         self.penultimate_hidden_states = penultimate_hidden_states
 
 
-class XDitTestRandomConditioning:
-    """CONDITIONING made of random text embeddings (no text encoder needed)."""
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31}),
-                             "tokens": ("INT", {"default": 16, "min": 1, "max": 512}),
-                             "dim": ("INT", {"default": TEXT_DIM, "min": 1, "max": 8192})}}
-
-    RETURN_TYPES = ("CONDITIONING",)
-    FUNCTION = "make"
-    CATEGORY = "testing"
-
-    def make(self, seed, tokens, dim):
-        g = torch.Generator().manual_seed(seed)
-        return ([[torch.randn(1, tokens, dim, generator=g), {}]],)
-
-
 class XDitTestImageToVideoConds:
     """What WanImageToVideo adds (concat_latent_image + concat_mask + clip_vision_output), random."""
 
@@ -150,7 +132,7 @@ class XDitTestTI2VLatent:
 CAPTURED = H.CAPTURED
 
 
-NODES.NODE_CLASS_MAPPINGS.update({"XDitTestRandomConditioning": XDitTestRandomConditioning,
+NODES.NODE_CLASS_MAPPINGS.update({"XDitTestRandomConditioning": H.RandomConditioning,
                                   "XDitTestImageToVideoConds": XDitTestImageToVideoConds,
                                   "XDitTestCaptureLatent": H.CaptureLatent,
                                   "XDitTestFirstLastFrameConds": XDitTestFirstLastFrameConds,
@@ -584,8 +566,8 @@ def test_real_server_config_change_and_free_keep_at_most_one_group(models_dir, t
     models.mkdir(parents=True)
     os.symlink(W.ROOT, nodes_dir / "comfyui-xdit-usp")  # how a user installs the pack
     (nodes_dir / "xdit_usp_test_nodes.py").write_text(  # the text-embedding stand-in, as a custom node
-        f"import torch\nTEXT_DIM = {TEXT_DIM}\n\n" + inspect.getsource(XDitTestRandomConditioning)
-        + "\nNODE_CLASS_MAPPINGS = {'XDitTestRandomConditioning': XDitTestRandomConditioning}\n")
+        inspect.getsource(H.RandomConditioning)
+        + "\nNODE_CLASS_MAPPINGS = {'XDitTestRandomConditioning': RandomConditioning}\n")
     os.symlink(os.path.join(models_dir, "diffusion_models", "tiny_t2v.safetensors"), models / "tiny_t2v.safetensors")
 
     def graph(dtype):
