@@ -16,8 +16,12 @@ SHAPES = {
                  out_channels=16, text_dim=4096, freq_dim=256),
     "14b": dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40, in_channels=16,
                 out_channels=16, text_dim=4096, freq_dim=256),
+    # CPU dry runs of the GPU scripts: 4 heads (of Wan's 128, which the key table infers the head count
+    # from) so that Ulysses 4 and hybrid layouts exist.
+    "tiny": dict(num_attention_heads=4, attention_head_dim=128, ffn_dim=256, num_layers=2, in_channels=16,
+                 out_channels=16, text_dim=64, freq_dim=256),
 }
-RESOLUTIONS = {"480p": (480, 832), "720p": (720, 1280)}
+RESOLUTIONS = {"480p": (480, 832), "720p": (720, 1280), "tiny": (64, 96)}
 
 
 def latent_shape(res: str, frames: int = 81, channels: int = 16):

@@ -1,19 +1,30 @@
-"""Multi-GPU scaling and NCCL parity of the worker group (issue 6).
+"""Multi-GPU scaling, memory and parity of the worker group (issues 6, 13, 18).
 
     python3 benchmarks/bench_scaling.py --model 14b --res 720p --gpus 1,2,4,8
-    python3 benchmarks/bench_scaling.py --model 1.3b --res 480p --gpus 1,2,4,8
+    python3 benchmarks/bench_scaling.py --model 1.3b --res 480p --gpus 1,4 --shard none,fsdp --p2p-off
+    python3 benchmarks/bench_scaling.py --model tiny --res tiny --device cpu --gpus 1,2,4   # CPU dry run
 
-For each GPU count N (up to the visible GPUs) and each layout that N and the head count allow
-(Ulysses-only, ring-only, hybrid Ulysses x ring, CFG 2 x Ulysses, and `auto`), a real torchrun
-worker group (NCCL) loads a random-weight checkpoint of the real shape. It runs a batch of 2
-(cond + uncond, as ComfyUI sends them with CFG), and reports:
-  - forward time: median of --reps after a warm-up, owner-side;
-  - per-GPU peak memory: the largest rank's;
-  - the 50-step CFG total extrapolated from that time (transformer only);
-  - parity: the bf16 output against the 1-GPU output, at a size whose token count divides by no
-    N (9 x 30 x 53 = 14,310 tokens). The bar is 1e-2 relative.
-The results go to $OUT/bench_scaling.json (or ./bench_scaling.json), and a Markdown table is
-printed for BENCHMARKS.md.
+For each GPU count N (up to the visible GPUs), each layout that N and the head count allow
+(Ulysses-only, ring-only, hybrid Ulysses x ring, CFG 2 x Ulysses, CFG 2 x ring at 4, CFG 2 x
+hybrid at 8, and `auto`) and each weight
+placement in --shard, a real torchrun worker group (NCCL; gloo with --device cpu) loads a
+random-weight checkpoint of the real shape and reports:
+  - forward time at each batch in --batches (2 = cond + uncond, as ComfyUI sends them with CFG;
+    1 = cfg 1, where only the sequence split helps): median of --reps after a warm-up, owner-side,
+    with the layout the workers used for that batch;
+  - per-GPU peak memory (torch.cuda.max_memory_allocated, every rank) and parameter bytes per rank;
+  - the 50-step CFG total (50 x the batch-2 forward, transformer only), next to Wan2.1's official
+    whole-generation time for 14B 720p;
+  - parity against an fp32 reference (issue 13's metric): a plain single-process diffusers forward
+    in fp32, TF32 off, of the same weights at a size whose token count divides by no N
+    (9 x 30 x 53 = 14,310 tokens). `rel_l2` is ||out - ref|| / ||ref|| of this run's bf16 output;
+    `parity_ratio` divides it by the 1-GPU bf16 run's: the bar is <= 1.5 (the N-GPU run rounds no
+    worse than one GPU). The max-abs ratio against the 1-GPU output is kept as `rel_err_vs_1gpu`.
+    The reference is computed once (on GPU 0 before any group starts) and cached next to the
+    checkpoint, so a second invocation on the same machine reuses it.
+--p2p-off starts the workers with NCCL_P2P_DISABLE=1 (collectives through host memory, as on PCIe
+cards without peer-to-peer). Results go to $OUT/bench_scaling_<model>_<res>[_p2poff][_TAG].json after
+every run; a Markdown table is printed at the end.
 """
 from __future__ import annotations
 
@@ -31,10 +42,12 @@ from _common import SHAPES, latent_shape  # noqa: E402
 
 from comfyui_xdit_usp.parallel import WorkerGroup, XDitUSPConfig, tiny  # noqa: E402
 from comfyui_xdit_usp.parallel.protocol import ForwardInputs  # noqa: E402
-from comfyui_xdit_usp.wan_to_xdit_mapping import to_original  # noqa: E402
+from comfyui_xdit_usp.wan_to_xdit_mapping import inspect_checkpoint, to_original  # noqa: E402
 
 OFFICIAL_14B_720P = {1: 1837.9, 2: 945.1, 4: 497.0, 8: 287.9}  # Wan2.1 USP, whole generation, s
 PARITY_LATENT = (16, 9, 60, 106)  # 33 frames x 480 x 848 -> 9 x 30 x 53 = 14,310 tokens
+TINY_PARITY_LATENT = (16, 3, 14, 18)  # 3 x 7 x 9 = 189 tokens: divides by no N in 2..8
+GB = 2**30  # GiB, as torch.cuda figures and the rest of BENCHMARKS.md
 
 
 def layouts_for(n: int, heads: int) -> dict[str, tuple[int, int, int]]:
@@ -49,6 +62,10 @@ def layouts_for(n: int, heads: int) -> dict[str, tuple[int, int, int]]:
         out["hybrid"] = (n // 2, 2, 1)
     if heads % (n // 2) == 0:
         out["cfg2xulysses"] = (n // 2, 1, 2)
+    if n == 4:
+        out["cfg2xring"] = (1, 2, 2)
+    if n >= 8 and heads % (n // 4) == 0:
+        out["cfg2xhybrid"] = (n // 4, 2, 2)
     return out
 
 
@@ -68,77 +85,146 @@ def write_checkpoint(model_name: str, directory: str) -> str:
         sd[name] = (torch.randn(p.shape, device=p.device, generator=g) * 0.02).to(torch.bfloat16).cpu()
         p.data = torch.empty(0)
     del m
-    save_file(to_original(sd), path)
+    save_file(to_original(sd), path + ".part")
+    os.replace(path + ".part", path)  # a run killed while writing leaves no truncated file behind
     return path
+
+
+def fp32_reference(path: str, inputs: ForwardInputs, device: str) -> torch.Tensor:
+    """The fp32 single-process reference of `inputs` (cached beside the checkpoint)."""
+    cache = f"{path}.ref_{'x'.join(map(str, inputs.hidden_states.shape))}.pt"
+    if os.path.exists(cache):
+        return torch.load(cache)
+    t0 = time.perf_counter()
+    ref = tiny.reference_from_checkpoint(path, inspect_checkpoint(path), inputs, device=device, batch_chunk=1)
+    torch.save(ref, cache)
+    print(f"fp32 reference computed on {device} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return ref
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="14b", choices=sorted(SHAPES))
-    ap.add_argument("--res", default="720p", choices=("480p", "720p"))
+    ap.add_argument("--res", default="720p", choices=("480p", "720p", "tiny"))
     ap.add_argument("--gpus", default="1,2,4,8")
-    ap.add_argument("--layouts", default="", help="comma list to restrict (auto,ulysses,ring,hybrid,cfg2xulysses)")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--layouts", default="",
+                    help="comma list to restrict (auto,ulysses,ring,hybrid,cfg2xulysses,cfg2xring,cfg2xhybrid)")
+    ap.add_argument("--shard", default="none", help="comma list of weight placements: none,fsdp")
+    ap.add_argument("--fsdp-layouts", default="",
+                    help="comma list: run fsdp only for these layouts (default: every layout)")
+    ap.add_argument("--batches", default="2,1", help="comma list of batch sizes timed per run")
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--p2p-off", action="store_true", help="NCCL_P2P_DISABLE=1 in the workers")
+    ap.add_argument("--no-parity", action="store_true", help="skip the fp32 reference and parity forwards")
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--tag", default="", help="suffix of the results file")
     ap.add_argument("--ckpt-dir", default=tempfile.gettempdir())
     a = ap.parse_args()
-    visible = torch.cuda.device_count()
+    cuda = a.device == "cuda"
+    visible = torch.cuda.device_count() if cuda else 8
     heads = SHAPES[a.model]["num_attention_heads"]
+    text_dim = SHAPES[a.model]["text_dim"]
     path = write_checkpoint(a.model, a.ckpt_dir)
     c, f, h, w = latent_shape(a.res)
+    batches = [int(b) for b in a.batches.split(",")]
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, c, f, h, w, generator=g)
-    t = torch.tensor([700.0, 700.0])
-    ctx = torch.randn(2, 512, 4096, generator=g)
-    px = torch.randn(2, *PARITY_LATENT, generator=g)
-    results = {"device": torch.cuda.get_device_name() if visible else "cpu", "visible_gpus": visible,
-               "model": a.model, "res": a.res, "date": time.strftime("%Y-%m-%d"), "runs": []}
-    reference = None
-    out_path = os.path.join(os.environ.get("OUT", "."), "bench_scaling.json")
+    x = torch.randn(max(batches), c, f, h, w, generator=g)
+    ctx = torch.randn(max(batches), 512, text_dim, generator=g)
+    inputs = {b: ForwardInputs(x[:b], torch.full((b,), 700.0), ctx[:b]) for b in batches}
+    parity_in = ForwardInputs(torch.randn(2, *(TINY_PARITY_LATENT if a.model == "tiny" else PARITY_LATENT),
+                                          generator=g), torch.tensor([700.0, 300.0]), ctx[:1].repeat(2, 1, 1))
+    ref = None if a.no_parity else fp32_reference(path, parity_in, "cuda" if cuda else "cpu")
+    env = {"NCCL_P2P_DISABLE": "1"} if a.p2p_off else {}
+    results = {"device": torch.cuda.get_device_name() if cuda and visible else "cpu", "visible_gpus": visible,
+               "torch": torch.__version__, "model": a.model, "res": a.res, "latent": [c, f, h, w],
+               "p2p_off": a.p2p_off, "date": time.strftime("%Y-%m-%d"),
+               "command": "python3 " + " ".join(sys.argv), "runs": []}
+    name = f"bench_scaling_{a.model}_{a.res}{'_p2poff' if a.p2p_off else ''}{'_' + a.tag if a.tag else ''}.json"
+    out_path = os.path.join(os.environ.get("OUT", "."), name)
+    one_gpu = {}  # the 1-GPU run's parity output and error: the floor every N is held to
     for n in [int(v) for v in a.gpus.split(",")]:
-        if n > visible:
-            results["runs"].append({"gpus": n, "skipped": f"only {visible} GPU(s) visible"})
-            continue
-        for name, (u, r, cfg) in layouts_for(n, heads).items():
-            if a.layouts and name not in a.layouts.split(","):
+        for lname, (u, r, cfg) in layouts_for(n, heads).items():
+            if a.layouts and lname not in a.layouts.split(","):
                 continue
-            config = XDitUSPConfig(world_size=n, ulysses_degree=u, ring_degree=r, cfg_degree=cfg,
-                                       device="cuda", dtype="bf16")
-            row = {"gpus": n, "layout_name": name}
-            try:
-                with WorkerGroup(config) as group:
-                    t0 = time.perf_counter()
-                    info = group.load("m", path)
-                    row.update(load_s=time.perf_counter() - t0, backend=info.backend)
-                    stats, times = {}, []
-                    group.forward("m", ForwardInputs(x, t, ctx), stats=stats)
-                    for _ in range(a.reps):
-                        group.forward("m", ForwardInputs(x, t, ctx), stats=stats)
-                        times.append(stats["owner_ms"] / 1e3)
-                    times.sort()
-                    row.update(layout=str(stats["layout"]), forward_b2_s=times[len(times) // 2],
-                               peak_gb=max(stats["peak_bytes"]) / 2**30)
-                    row["cfg50_total_s"] = 50 * row["forward_b2_s"]
-                    out = group.forward("m", ForwardInputs(px, t, ctx)).float()
-                    if reference is None and n == 1:
-                        reference = out
-                    if reference is not None:
-                        row["parity_rel_err_vs_1gpu"] = tiny.rel_err(out, reference)
-            except Exception as e:  # noqa: BLE001 - a layout that fails is a result to report
-                row["error"] = f"{type(e).__name__}: {e}"[:500]
-            results["runs"].append(row)
-            print(json.dumps(row), flush=True)
-            with open(out_path, "w") as fh:
-                json.dump(results, fh, indent=1)
-    base = next((r["forward_b2_s"] for r in results["runs"] if r.get("gpus") == 1 and "forward_b2_s" in r), None)
-    print("\n| GPUs | layout | forward (batch 2) | speed-up | efficiency | peak GB/GPU | 50-step CFG | parity |")
-    print("|---|---|---|---|---|---|---|---|")
+            for shard in a.shard.split(","):
+                if shard == "fsdp" and (n == 1 or (a.fsdp_layouts and lname not in a.fsdp_layouts.split(","))):
+                    continue
+                row = {"gpus": n, "layout_name": lname, "shard": shard}
+                if n > visible:
+                    row["skipped"] = f"only {visible} GPU(s) visible"
+                    results["runs"].append(row)
+                    continue
+                config = XDitUSPConfig(world_size=n, ulysses_degree=u, ring_degree=r, cfg_degree=cfg,
+                                       device=a.device, dtype="bf16", weight_sharding=shard, extra_env=env)
+                try:
+                    run_one(config, path, (f, h, w), inputs, parity_in, ref, a.reps, row, one_gpu)
+                except Exception as e:  # noqa: BLE001 - a layout that fails is a result to report
+                    row["error"] = f"{type(e).__name__}: {e}"[:800]
+                results["runs"].append(row)
+                print(json.dumps(row), flush=True)
+                with open(out_path, "w") as fh:
+                    json.dump(results, fh, indent=1)
+    print_table(results, batches)
+
+
+def run_one(config, path, latent, inputs, parity_in, ref, reps, row, one_gpu):
+    with WorkerGroup(config) as group:
+        t0 = time.perf_counter()
+        info = group.load("m", path, latent=latent, batch=max(inputs))
+        row.update(load_s=round(time.perf_counter() - t0, 2), backend=info.backend, placement=info.placement,
+                   param_gb_per_rank=[round(b / GB, 3) for b in info.param_bytes_per_rank])
+        for b, inp in sorted(inputs.items(), reverse=True):
+            stats, times = {}, []
+            group.forward("m", inp, stats=stats)  # warm-up
+            for _ in range(reps):
+                group.forward("m", inp, stats=stats)
+                times.append(stats["owner_ms"] / 1e3)
+            times.sort()
+            peaks = stats["peak_bytes"]
+            row[f"b{b}"] = {"layout": str(stats["layout"]), "forward_s": round(times[len(times) // 2], 4),
+                            "times_s": [round(t, 4) for t in times],
+                            "peak_gb_per_rank": None if None in peaks else [round(p / GB, 3) for p in peaks]}
+        if 2 in inputs:
+            row["cfg50_total_s"] = round(50 * row["b2"]["forward_s"], 1)
+        if ref is not None:
+            out = group.forward("m", parity_in).float()
+            row["rel_l2"] = tiny.rel_l2(out, ref)
+            row["rel_err_max"] = tiny.rel_err(out, ref)
+            if config.world_size == 1 and "out" not in one_gpu:
+                one_gpu.update(out=out, rel_l2=row["rel_l2"])
+            if "out" in one_gpu:
+                row["parity_ratio"] = row["rel_l2"] / one_gpu["rel_l2"]
+                row["rel_err_vs_1gpu"] = tiny.rel_err(out, one_gpu["out"])
+
+
+def print_table(results, batches):
+    runs = [r for r in results["runs"] if "b2" in r or "b1" in r]
+    base = {b: next((r[f"b{b}"]["forward_s"] for r in runs if r["gpus"] == 1 and f"b{b}" in r), None)
+            for b in batches}
+    print(f"\n{results['device']} x{results['visible_gpus']}, {results['model']} {results['res']}x81, bf16"
+          f"{', NCCL_P2P_DISABLE=1' if results['p2p_off'] else ''}, {results['date']}")
+    cols = "".join(f" batch {b}: forward (layout) | speed-up |" for b in batches)
+    print(f"| GPUs | layout | weights |{cols} peak GB/GPU | 50-step CFG | rel L2 vs fp32 | ratio to 1 GPU |")
+    print("|---|---|---|" + "---|---|" * len(batches) + "---|---|---|---|")
     for r in results["runs"]:
-        if "forward_b2_s" not in r:
+        if r not in runs:
+            print(f"| {r['gpus']} | {r['layout_name']} | {r['shard']} | {r.get('skipped') or r.get('error', '')[:160]} |")
             continue
-        sp = base / r["forward_b2_s"] if base else float("nan")
-        print(f"| {r['gpus']} | {r['layout']} ({r['layout_name']}) | {r['forward_b2_s']:.2f} s | {sp:.2f}x | "
-              f"{100 * sp / r['gpus']:.0f}% | {r['peak_gb']:.1f} | {r['cfg50_total_s']:.0f} s | "
-              f"{r.get('parity_rel_err_vs_1gpu', float('nan')):.1e} |")
+        cells = ""
+        for b in batches:
+            d = r.get(f"b{b}")
+            if d is None:
+                cells += " – | – |"
+                continue
+            sp = base[b] / d["forward_s"] if base[b] else float("nan")
+            cells += f" {d['forward_s']:.3f} s ({d['layout']}) | {sp:.2f}x |"
+        peaks = [max(r[f"b{b}"]["peak_gb_per_rank"] or [float("nan")]) for b in batches if f"b{b}" in r]
+        print(f"| {r['gpus']} | {r['layout_name']} | {r.get('placement', r['shard'])} |{cells} {max(peaks):.1f} | "
+              f"{r.get('cfg50_total_s', float('nan')):.0f} s | {r.get('rel_l2', float('nan')):.2e} | "
+              f"{r.get('parity_ratio', float('nan')):.2f} |")
+    if results["model"] == "14b" and results["res"] == "720p":
+        print("\nWan2.1 official, 14B 720p 50 steps, whole generation (H800/H100): "
+              + ", ".join(f"{n} GPU(s) {s} s" for n, s in OFFICIAL_14B_720P.items()))
 
 
 if __name__ == "__main__":

@@ -120,3 +120,56 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """The parity measure: max |out - ref| / max |ref|, in fp32."""
     ref = ref.float()
     return ((out.float() - ref).abs().max() / ref.abs().max()).item()
+
+
+def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref||, in fp64: the error measure against an fp32 reference (issue 13). Unlike
+    the max-abs ratio it weighs every element, so a drift spread over the whole output shows."""
+    ref = ref.double()
+    return (torch.linalg.vector_norm(out.double() - ref) / torch.linalg.vector_norm(ref)).item()
+
+
+@torch.no_grad()
+def reference_from_checkpoint(path, info, inputs: ForwardInputs, device="cpu", dtype=torch.float32,
+                              batch_chunk: int | None = None) -> torch.Tensor:
+    """Plain single-process diffusers forward of `inputs` with the weights of `path` (file already
+    inspected: `info`), on `device`, returned on the CPU in fp32.
+
+    dtype float32 is the reference every layout is measured against; bfloat16 keeps the modules
+    diffusers keeps in fp32 (`_keep_in_fp32_modules`) in fp32, as the workers do, and gives the
+    single-GPU rounding floor. The weights stream from the file onto `device` (one model's worth of
+    `device` memory); TF32 is off while it runs, so an fp32 reference is fp32. `batch_chunk` runs
+    the batch in pieces to bound activation memory."""
+    import diffusers
+    from accelerate import init_empty_weights
+
+    from ..wan_to_xdit_mapping import fp32_predicate, iter_checkpoint
+
+    cls = getattr(diffusers, info.diffusers_class)
+    with init_empty_weights():  # parameters on meta; buffers (RoPE tables) computed on the CPU
+        model = cls(**info.diffusers_config)
+    keep = fp32_predicate(cls)
+    _, tensors = iter_checkpoint(path, torch.float32, info=info)
+    state = {name: t.to(device, torch.float32 if keep(name) else dtype) for name, t in tensors}
+    model.load_state_dict(state, strict=True, assign=True)
+    del state
+    model.to(device).eval()
+    fields = {f.name: getattr(inputs, f.name) for f in dataclasses.fields(inputs)}
+    fields = {k: (v.to(device, dtype if k != "timestep" and v.is_floating_point() else v.dtype)
+                  if torch.is_tensor(v) else v) for k, v in fields.items()}
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        n = fields["hidden_states"].shape[0]
+        step = batch_chunk or n
+        outs = []
+        for i in range(0, n, step):
+            part = ForwardInputs(**{k: (v[i:i + step] if torch.is_tensor(v) and v.ndim and v.shape[0] == n else v)
+                                    for k, v in fields.items()})
+            outs.append(reference_forward(model, part).float().cpu())
+        return torch.cat(outs)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        del model
+        if str(device).startswith("cuda"):
+            torch.cuda.empty_cache()
