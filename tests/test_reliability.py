@@ -174,6 +174,25 @@ def test_cli_no_visible_gpu_is_a_user_error():
     assert r.stderr.startswith("error: 2 GPU(s) requested but no CUDA device is visible") and "--device cpu" in r.stderr
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_cli_parity_is_measured_against_an_fp32_reference(dtype):
+    """`run --parity` (the default for the embedded model): the group's output against a plain
+    single-process fp32 forward; in bf16 also one process's bf16 error, and their ratio (issue 13)."""
+    import json
+
+    r = cli("--device", "cpu", "--gpus", "2", "--ulysses", "2", "--batch", "1", "--steps", "1",
+            "--dtype", dtype, "--json", timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    if dtype == "fp32":
+        assert out["max_rel_err"] <= 1e-5 and out["rel_l2"] <= 1e-5
+        assert out["parity_ratio"] is None and out["floor_rel_l2"] is None
+    else:
+        assert 1e-4 < out["floor_rel_l2"] < 2e-2  # bf16 rounding, measured: it is not zero
+        assert out["parity_ratio"] <= 1.5, out
+        assert "ratio" in r.stdout and "relative L2" in r.stdout
+
+
 def test_cli_help_shows_the_defaults():
     r = subprocess.run([*CLI, "run", "--help"], capture_output=True, text=True)
     assert r.returncode == 0
