@@ -52,10 +52,16 @@ def cpu_config(ulysses=0, ring=0, cfg=0, world=None, **kw) -> XDitUSPConfig:
                          device="cpu", dtype="fp32", **kw)
 
 
+# Blocks do their per-token work in pieces of this many tokens (sp_wan._block_forward), so that
+# the pieces, a short last one and per-token modulation (TI2V) are all exercised; the other tests
+# keep the default, one piece at these sizes.
+SMALL_PIECES = {"XDIT_USP_BLOCK_CHUNK_TOKENS": "5"}
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_parity_every_variant(layout, checkpoints, references):
     u, r, c = LAYOUTS[layout]
-    with WorkerGroup(cpu_config(u, r, c)) as group:
+    with WorkerGroup(cpu_config(u, r, c, extra_env=SMALL_PIECES)) as group:
         for v, (path, _) in checkpoints.items():
             info = group.load(v, path)
             assert info.variant == v
