@@ -12,6 +12,7 @@ import importlib
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 
@@ -602,6 +603,42 @@ def test_dead_worker_is_a_comfyui_error_naming_the_rank_and_next_run_relaunches(
     assert not g.alive
     launches = g.launches
     out = _latent(runner, t2v_graph(True, steps=2))  # the cached loader output reloads on the new group
+    assert torch.isfinite(out).all() and g.alive and g.launches == launches + 1
+
+
+def test_memory_manager_on_cpu_unchanged_and_partially_unload_trims_never_detaches(runner):
+    native = _latent(runner, t2v_graph(False, seed=31))
+    ours = _latent(runner, t2v_graph(True, seed=31))
+    patcher = next(lm.model for lm in mm.current_loaded_models if isinstance(lm.model, XM.XDitUSPModelPatcher)
+                   and lm.model.remote.path.endswith("tiny_t2v.safetensors"))
+    remote, g = patcher.remote, patcher.remote.group
+    loads, launches = remote.stats.loads, g.launches
+    # CPU workers share no GPU with ComfyUI: the sizes ComfyUI sees are what they were
+    assert remote.footprint(patcher.load_device) is None
+    assert patcher.model_size() == XM.PROXY_SIZE
+    assert patcher.loaded_size() == patcher.model.model_loaded_weight_memory  # ComfyUI's own bookkeeping
+    assert patcher.current_loaded_device() == patcher.load_device  # loaded on the workers
+    # ComfyUI's partial unload asks the workers to trim and frees nothing on a device ComfyUI uses
+    trims = [s.trims for s in g.memory()]
+    assert patcher.partially_unload(patcher.offload_device, 1 << 30) == 0
+    assert [s.trims for s in g.memory_stats] == [t + 1 for t in trims]
+    assert remote.loaded and g.alive
+    # ComfyUI's lowvram path: a budget smaller than the model is a full load that moves no weight ...
+    patcher.load(patcher.load_device, lowvram_model_memory=1)
+    assert not patcher.model.model_lowvram and patcher.model.model_loaded_weight_memory == patcher.model_size()
+    assert all(p.is_meta for p in patcher.model.diffusion_model.parameters())
+    # ... and a negative one (give memory back) is a trim
+    assert patcher.partially_load(patcher.load_device, extra_memory=-(1 << 20)) == 0
+    assert [s.trims for s in g.memory_stats] == [t + 2 for t in trims]
+    again = _latent(runner, t2v_graph(True, seed=31 + 1))  # samples on, nothing reloaded
+    assert remote.stats.loads == loads and g.launches == launches and g.alive
+    assert _rel(again, _latent(runner, t2v_graph(False, seed=31 + 1))) < TOL
+    assert _rel(ours, native) < TOL
+    # a dead group: partially_unload returns 0 (never raises), and the next run relaunches
+    os.kill(g.pids[1], signal.SIGKILL)
+    assert patcher.partially_unload(patcher.offload_device, 1 << 30) == 0
+    assert not g.alive
+    out = _latent(runner, t2v_graph(True, seed=31 + 2))
     assert torch.isfinite(out).all() and g.alive and g.launches == launches + 1
 
 
