@@ -34,6 +34,7 @@ import node_helpers  # noqa: E402
 PACK = H.pack_module()
 PAR = importlib.import_module(PACK.__name__ + ".parallel")
 LAUNCHER = importlib.import_module(PACK.__name__ + ".parallel.launcher")
+PROTOCOL = importlib.import_module(PACK.__name__ + ".parallel.protocol")
 XM = importlib.import_module(PACK.__name__ + ".xdit_usp_model")
 from safetensors.torch import save_file  # noqa: E402
 
@@ -640,6 +641,27 @@ def test_memory_manager_on_cpu_unchanged_and_partially_unload_trims_never_detach
     assert not g.alive
     out = _latent(runner, t2v_graph(True, seed=31 + 2))
     assert torch.isfinite(out).all() and g.alive and g.launches == launches + 1
+
+
+def test_a_rank_on_comfyuis_gpu_is_what_comfyui_sees(models_dir):
+    """The device matching and the sizes of a CUDA config (no GPU needed: the model is not loaded,
+    so nothing asks the workers); the loaded figures are memory.shared_footprint's (test_memory.py)."""
+    import dataclasses as dc
+
+    path = os.path.join(models_dir, "diffusion_models", "tiny_t2v.safetensors")
+    cpu = XM.RemoteWanModel(_group_config(), path)
+    remote = XM.RemoteWanModel(PAR.XDitUSPConfig(world_size=2, device="cuda", device_ids=[2, 0]), path)
+    assert remote.footprint(torch.device("cuda", 0)) is None  # no load yet: nothing known
+    remote.info = cpu.info = dc.replace(PROTOCOL.Loaded(
+        load_s=0.0, backend="x", layout=PAR.Layout(1, 2, 1), fallback_layout=PAR.Layout(1, 2, 1), variant="t2v",
+        num_heads=2, in_channels=16, out_channels=16, patch_size=[1, 2, 2], memory_bytes=None),
+        param_bytes=700, param_bytes_per_rank=[700, 600], peak_estimate=5000)
+    assert remote.shared_rank(torch.device("cuda", 0)) == 1  # device_ids [2, 0]: rank 1 runs on GPU 0
+    assert remote.footprint(torch.device("cuda", 0)) == (5000, 0)  # room for the planned peak before its load
+    assert remote.shared_rank(torch.device("cuda", 1)) is None and remote.footprint(torch.device("cuda", 1)) is None
+    assert remote.footprint(torch.device("cpu")) is None
+    assert cpu.footprint(torch.device("cuda", 0)) is None  # CPU ranks share no GPU
+    assert remote.trim(torch.device("cuda", 0)) == 0  # no group: nothing to trim, no error
 
 
 def test_example_workflow_passes_comfyui_validation(runner, tmp_path):
