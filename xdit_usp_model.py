@@ -11,13 +11,15 @@ Imported only inside ComfyUI (it subclasses ComfyUI classes). What ComfyUI sees:
              memory; state_dict() has every `diffusion_model.<original Wan key>` so LoRA keys map),
              whose forward takes the native Wan arguments and runs one forward on the worker group.
 
-ComfyUI's own ModelPatcher.load / partially_load / unpatch_model / detach run on it unchanged:
-no module of this process holds a weight for them to move or patch. The worker side hangs on
-ComfyUI's patcher callbacks (CallbacksMP): ON_LOAD loads the model on the workers if needed and
-sends the patcher's LoRA patches as low-rank factors (group.set_lora), so a LoRA or strength change
-never reloads the base weights; ON_DETACH (free_memory / unload_all_models) unloads it from the
-workers (group.unload) and closes every worker group left with no model; the next use loads it
-again. Weight hooks (CreateHookLora ...) cannot be applied on the workers: registering one raises.
+ComfyUI's own ModelPatcher.load (always as a full load) / partially_load / unpatch_model / detach
+run on it: no module of this process holds a weight for them to move or patch. Its sizes are what
+a rank on ComfyUI's GPU holds, and partially_unload trims the ranks' caches (see
+XDitUSPModelPatcher). The worker side hangs on ComfyUI's patcher callbacks (CallbacksMP): ON_LOAD
+loads the model on the workers if needed and sends the patcher's LoRA patches as low-rank factors
+(group.set_lora), so a LoRA or strength change never reloads the base weights; ON_DETACH
+(free_memory / unload_all_models) unloads it from the workers (group.unload) and closes every
+worker group left with no model; the next use loads it again. Weight hooks (CreateHookLora ...)
+cannot be applied on the workers: registering one raises.
 
 One worker group per set of GPUs: loading on a config whose GPUs overlap a running group of another
 config (a changed Config node, another weight_dtype) closes that group first. A MODEL built on the
@@ -46,6 +48,7 @@ from comfy.patcher_extension import CallbacksMP
 
 from .parallel import WorkerError, WorkerGroup, XDitUSPConfig
 from .parallel.launcher import close_idle_groups, find_group, load_model
+from .parallel.memory import freed_bytes, shared_footprint, shared_rank
 from .parallel.protocol import ForwardInputs, Loaded
 from .wan_to_xdit_mapping import (
     CheckpointInfo,
@@ -116,6 +119,58 @@ class RemoteWanModel:
         """Loaded, with the LoRA state last asked for (after a relaunch or an unload elsewhere)."""
         self.ensure_loaded()
         self.apply_patches(self.lora_patches)
+
+    # ---- what a rank holds on ComfyUI's GPU (see XDitUSPModelPatcher.model_size) ------------------
+    def shared_rank(self, device) -> Optional[int]:
+        """The rank that runs on `device` (ComfyUI's load device, a torch.device), or None: CPU
+        workers, a CPU device, or a GPU none of the ranks uses."""
+        if self.config.device != "cuda" or getattr(device, "type", None) != "cuda":
+            return None
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return shared_rank(self.config.visible_device_ids(), index)
+
+    def footprint(self, device) -> Optional[tuple[int, int]]:
+        """(size, held) on `device`: this model's bytes at its peak and now on the rank that shares
+        it (parallel/memory.py shared_footprint), or None when no rank does. From the figures the
+        group keeps from its last load, forward or trim; asks the workers only when it has none."""
+        rank = self.shared_rank(device)
+        if rank is None or self.info is None:
+            return None
+        info = self.info
+        params = info.param_bytes_per_rank[rank] if rank < len(info.param_bytes_per_rank) else info.param_bytes
+        if not self.loaded:
+            return shared_footprint(False, params, info.peak_estimate)
+        g = self.group
+        stats = g.memory_stats
+        if stats is None:
+            try:
+                stats = g.memory()
+            except WorkerError as e:
+                log.warning("xDiT-USP: could not read the workers' memory: %s", e)
+        mine = stats[rank] if stats else None
+        peaks = g.forward_peaks.get(self.key)
+        return shared_footprint(True, params, info.peak_estimate,
+                                reserved=mine.reserved if mine else None, params_all=mine.param_bytes if mine else None,
+                                forward_peak=peaks[rank] if peaks else None)
+
+    def trim(self, device) -> int:
+        """Ask every rank to give back its allocator's unused cache; returns the bytes freed on
+        `device` (by the rank sharing it; 0 if none does). Never raises: 0 when the group is gone."""
+        g = self.group
+        if g is None or not g.alive:
+            return 0
+        rank = self.shared_rank(device)
+        try:
+            before = g.memory_stats or g.memory()
+            after = g.memory(trim=True)
+        except WorkerError as e:  # a dead rank: the launcher closed the group; nothing is held
+            log.warning("xDiT-USP: trimming the workers' memory failed: %s", e)
+            return 0
+        if rank is None:
+            return 0
+        freed = freed_bytes(before[rank].reserved, after[rank].reserved)
+        log.info("xDiT-USP: rank %d gave back %.2f GB of cached memory on %s", rank, freed / 2**30, device)
+        return freed
 
     def unload(self):
         g = self.group
@@ -396,7 +451,15 @@ class XDitUSPModelPatcher(comfy.model_patcher.ModelPatcher):
     """A ModelPatcher whose weights live in the worker group. ComfyUI's own load, partially_load,
     unpatch_model and detach run on it: with no weight in this process (_load_list is empty) they
     only keep ComfyUI's bookkeeping, and the callbacks build_model_patcher registers do the
-    workers' part (clones inherit them)."""
+    workers' part (clones inherit them).
+
+    Memory, as ComfyUI's manager (comfy/model_management.py) sees it: when a rank runs on
+    ComfyUI's load device (GPU 0 for both, typically), model_size() is what that rank will hold
+    for this model at its peak and loaded_size() what it holds now (RemoteWanModel.footprint), so
+    load_models_gpu makes room for the rank, and under pressure free_memory asks partially_unload
+    for memory_to_free bytes, which trims the ranks' allocator caches, before it would detach (and
+    so unload) the model. When no rank shares the device (CPU, other GPUs) nothing changes:
+    PROXY_SIZE, and ComfyUI's own loaded_size."""
 
     @property
     def remote(self) -> RemoteWanModel:
@@ -405,8 +468,35 @@ class XDitUSPModelPatcher(comfy.model_patcher.ModelPatcher):
     def _load_list(self, for_dynamic=False, default_device=None):
         return []  # the proxy's parameters are meta tensors; the weights are on the workers
 
+    def model_size(self):
+        f = self.remote.footprint(self.load_device)
+        return super().model_size() if f is None else max(f[0], PROXY_SIZE)
+
+    def loaded_size(self):
+        f = self.remote.footprint(self.load_device)
+        return super().loaded_size() if f is None else f[1]
+
+    def current_loaded_device(self):
+        # Loaded on the workers is loaded: ComfyUI then charges a load only what the model still
+        # lacks (model_size - loaded_size), not again what a rank on its device already holds.
+        return self.load_device if self.remote.loaded else super().current_loaded_device()
+
+    def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
+        # Always a full load: the workers hold all of the model or none of it, whatever budget
+        # ComfyUI's lowvram mode computed from model_size(); with an empty _load_list this only
+        # records the load (model_loaded_weight_memory = model_size()) and runs the callbacks.
+        super().load(device_to, lowvram_model_memory, force_patch_weights, full_load=True)
+
     def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
-        return 0  # all or nothing: ComfyUI then detaches, which unloads from the workers (ON_DETACH)
+        """ComfyUI needs `memory_to_free` bytes on its device: trim the ranks' allocator caches and
+        return what that freed there. When it is enough, ComfyUI keeps the model loaded
+        (LoadedModel.model_unload); otherwise it detaches it, which unloads it from the workers
+        (ON_DETACH). Never raises."""
+        try:
+            return self.remote.trim(self.load_device)
+        except Exception as e:  # noqa: BLE001 - ComfyUI's memory manager must not fail on us
+            log.warning("xDiT-USP: partially_unload failed: %s", e)
+            return 0
 
     def patch_weight_to_device(self, key, device_to=None, inplace_update=False, return_weight=False, force_cast=False):
         raise RuntimeError(f"xDiT-USP: weights live in the worker group; {key} cannot be patched in ComfyUI's process")

@@ -42,7 +42,21 @@ TORCHRUN = os.path.join(PARALLEL_DIR, "_torchrun.py")  # torchrun, its store on 
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 # Every socket of a single-host group binds loopback: gloo's pairs and NCCL's bootstrap by interface.
 LOOPBACK_ENV = {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
+# The workers' CUDA caching allocator maps memory in growable segments instead of fixed blocks, so
+# less of what it reserves is fragmentation slack, and empty_cache() gives back more (issue 12: a
+# rank showed 8.5 GB in nvidia-smi for 4.2 GB of tensors). Set unless the user set the variable.
+# Safe with NCCL in torch >= 2.2; its one known limit, CUDA IPC of tensors between processes, is
+# not used here (inputs and outputs cross through host shared memory).
+CUDA_ALLOC_ENV = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
 GRACE_S = 2.0  # after one rank reports an error, how long the others get to report theirs
+
+
+def allocator_env(config: XDitUSPConfig, env: dict) -> dict:
+    """What to add to the workers' environment `env` for their CUDA caching allocator: nothing for
+    CPU ranks or when PYTORCH_CUDA_ALLOC_CONF is set already (the user's choice wins)."""
+    if config.device != "cuda" or "PYTORCH_CUDA_ALLOC_CONF" in env:
+        return {}
+    return dict(CUDA_ALLOC_ENV)
 
 
 class WorkerError(RuntimeError):
@@ -160,6 +174,10 @@ class WorkerGroup:
         self.models: dict[str, P.Loaded] = {}
         self._infos: dict = {}  # key -> CheckpointInfo of each loaded model (for the memory plan)
         self._sizes_checked: set = set()  # (key, input shape) the memory plan was checked for
+        # Each rank's memory as last reported (after a load, a forward or memory()); None when
+        # unknown or stale (after an unload). The owner's figures: reading them costs no round trip.
+        self.memory_stats: Optional[list[P.MemoryStats]] = None
+        self.forward_peaks: dict[str, list] = {}  # key -> each rank's peak_bytes in its last forward
         self.log_dir: Optional[str] = None
         self.arena = transport.ShmArena()
         self.launches = 0
@@ -191,6 +209,7 @@ class WorkerGroup:
             env.update(LOOPBACK_ENV)
             env.update(cfg.extra_env)
             env.update(self.env)
+            env.update(allocator_env(cfg, env))
             env.update(
                 XDIT_USP_ADDR=json.dumps(list(listener.address)),
                 XDIT_USP_AUTHKEY=authkey.hex(),
@@ -297,6 +316,7 @@ class WorkerGroup:
                 c.close()
             self.conns, self.pids, self.models = [], [], {}
             self._infos, self._sizes_checked = {}, set()
+            self.memory_stats, self.forward_peaks = None, {}
             self.arena.close()
             if self.log_dir and not keep_logs and proc is not None:
                 shutil.rmtree(self.log_dir, ignore_errors=True)
@@ -407,7 +427,7 @@ class WorkerGroup:
         size to plan for, when the caller knows it (the CLI does; ComfyUI learns it at the first step)."""
         with self._lock:
             from ..wan_to_xdit_mapping import inspect_checkpoint
-            from .memory import card_bytes, plan_load
+            from .memory import card_bytes, estimate, plan_load, standard_latent
 
             if not os.path.exists(path):
                 raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -419,11 +439,17 @@ class WorkerGroup:
             path = os.path.abspath(path)
             replies: list[P.Loaded] = self._call(P.Load(key, path, dataclasses.asdict(info), plan.placement),
                                                  self.config.load_timeout_s)
+            # This model's peak on a rank, for those who make room for it (ComfyUI): the plan's when it
+            # was made for a video size, else at the model's standard size.
+            sized = plan if plan.activation_bytes else estimate(info, self.config, plan.placement,
+                                                                standard_latent(info)[0], batch)
             loaded = dataclasses.replace(replies[0], param_bytes=max(r.param_bytes for r in replies),
                                          param_bytes_per_rank=[r.param_bytes for r in replies],
-                                         memory_plan=plan.as_dict())
+                                         memory_plan=plan.as_dict(), peak_estimate=sized.peak_bytes - sized.resident_bytes,
+                                         memory=None)
             self.models[key] = loaded
             self._infos[key] = info
+            self._note_memory([r.memory for r in replies])
             return loaded
 
     def unload(self, key: str):
@@ -432,6 +458,23 @@ class WorkerGroup:
                 self._call(P.Unload(key), 60)
             self.models.pop(key, None)
             self._infos.pop(key, None)
+            self.forward_peaks.pop(key, None)
+            self.memory_stats = None  # stale: memory() asks again
+
+    def memory(self, trim: bool = False) -> list[P.MemoryStats]:
+        """Every rank's memory (`MemoryStats`, device in this process's CUDA numbering). `trim`:
+        each rank first gives back what its caching allocator holds unused (gc.collect() and
+        torch.cuda.empty_cache(); on the CPU only the collection), and reports after. Raises
+        WorkerError like every request when the group is not running or a rank is lost."""
+        with self._lock:
+            return self._note_memory(self._call(P.Memory(trim=trim), 60))
+
+    def _note_memory(self, stats: list) -> Optional[list[P.MemoryStats]]:
+        if any(s is None for s in stats):
+            return None
+        ids = self.config.visible_device_ids()
+        self.memory_stats = [dataclasses.replace(s, device=ids[s.device]) if s.device >= 0 else s for s in stats]
+        return self.memory_stats
 
     def set_lora(self, key: str, patches: dict[str, list]) -> P.LoraSet:
         """Replace the LoRA state of model `key`; merged on the workers, base weights kept there.
@@ -482,6 +525,8 @@ class WorkerGroup:
             request = P.Forward(key, self.arena.name, specs, reserved["out"], scale)
             replies: list[P.ForwardDone] = self._call(request, self.config.forward_timeout_s)
             t2 = time.perf_counter()
+            self._note_memory([r.memory for r in replies])
+            self.forward_peaks[key] = [r.peak_bytes for r in replies]
             out = self.arena.read(reserved["out"], x.dtype)
             if stats is not None:
                 t3 = time.perf_counter()

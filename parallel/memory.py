@@ -322,3 +322,50 @@ def card_bytes(config: XDitUSPConfig) -> Optional[int]:
     if config.device == "cpu":
         return None
     return min(torch.cuda.get_device_properties(i).total_memory for i in config.visible_device_ids())
+
+
+# ---- a GPU shared with another process (ComfyUI) ------------------------------------------------
+# ComfyUI's own process uses one GPU (VAE, text encoder) and a rank may run on the same one. Its
+# memory manager frees room by the sizes models report, so what a rank holds there must be reported
+# to it: these take plain numbers (the owner's cached MemoryStats, the plan), no process is asked.
+def shared_rank(device_ids: list[int], index: Optional[int]) -> Optional[int]:
+    """The rank whose GPU is CUDA device `index` (device_ids and index in one process's numbering,
+    rank r on device_ids[r]), or None when no rank shares it."""
+    return device_ids.index(index) if index is not None and index in device_ids else None
+
+
+def shared_footprint(loaded: bool, params: int, peak_estimate: int, reserved: Optional[int] = None,
+                     params_all: Optional[int] = None, forward_peak: Optional[int] = None) -> tuple[int, int]:
+    """(size, held): one model's bytes on the GPU a rank shares, at its peak and now.
+
+    loaded: the rank holds the model. params: the model's parameter bytes on that rank.
+    peak_estimate: the plan's per-rank peak of the model alone (Loaded.peak_estimate). reserved:
+    what the rank's caching allocator reserves now; params_all: the parameter bytes of every model
+    on the rank (MemoryStats); None when not known. forward_peak: the rank's peak allocation in the
+    model's last forward (ForwardDone.peak_bytes), None before the first.
+
+    Not loaded: (the estimate, 0), what the load will take. Loaded: held is the model's parameters
+    plus its share (by parameter bytes) of everything else the rank reserves (the cache the
+    forwards leave, workspaces), so the models of one group add up to the rank's reserved bytes;
+    size is the most of held and the peak (the last forward's, less the other models' parameters it
+    counted; the estimate before the first forward), so size - held is the room a forward still
+    needs on that GPU."""
+    if not loaded:
+        return max(peak_estimate, params), 0
+    held = params
+    if reserved is not None:
+        params_all = max(params_all if params_all is not None else params, params)
+        share = params / params_all if params_all else 1.0
+        held = params + int(max(0, reserved - params_all) * share)
+    if forward_peak is not None:
+        peak = forward_peak - (max(params_all or params, params) - params)
+    else:
+        peak = peak_estimate
+    return max(held, peak), held
+
+
+def freed_bytes(before: Optional[int], after: Optional[int]) -> int:
+    """What a trim gave back on a rank: its reserved bytes before less after (0 if unknown)."""
+    if before is None or after is None:
+        return 0
+    return max(0, before - after)

@@ -105,6 +105,14 @@ class LoraPatch:
 
 
 @dataclass
+class Memory:
+    """Report this rank's memory; with `trim`, first release what the caching allocator holds
+    unused (gc.collect() and torch.cuda.empty_cache()), so the figures are after trimming."""
+
+    trim: bool = False
+
+
+@dataclass
 class SetLora:
     key: str
     arena: str  # "" when `patches` is empty
@@ -112,6 +120,22 @@ class SetLora:
 
 
 # ---- replies ----------------------------------------------------------------------------------------
+@dataclass
+class MemoryStats:
+    """One rank's memory (the reply to `Memory`, and carried by `Loaded` and `ForwardDone`).
+
+    device: the rank's CUDA device index as the worker numbers it (its own CUDA_VISIBLE_DEVICES);
+    WorkerGroup.memory() and .memory_stats give it in the owner's numbering. -1 on the CPU, where
+    allocated and reserved are 0 (no caching allocator to ask)."""
+
+    rank: int
+    device: int
+    allocated: int  # torch.cuda.memory_allocated: bytes in live tensors
+    reserved: int  # torch.cuda.memory_reserved: what the caching allocator holds (what nvidia-smi shows, less the context)
+    param_bytes: int = 0  # parameter bytes of every model this rank holds
+    trims: int = 0  # how often this rank has trimmed its cache (after loads, unloads, LoRA sets, Memory(trim=True))
+
+
 @dataclass
 class Pong:
     rank: int
@@ -135,6 +159,8 @@ class Loaded:
     param_bytes_total: int = 0  # the whole model's, as held (storage dtypes)
     param_bytes_per_rank: list = field(default_factory=list)  # every rank's param_bytes (set by the owner)
     memory_plan: Optional[dict] = None  # the owner's estimate (parallel/memory.py), set by the owner
+    peak_estimate: int = 0  # this model's per-rank peak at the planned size, or the model's standard size (set by the owner)
+    memory: Optional[MemoryStats] = None  # the rank's memory after the load (the owner keeps it in WorkerGroup.memory_stats)
 
 
 @dataclass
@@ -145,6 +171,7 @@ class ForwardDone:
     layout: Layout
     pinned: bool
     peak_bytes: Optional[int]
+    memory: Optional[MemoryStats] = None  # the rank's memory after the forward
 
 
 @dataclass
@@ -170,7 +197,8 @@ class Done:
 
 
 MESSAGES = {cls.__name__: cls for cls in (
-    Ping, Shutdown, Load, Unload, Forward, SetLora, Pong, Loaded, ForwardDone, LoraSet, Failed, Done,
+    Ping, Shutdown, Load, Unload, Forward, Memory, SetLora, Pong, MemoryStats, Loaded, ForwardDone, LoraSet, Failed,
+    Done,
 )}
 
 

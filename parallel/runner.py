@@ -15,6 +15,7 @@ each parameter is held between uses.
 """
 from __future__ import annotations
 
+import gc
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -184,6 +185,7 @@ class _Model:
     scaled: set[str]  # weights held as the file's scaled fp8 (their scale in the Linear's weight_scale)
     layouts: tuple[Layout, Layout]  # (configured, batch-1 fallback)
     patched: set[str] = field(default_factory=set)  # weights a LoRA changed (restored from `path` first)
+    param_bytes: int = 0  # what this rank holds of it between forwards
 
     @property
     def module(self) -> torch.nn.Module:
@@ -198,6 +200,7 @@ class ModelRunner:
         self.models: dict[str, _Model] = {}
         self._groups: dict[Layout, SPGroup] = {}
         self._fsdp: Optional[FullyShard] = None
+        self.trims = 0  # calls of trim(), reported in protocol.MemoryStats
 
     def group(self, layout: Layout) -> SPGroup:
         """The process groups of `layout` (created on first use: a collective on every rank)."""
@@ -240,16 +243,19 @@ class ModelRunner:
             self._fill(module, local[name], name, w, scale, name in scaled)
         for lay in (layout, fallback):
             self.group(lay)
-        self.models[key] = _Model(path, info, root, place, scaled, (layout, fallback))
+        param_bytes = _nbytes(local.values())
+        self.models[key] = _Model(path, info, root, place, scaled, (layout, fallback), param_bytes=param_bytes)
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize()
+        del weights, local
+        self.trim()  # what building and filling left in the allocator's cache (staging copies, fp8 rounding)
         c = module.config
         return protocol.Loaded(
             load_s=time.perf_counter() - t0, backend=backend.name, layout=layout, fallback_layout=fallback,
             variant=info.variant, num_heads=info.num_heads, in_channels=c.in_channels, out_channels=c.out_channels,
             patch_size=list(c.patch_size), memory_bytes=torch.cuda.memory_allocated(self.device) if cuda else None,
-            placement=place.name, param_bytes=_nbytes(local.values()),
+            placement=place.name, param_bytes=param_bytes,
             param_bytes_total=sum(p.numel() * p.element_size() for p in module.parameters()),
         )
 
@@ -271,8 +277,19 @@ class ModelRunner:
 
     def unload(self, key: str):
         self.models.pop(key, None)
+        self.trim()
+
+    def trim(self):
+        """Give back what the caching allocator holds and no tensor uses (a no-op on the CPU):
+        collect cycles first, so tensors only a cycle kept alive are released too."""
+        gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        self.trims += 1
+
+    def param_bytes(self) -> int:
+        """Parameter bytes of every model this rank holds."""
+        return sum(m.param_bytes for m in self.models.values())
 
     def _model(self, key: str) -> _Model:
         m = self.models.get(key)

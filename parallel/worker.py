@@ -2,9 +2,10 @@
 
 Each rank connects to its owner over two authenticated loopback channels, requests and heartbeats,
 and serves typed requests (`protocol.py`) with a `ModelRunner` (`runner.py`): load a model (by
-key), run a forward, set a LoRA state, unload, shut down. Every rank reads its inputs straight from
-the owner's shared-memory arena; each group leader writes its rows of the output back. A rank
-exits when its owner process is gone, its channel closes, or it is told to shut down.
+key), run a forward, set a LoRA state, unload, report its memory (trimming the allocator's cache
+first if asked), shut down. Every rank reads its inputs straight from the owner's shared-memory
+arena; each group leader writes its rows of the output back. A rank exits when its owner process
+is gone, its channel closes, or it is told to shut down.
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ class Worker:
         self.runner = ModelRunner(self.config, self.device)
         self.handlers = {
             P.Ping: self.ping, P.Load: self.load, P.Unload: self.unload, P.Forward: self.forward, P.SetLora: self.set_lora,
+            P.Memory: self.memory,
         }
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -116,7 +118,9 @@ class Worker:
         from ..wan_to_xdit_mapping import CheckpointInfo
 
         self._faults("load")
-        return self.runner.load(req.key, req.path, CheckpointInfo(**req.info), req.placement)
+        loaded = self.runner.load(req.key, req.path, CheckpointInfo(**req.info), req.placement)  # trims
+        loaded.memory = self.memory_stats()
+        return loaded
 
     def unload(self, req: P.Unload) -> P.Done:
         self.runner.unload(req.key)
@@ -143,13 +147,30 @@ class Worker:
         t2 = time.perf_counter()
         return P.ForwardDone(ms=(t1 - t0) * 1e3, in_ms=(t0 - t_start) * 1e3, out_ms=(t2 - t1) * 1e3,
                              layout=layout, pinned=self.shm.pinned,
-                             peak_bytes=torch.cuda.max_memory_allocated(self.device) if cuda else None)
+                             peak_bytes=torch.cuda.max_memory_allocated(self.device) if cuda else None,
+                             memory=self.memory_stats())
+
+    def memory(self, req: P.Memory) -> P.MemoryStats:
+        if req.trim:
+            self.runner.trim()
+        return self.memory_stats()
+
+    def memory_stats(self) -> P.MemoryStats:
+        """This rank's memory now: cheap (no synchronisation), so every load and forward reply carries it."""
+        cuda = self.device.type == "cuda"
+        return P.MemoryStats(
+            rank=self.rank, device=self.device.index if cuda else -1,
+            allocated=torch.cuda.memory_allocated(self.device) if cuda else 0,
+            reserved=torch.cuda.memory_reserved(self.device) if cuda else 0,
+            param_bytes=self.runner.param_bytes(), trims=self.runner.trims)
 
     def set_lora(self, req: P.SetLora) -> P.LoraSet:
         buf = self.shm.buf(req.arena) if req.patches else None
         patches = {name: [(p.kind, [transport.view(buf, t) for t in p.tensors], p.scale) for p in items]
                    for name, items in req.patches.items()}
-        return P.LoraSet(patched=self.runner.set_lora(req.key, patches))
+        patched = self.runner.set_lora(req.key, patches)
+        self.runner.trim()  # the fp32 merge temporaries
+        return P.LoraSet(patched=patched)
 
 
 HEARTBEAT_S = 0.5

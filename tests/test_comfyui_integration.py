@@ -12,6 +12,7 @@ import importlib
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 
@@ -33,6 +34,7 @@ import node_helpers  # noqa: E402
 PACK = H.pack_module()
 PAR = importlib.import_module(PACK.__name__ + ".parallel")
 LAUNCHER = importlib.import_module(PACK.__name__ + ".parallel.launcher")
+PROTOCOL = importlib.import_module(PACK.__name__ + ".parallel.protocol")
 XM = importlib.import_module(PACK.__name__ + ".xdit_usp_model")
 from safetensors.torch import save_file  # noqa: E402
 
@@ -603,6 +605,63 @@ def test_dead_worker_is_a_comfyui_error_naming_the_rank_and_next_run_relaunches(
     launches = g.launches
     out = _latent(runner, t2v_graph(True, steps=2))  # the cached loader output reloads on the new group
     assert torch.isfinite(out).all() and g.alive and g.launches == launches + 1
+
+
+def test_memory_manager_on_cpu_unchanged_and_partially_unload_trims_never_detaches(runner):
+    native = _latent(runner, t2v_graph(False, seed=31))
+    ours = _latent(runner, t2v_graph(True, seed=31))
+    patcher = next(lm.model for lm in mm.current_loaded_models if isinstance(lm.model, XM.XDitUSPModelPatcher)
+                   and lm.model.remote.path.endswith("tiny_t2v.safetensors"))
+    remote, g = patcher.remote, patcher.remote.group
+    loads, launches = remote.stats.loads, g.launches
+    # CPU workers share no GPU with ComfyUI: the sizes ComfyUI sees are what they were
+    assert remote.footprint(patcher.load_device) is None
+    assert patcher.model_size() == XM.PROXY_SIZE
+    assert patcher.loaded_size() == patcher.model.model_loaded_weight_memory  # ComfyUI's own bookkeeping
+    assert patcher.current_loaded_device() == patcher.load_device  # loaded on the workers
+    # ComfyUI's partial unload asks the workers to trim and frees nothing on a device ComfyUI uses
+    trims = [s.trims for s in g.memory()]
+    assert patcher.partially_unload(patcher.offload_device, 1 << 30) == 0
+    assert [s.trims for s in g.memory_stats] == [t + 1 for t in trims]
+    assert remote.loaded and g.alive
+    # ComfyUI's lowvram path: a budget smaller than the model is a full load that moves no weight ...
+    patcher.load(patcher.load_device, lowvram_model_memory=1)
+    assert not patcher.model.model_lowvram and patcher.model.model_loaded_weight_memory == patcher.model_size()
+    assert all(p.is_meta for p in patcher.model.diffusion_model.parameters())
+    # ... and a negative one (give memory back) is a trim
+    assert patcher.partially_load(patcher.load_device, extra_memory=-(1 << 20)) == 0
+    assert [s.trims for s in g.memory_stats] == [t + 2 for t in trims]
+    again = _latent(runner, t2v_graph(True, seed=31 + 1))  # samples on, nothing reloaded
+    assert remote.stats.loads == loads and g.launches == launches and g.alive
+    assert _rel(again, _latent(runner, t2v_graph(False, seed=31 + 1))) < TOL
+    assert _rel(ours, native) < TOL
+    # a dead group: partially_unload returns 0 (never raises), and the next run relaunches
+    os.kill(g.pids[1], signal.SIGKILL)
+    assert patcher.partially_unload(patcher.offload_device, 1 << 30) == 0
+    assert not g.alive
+    out = _latent(runner, t2v_graph(True, seed=31 + 2))
+    assert torch.isfinite(out).all() and g.alive and g.launches == launches + 1
+
+
+def test_a_rank_on_comfyuis_gpu_is_what_comfyui_sees(models_dir):
+    """The device matching and the sizes of a CUDA config (no GPU needed: the model is not loaded,
+    so nothing asks the workers); the loaded figures are memory.shared_footprint's (test_memory.py)."""
+    import dataclasses as dc
+
+    path = os.path.join(models_dir, "diffusion_models", "tiny_t2v.safetensors")
+    cpu = XM.RemoteWanModel(_group_config(), path)
+    remote = XM.RemoteWanModel(PAR.XDitUSPConfig(world_size=2, device="cuda", device_ids=[2, 0]), path)
+    assert remote.footprint(torch.device("cuda", 0)) is None  # no load yet: nothing known
+    remote.info = cpu.info = dc.replace(PROTOCOL.Loaded(
+        load_s=0.0, backend="x", layout=PAR.Layout(1, 2, 1), fallback_layout=PAR.Layout(1, 2, 1), variant="t2v",
+        num_heads=2, in_channels=16, out_channels=16, patch_size=[1, 2, 2], memory_bytes=None),
+        param_bytes=700, param_bytes_per_rank=[700, 600], peak_estimate=5000)
+    assert remote.shared_rank(torch.device("cuda", 0)) == 1  # device_ids [2, 0]: rank 1 runs on GPU 0
+    assert remote.footprint(torch.device("cuda", 0)) == (5000, 0)  # room for the planned peak before its load
+    assert remote.shared_rank(torch.device("cuda", 1)) is None and remote.footprint(torch.device("cuda", 1)) is None
+    assert remote.footprint(torch.device("cpu")) is None
+    assert cpu.footprint(torch.device("cuda", 0)) is None  # CPU ranks share no GPU
+    assert remote.trim(torch.device("cuda", 0)) == 0  # no group: nothing to trim, no error
 
 
 def test_example_workflow_passes_comfyui_validation(runner, tmp_path):

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from comfyui_xdit_usp.parallel import ConfigError, XDitUSPConfig, tiny
-from comfyui_xdit_usp.parallel.memory import GB, card_bytes, estimate, plan_load
+from comfyui_xdit_usp.parallel.memory import (GB, card_bytes, estimate, freed_bytes, plan_load, shared_footprint,
+                                              shared_rank)
 from comfyui_xdit_usp.wan_to_xdit_mapping import CheckpointInfo, inspect_checkpoint
 
 P720, P480 = (21, 90, 160), (21, 60, 104)  # latents of 1280x720x81 (75,600 tokens) and 832x480x81 (32,760)
@@ -187,3 +188,50 @@ def test_card_bytes_is_the_smallest_card(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: type("P", (), {"total_memory": sizes[i]}))
     assert card_bytes(XDitUSPConfig(world_size=2, device_ids=[0, 2])) == 48 * GB
     assert card_bytes(XDitUSPConfig(world_size=3)) == 24 * GB
+
+
+# ---- what ComfyUI is told about a rank on its GPU (numbers of issue 12: 1.3B, 2.65 GB of weights) --
+def test_shared_rank_is_the_rank_on_comfyuis_gpu():
+    assert shared_rank([0, 1], 0) == 0
+    assert shared_rank([2, 0, 1], 0) == 1  # device_ids=[2, 0, 1]: rank 1 runs on GPU 0
+    assert shared_rank([1, 2], 0) is None  # ComfyUI on GPU 0, workers on 1 and 2: nothing shared
+    assert shared_rank([0, 1], None) is None
+
+
+def test_footprint_before_the_load_is_the_planned_peak():
+    # ComfyUI makes room for what the load and the first forward will take, not for nothing
+    assert shared_footprint(False, params=int(2.65 * GB), peak_estimate=int(4.38 * GB)) == (int(4.38 * GB), 0)
+    assert shared_footprint(False, params=int(2.65 * GB), peak_estimate=0) == (int(2.65 * GB), 0)
+
+
+def test_footprint_loaded_before_and_after_the_first_forward():
+    w = int(2.65 * GB)
+    # right after the load (trimmed): it holds its weights; the forward still needs the rest of the plan
+    size, held = shared_footprint(True, w, int(4.38 * GB), reserved=w + 2**20, params_all=w)
+    assert held == w + 2**20 and size == int(4.38 * GB)
+    # after a forward the cache stays reserved (8.5 GB in nvidia-smi for a 4.2 GB peak): all of it is held
+    size, held = shared_footprint(True, w, int(4.38 * GB), reserved=int(8.5 * GB), params_all=w,
+                                  forward_peak=int(4.21 * GB))
+    assert held == int(8.5 * GB) and size == held
+    # after a trim only the weights are held, and the last forward's peak is what the next one needs
+    size, held = shared_footprint(True, w, int(4.38 * GB), reserved=w, params_all=w, forward_peak=int(4.21 * GB))
+    assert (size, held) == (int(4.21 * GB), w)
+    # figures unknown (the workers could not be asked): the weights
+    assert shared_footprint(True, w, int(4.38 * GB)) == (int(4.38 * GB), w)
+
+
+def test_two_models_on_a_rank_add_up_to_what_it_reserves():
+    hi, lo, reserved = 3 * GB, 1 * GB, 10 * GB  # the Wan 2.2 experts (unequal here) and the shared cache
+    a = shared_footprint(True, hi, 5 * GB, reserved=reserved, params_all=hi + lo, forward_peak=7 * GB)
+    b = shared_footprint(True, lo, 2 * GB, reserved=reserved, params_all=hi + lo, forward_peak=4 * GB)
+    assert a[1] + b[1] == reserved  # nothing counted twice
+    assert (a[1], b[1]) == (3 * GB + 4.5 * GB, 1 * GB + 1.5 * GB)  # the cache split by parameter bytes
+    # a forward's peak counts the other expert's weights too: not this model's
+    assert b[0] == max(b[1], 4 * GB - hi)
+
+
+def test_freed_bytes_of_a_trim():
+    assert freed_bytes(int(8.5 * GB), int(2.7 * GB)) == int(8.5 * GB) - int(2.7 * GB)
+    assert freed_bytes(GB, GB) == 0
+    assert freed_bytes(GB, 2 * GB) == 0  # grew meanwhile: nothing freed, never negative
+    assert freed_bytes(None, GB) == freed_bytes(GB, None) == 0
