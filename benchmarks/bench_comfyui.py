@@ -455,6 +455,18 @@ def run_graph(name: str, a, unet: str, vae: str, probe: Probe, pack) -> tuple[di
         "smi_baseline_gb": {i: m / 1024 for i, m in sorted(base.items())},
         "smi_peak_gb": smi_peak,
     }
+    if spec["ours"]:  # did ComfyUI keep the workers' model through VAE decode, and what do the ranks hold?
+        remotes = importlib.import_module(pack.__name__ + ".xdit_usp_model").remote_models()
+        row["worker_loads"] = sum(r.stats.loads for r in remotes)
+        row["loaded_after_run"] = any(r.loaded for r in remotes)
+        group = next((r.group for r in remotes if r.group is not None), None)
+        if group is not None:
+            try:
+                row["worker_memory_after_gb"] = [
+                    {"rank": m.rank, "device": m.device, "allocated": m.allocated / GB, "reserved": m.reserved / GB,
+                     "trims": m.trims} for m in group.memory()]
+            except Exception as e:  # noqa: BLE001 - a figure, not the result
+                row["worker_memory_after_gb"] = f"{type(e).__name__}: {e}"
     latent, image = CAPTURED["latent"], CAPTURED["image"]
     row.update(latent_shape=list(latent.shape), image_shape=list(image.shape),
                latent_finite=bool(torch.isfinite(latent).all()), image_finite=bool(torch.isfinite(image).all()))
