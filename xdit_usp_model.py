@@ -522,6 +522,16 @@ def _on_load(patcher: XDitUSPModelPatcher, device_to, lowvram_model_memory, forc
     remote.apply_patches(patcher.patches)
 
 
+def _on_cleanup(patcher: XDitUSPModelPatcher):
+    """CallbacksMP.ON_CLEANUP, at the end of every sampling (CFGGuider.outer_sample): the ranks give
+    back the activation memory their allocators keep cached (Memory(trim=True)), so that what runs
+    next on their GPUs, ComfyUI's VAE decode on GPU 0 above all, finds it free. The next sampling
+    allocates it again in its first step (a few ms); the weights stay loaded."""
+    remote = patcher.remote
+    if remote.loaded:
+        remote.trim(patcher.load_device)
+
+
 def _on_detach(patcher: XDitUSPModelPatcher, unpatch_all: bool):
     """CallbacksMP.ON_DETACH. detach(True) is ComfyUI freeing this model's memory
     (LoadedModel.model_unload, from free_memory / unload_all_models): unload it from the workers,
@@ -604,6 +614,7 @@ def build_model_patcher(config: XDitUSPConfig, path: str, ckpt: CheckpointInfo) 
     patcher = XDitUSPModelPatcher(base, load_device=load_device, offload_device=offload_device, size=PROXY_SIZE)
     patcher.add_callback_with_key(CallbacksMP.ON_LOAD, CALLBACK_KEY, _on_load)
     patcher.add_callback_with_key(CallbacksMP.ON_DETACH, CALLBACK_KEY, _on_detach)
+    patcher.add_callback_with_key(CallbacksMP.ON_CLEANUP, CALLBACK_KEY, _on_cleanup)
     patcher.add_callback_with_key(CallbacksMP.ON_REGISTER_ALL_HOOK_PATCHES, CALLBACK_KEY, _refuse_weight_hooks)
     return patcher
 

@@ -225,17 +225,29 @@ def usp_attention(
     q, k, v: [B, S_pad / sp, H, D]. Keys at global positions >= valid_len are padding and are
     excluded exactly. Returns this rank's shard of the output, [B, S_pad / sp, H, D].
     """
+    return usp_attention_consuming([q, k, v], group, backend, valid_len, scale)
+
+
+def usp_attention_consuming(qkv: list, group: SPGroup, backend: AttentionBackend, valid_len: int,
+                            scale: float) -> torch.Tensor:
+    """`usp_attention` of the list [q, k, v], which it empties: each tensor is dropped as soon as its
+    all-to-all has replaced it, so with no other reference held by the caller at most four q-sized
+    tensors are alive during the exchange instead of six."""
     if group.ulysses > 1:
         from yunchang.comm.all_to_all import SeqAllToAll4D
 
         # [B, S/sp, H, D] -> [B, S/ring, H/ulysses, D]: this ring block, a slice of the heads
-        q, k, v = (SeqAllToAll4D.apply(group.ulysses_pg, t, 2, 1, False) for t in (q, k, v))
+        for i in range(3):
+            qkv[i] = SeqAllToAll4D.apply(group.ulysses_pg, qkv[i], 2, 1, False)
+    q, k, v = qkv
+    qkv.clear()
 
     block = q.shape[1]  # tokens per ring block after the all-to-all
     if group.ring == 1:
         out = backend.plain(q, k[:, :valid_len], v[:, :valid_len], scale)
     else:
         out = _ring_attention(q, k, v, group, backend, valid_len, block, scale)
+    del q, k, v
 
     if group.ulysses > 1:
         from yunchang.comm.all_to_all import SeqAllToAll4D

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
-from .attention import AttentionBackend, SPGroup, usp_attention
+from .attention import AttentionBackend, SPGroup, usp_attention_consuming
 from .protocol import ForwardInputs
 
 
@@ -48,20 +48,31 @@ def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
 
 
 class USPSelfAttnProcessor:
-    """attn1 of every Wan block: projections + qk-norm + RoPE on the local shard, USP attention."""
+    """attn1 of every Wan block: projections + qk-norm + RoPE on the local shard, USP attention.
+
+    The per-token work (projection, RMSNorm across heads, RoPE: fp32 temporaries of the whole
+    shard in diffusers' processor) is done in pieces of tokens, written into q and k; the all-to-all
+    then consumes q, k, v one at a time (attention.usp_attention_consuming)."""
 
     def __init__(self, ctx: _StepContext):
         self.ctx = ctx
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        q, k = attn.norm_q(q), attn.norm_k(k)
-        q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))
-        if rotary_emb is not None:
-            q, k = _apply_rotary(q, *rotary_emb), _apply_rotary(k, *rotary_emb)
+        def projected(linear, norm):
+            def piece(h, i, j):
+                t = norm(linear(h)).unflatten(2, (attn.heads, -1))
+                if rotary_emb is not None:
+                    cos, sin = rotary_emb
+                    t = _apply_rotary(t, cos[:, i:j], sin[:, i:j])
+                return t
+            return _by_pieces(hidden_states, piece)
+
+        qkv = [projected(attn.to_q, attn.norm_q), projected(attn.to_k, attn.norm_k),
+               attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))]
+        dtype, head_dim = qkv[0].dtype, qkv[0].shape[-1]
         ctx = self.ctx
-        out = usp_attention(q, k, v, ctx.group, ctx.backend, ctx.valid_len, 1.0 / math.sqrt(q.shape[-1]))
-        out = out.flatten(2, 3).type_as(q)
+        out = usp_attention_consuming(qkv, ctx.group, ctx.backend, ctx.valid_len, 1.0 / math.sqrt(head_dim))
+        out = out.flatten(2, 3).to(dtype)
         return attn.to_out[1](attn.to_out[0](out))
 
 
@@ -69,7 +80,9 @@ class CrossAttnProcessor:
     """attn2: local cross-attention to text (+ CLIP image) context.
 
     Unlike diffusers' processor it splits image and text context by the image token count it was
-    given, not by assuming 512 text tokens.
+    given, not by assuming 512 text tokens. Each query token attends to the context on its own, so
+    the queries are processed in pieces of tokens (k and v once): the whole shard's fp32 RMSNorm
+    temporaries never exist at once.
     """
 
     def __init__(self, ctx: _StepContext):
@@ -79,16 +92,21 @@ class CrossAttnProcessor:
         n_img = self.ctx.image_context_len if attn.add_k_proj is not None else 0
         img_ctx, txt_ctx = encoder_hidden_states[:, :n_img], encoder_hidden_states[:, n_img:]
         backend = self.ctx.backend
-        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-        scale = 1.0 / math.sqrt(q.shape[-1])
         k = attn.norm_k(attn.to_k(txt_ctx)).unflatten(2, (attn.heads, -1))
         v = attn.to_v(txt_ctx).unflatten(2, (attn.heads, -1))
-        out = backend.plain(q, k, v, scale).flatten(2, 3).type_as(q)
+        scale = 1.0 / math.sqrt(k.shape[-1])
         if n_img:
             k_img = attn.norm_added_k(attn.add_k_proj(img_ctx)).unflatten(2, (attn.heads, -1))
             v_img = attn.add_v_proj(img_ctx).unflatten(2, (attn.heads, -1))
-            out = out + backend.plain(q, k_img, v_img, scale).flatten(2, 3).type_as(q)
-        return attn.to_out[1](attn.to_out[0](out))
+
+        def piece(h, i, j):
+            q = attn.norm_q(attn.to_q(h)).unflatten(2, (attn.heads, -1))
+            out = backend.plain(q, k, v, scale).flatten(2, 3).type_as(q)
+            if n_img:
+                out = out + backend.plain(q, k_img, v_img, scale).flatten(2, 3).type_as(q)
+            return attn.to_out[1](attn.to_out[0](out))
+
+        return _by_pieces(hidden_states, piece)
 
 
 def _pad_and_shard(t: torch.Tensor, dim: int, padded: int, group: SPGroup) -> torch.Tensor:
@@ -218,6 +236,22 @@ class SequenceParallelWan(torch.nn.Module):
 # Tokens per piece of a block's per-token work (norms, modulation, residuals, FFN); see _block_forward.
 # 8192 tokens of the 14B model: an FFN intermediate of 216 MiB and fp32 temporaries of 160 MiB.
 BLOCK_CHUNK_TOKENS = int(os.environ.get("XDIT_USP_BLOCK_CHUNK_TOKENS", "8192"))
+
+
+def _by_pieces(hidden: torch.Tensor, fn) -> torch.Tensor:
+    """fn(hidden[:, i:j], i, j) for pieces of BLOCK_CHUNK_TOKENS tokens, gathered along dim 1 into one
+    new tensor (fn's own result when the sequence is one piece)."""
+    n = hidden.shape[1]
+    if n <= BLOCK_CHUNK_TOKENS:
+        return fn(hidden, 0, n)
+    out = None
+    for i in range(0, n, BLOCK_CHUNK_TOKENS):
+        j = min(i + BLOCK_CHUNK_TOKENS, n)
+        t = fn(hidden[:, i:j], i, j)
+        if out is None:
+            out = t.new_empty((t.shape[0], n, *t.shape[2:]))
+        out[:, i:j] = t
+    return out
 
 
 def _per_token(hidden: torch.Tensor, out: torch.Tensor, fn, *args: torch.Tensor) -> torch.Tensor:

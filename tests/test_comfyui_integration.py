@@ -633,6 +633,8 @@ def test_memory_manager_on_cpu_unchanged_and_partially_unload_trims_never_detach
     assert [s.trims for s in g.memory_stats] == [t + 2 for t in trims]
     again = _latent(runner, t2v_graph(True, seed=31 + 1))  # samples on, nothing reloaded
     assert remote.stats.loads == loads and g.launches == launches and g.alive
+    # and at the end of that sampling (ON_CLEANUP) the ranks gave their cached activations back
+    assert [s.trims for s in g.memory()] == [t + 3 for t in trims]
     assert _rel(again, _latent(runner, t2v_graph(False, seed=31 + 1))) < TOL
     assert _rel(ours, native) < TOL
     # a dead group: partially_unload returns 0 (never raises), and the next run relaunches
