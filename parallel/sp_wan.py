@@ -59,11 +59,11 @@ class USPSelfAttnProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         def projected(linear, norm):
-            def piece(h, i, j):
+            def piece(h, rows, tokens):
                 t = norm(linear(h)).unflatten(2, (attn.heads, -1))
                 if rotary_emb is not None:
-                    cos, sin = rotary_emb
-                    t = _apply_rotary(t, cos[:, i:j], sin[:, i:j])
+                    cos, sin = rotary_emb  # [1, S, 1, D]: one table for every sample
+                    t = _apply_rotary(t, cos[:, tokens], sin[:, tokens])
                 return t
             return _by_pieces(hidden_states, piece)
 
@@ -99,11 +99,11 @@ class CrossAttnProcessor:
             k_img = attn.norm_added_k(attn.add_k_proj(img_ctx)).unflatten(2, (attn.heads, -1))
             v_img = attn.add_v_proj(img_ctx).unflatten(2, (attn.heads, -1))
 
-        def piece(h, i, j):
+        def piece(h, rows, tokens):
             q = attn.norm_q(attn.to_q(h)).unflatten(2, (attn.heads, -1))
-            out = backend.plain(q, k, v, scale).flatten(2, 3).type_as(q)
+            out = backend.plain(q, k[rows], v[rows], scale).flatten(2, 3).type_as(q)
             if n_img:
-                out = out + backend.plain(q, k_img, v_img, scale).flatten(2, 3).type_as(q)
+                out = out + backend.plain(q, k_img[rows], v_img[rows], scale).flatten(2, 3).type_as(q)
             return attn.to_out[1](attn.to_out[0](out))
 
         return _by_pieces(hidden_states, piece)
@@ -233,49 +233,63 @@ class SequenceParallelWan(torch.nn.Module):
         return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
 
-# Tokens per piece of a block's per-token work (norms, modulation, residuals, FFN); see _block_forward.
-# 8192 tokens of the 14B model: an FFN intermediate of 216 MiB and fp32 temporaries of 160 MiB.
-BLOCK_CHUNK_TOKENS = int(os.environ.get("XDIT_USP_BLOCK_CHUNK_TOKENS", "8192"))
+# Token rows per piece of a block's per-token work (norms, modulation, residuals, FFN, projections,
+# RoPE, cross-attention queries); see _block_forward. 16384 rows of the 14B model: an FFN
+# intermediate of 432 MiB and fp32 temporaries of 320 MiB each, against 1.9 and 1.4 GiB for the 75,600
+# rows of one 720p sample on one GPU. Large enough that each GEMM runs at full rate.
+BLOCK_CHUNK_TOKENS = int(os.environ.get("XDIT_USP_BLOCK_CHUNK_TOKENS", "16384"))
+
+
+def _pieces(batch: int, n: int) -> list[tuple[slice, slice]]:
+    """(samples, tokens) slices that cover a [batch, n, ...] activation in pieces of at most
+    BLOCK_CHUNK_TOKENS token rows, each a contiguous block of it (one sample's run of tokens), so
+    that a Linear reads it without a copy. One piece, the whole tensor, when it is small enough."""
+    if batch * n <= BLOCK_CHUNK_TOKENS:
+        return [(slice(None), slice(None))]
+    step = BLOCK_CHUNK_TOKENS
+    return [(slice(b, b + 1), slice(i, min(i + step, n))) for b in range(batch) for i in range(0, n, step)]
 
 
 def _by_pieces(hidden: torch.Tensor, fn) -> torch.Tensor:
-    """fn(hidden[:, i:j], i, j) for pieces of BLOCK_CHUNK_TOKENS tokens, gathered along dim 1 into one
-    new tensor (fn's own result when the sequence is one piece)."""
-    n = hidden.shape[1]
-    if n <= BLOCK_CHUNK_TOKENS:
-        return fn(hidden, 0, n)
+    """fn(hidden[rows, tokens], rows, tokens) for each piece, put together into one new tensor (fn's
+    own result when there is one piece)."""
+    pieces = _pieces(*hidden.shape[:2])
+    if len(pieces) == 1:
+        return fn(hidden, *pieces[0])
     out = None
-    for i in range(0, n, BLOCK_CHUNK_TOKENS):
-        j = min(i + BLOCK_CHUNK_TOKENS, n)
-        t = fn(hidden[:, i:j], i, j)
+    for rows, tokens in pieces:
+        t = fn(hidden[rows, tokens], rows, tokens)
         if out is None:
-            out = t.new_empty((t.shape[0], n, *t.shape[2:]))
-        out[:, i:j] = t
+            out = t.new_empty((*hidden.shape[:2], *t.shape[2:]))
+        out[rows, tokens] = t
     return out
 
 
-def _per_token(hidden: torch.Tensor, out: torch.Tensor, fn, *args: torch.Tensor) -> torch.Tensor:
-    """out[:, i:j] = fn(hidden[:, i:j], *args sliced alike) for pieces of BLOCK_CHUNK_TOKENS tokens.
-    An argument with one row per token ([B, S, ...]: another activation, or Wan 2.2 TI2V's per-token
-    modulation) is sliced with the tokens; one with a single row ([B, 1, D]) broadcasts. `out` may be
+def _per_token(hidden: torch.Tensor, out: torch.Tensor, fn) -> torch.Tensor:
+    """out[rows, tokens] = fn(hidden[rows, tokens], rows, tokens) for each piece, converted to out's
+    dtype by the copy (the rounding `.type_as` does, without its intermediate tensor). `out` may be
     `hidden` itself: each piece is read whole before it is written."""
-    n = hidden.shape[1]
-    for i in range(0, n, BLOCK_CHUNK_TOKENS):
-        j = min(i + BLOCK_CHUNK_TOKENS, n)
-        out[:, i:j] = fn(hidden[:, i:j], *(a[:, i:j] if a.shape[1] == n else a for a in args))
+    for rows, tokens in _pieces(*hidden.shape[:2]):
+        out[rows, tokens].copy_(fn(hidden[rows, tokens], rows, tokens))
     return out
+
+
+def _at(mod: torch.Tensor, rows: slice, tokens: slice) -> torch.Tensor:
+    """A modulation tensor's part for a piece: [B, 1, D] (one row for all tokens) or [B, S, D]
+    (Wan 2.2 TI2V: one per token)."""
+    return mod[rows] if mod.shape[1] == 1 else mod[rows, tokens]
 
 
 def _block_forward(self: WanTransformerBlock, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                    temb: torch.Tensor, rotary_emb) -> torch.Tensor:
     """diffusers' `WanTransformerBlock.forward`, the same operations in the same order, with its
-    per-token work done in pieces of tokens instead of on the whole sequence at once.
+    per-token work done in pieces of token rows instead of on the whole sequence at once.
 
     The block's peak memory is then set by attention (q, k, v and the all-to-all buffers), not by the
-    fp32 temporaries of the norms, modulation and residuals (four [B, S, D] fp32 tensors at a time)
-    nor the FFN's [B, S, ffn_dim] intermediate: 14B 720p at 37,800 tokens per rank, about 3 GiB less.
-    Each token's result is computed by the same operations as diffusers'; only a matmul's kernel choice
-    may differ with the number of rows (rounding-level, as any change of shape)."""
+    fp32 temporaries of the norms, modulation and residuals (several [B, S, D] fp32 tensors at a
+    time) nor the FFN's [B, S, ffn_dim] intermediate. Each token's result is computed by the same
+    operations as diffusers'; only a matmul's kernel choice may differ with the number of rows
+    (rounding-level, as any change of shape)."""
     if temb.ndim == 4:  # [B, S, 6, D]: per-token modulation (Wan 2.2 TI2V)
         mods = (self.scale_shift_table.unsqueeze(0) + temb.float()).chunk(6, dim=2)
         mods = [t.squeeze(2) for t in mods]
@@ -284,27 +298,25 @@ def _block_forward(self: WanTransformerBlock, hidden_states: torch.Tensor, encod
     shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = mods
 
     # 1. Self-attention
-    norm = _per_token(hidden_states, torch.empty_like(hidden_states),
-                      lambda h, scale, shift: (self.norm1(h.float()) * (1 + scale) + shift).type_as(h),
-                      scale_msa, shift_msa)
+    norm = _per_token(hidden_states, torch.empty_like(hidden_states), lambda h, r, t: (
+        self.norm1(h.float()) * (1 + _at(scale_msa, r, t)) + _at(shift_msa, r, t)))
     attn_output = self.attn1(norm, None, None, rotary_emb)
     del norm
-    hidden_states = _per_token(hidden_states, torch.empty_like(hidden_states),
-                               lambda h, a, gate: (h.float() + a * gate).type_as(h), attn_output, gate_msa)
+    hidden_states = _per_token(hidden_states, torch.empty_like(hidden_states), lambda h, r, t, a=attn_output: (
+        h.float() + a[r, t] * _at(gate_msa, r, t)))
     del attn_output
 
     # 2. Cross-attention
-    norm = _per_token(hidden_states, torch.empty_like(hidden_states),
-                      lambda h: self.norm2(h.float()).type_as(h))
+    norm = _per_token(hidden_states, torch.empty_like(hidden_states), lambda h, r, t: self.norm2(h.float()))
     hidden_states = hidden_states + self.attn2(norm, encoder_hidden_states, None, None)
     del norm
 
     # 3. Feed-forward
-    def ffn(h, scale, shift, gate):
-        ff_output = self.ffn((self.norm3(h.float()) * (1 + scale) + shift).type_as(h))
-        return (h.float() + ff_output.float() * gate).type_as(h)
+    def ffn(h, r, t):
+        ff_output = self.ffn((self.norm3(h.float()) * (1 + _at(c_scale_msa, r, t)) + _at(c_shift_msa, r, t)).type_as(h))
+        return h.float() + ff_output.float() * _at(c_gate_msa, r, t)
 
-    return _per_token(hidden_states, hidden_states, ffn, c_scale_msa, c_shift_msa, c_gate_msa)  # ours: in place
+    return _per_token(hidden_states, hidden_states, ffn)  # in place: this tensor is ours
 
 
 def _gather_to_leader(x: torch.Tensor, group: SPGroup) -> Optional[torch.Tensor]:
