@@ -233,27 +233,29 @@ class SequenceParallelWan(torch.nn.Module):
         return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
 
-# Token rows per piece of a block's per-token work (norms, modulation, residuals, FFN, projections,
-# RoPE, cross-attention queries); see _block_forward. 16384 rows of the 14B model: an FFN
-# intermediate of 432 MiB and fp32 temporaries of 320 MiB each, against 1.9 and 1.4 GiB for the 75,600
-# rows of one 720p sample on one GPU. Large enough that each GEMM runs at full rate.
-BLOCK_CHUNK_TOKENS = int(os.environ.get("XDIT_USP_BLOCK_CHUNK_TOKENS", "16384"))
+# A block's per-token work (norms, modulation, residuals, FFN, projections, RoPE, cross-attention
+# queries) runs in pieces of token rows whose fp32 [rows, dim] temporary is at most this many bytes:
+# 13,107 rows of the 14B model (dim 5120; FFN intermediate 346 MiB), 43,690 of the 1.3B (dim 1536),
+# so a 480p sample of the 1.3B model is one piece and one 720p sample of the 14B six. See
+# _block_forward. XDIT_USP_BLOCK_CHUNK_TOKENS sets the rows directly (the tests use tiny pieces).
+PIECE_BYTES = 256 << 20
+_PIECE_ROWS = int(os.environ.get("XDIT_USP_BLOCK_CHUNK_TOKENS", "0"))
 
 
-def _pieces(batch: int, n: int) -> list[tuple[slice, slice]]:
-    """(samples, tokens) slices that cover a [batch, n, ...] activation in pieces of at most
-    BLOCK_CHUNK_TOKENS token rows, each a contiguous block of it (one sample's run of tokens), so
-    that a Linear reads it without a copy. One piece, the whole tensor, when it is small enough."""
-    if batch * n <= BLOCK_CHUNK_TOKENS:
+def _pieces(batch: int, n: int, dim: int) -> list[tuple[slice, slice]]:
+    """(samples, tokens) slices that cover a [batch, n, dim] activation in pieces of token rows, each
+    a contiguous block of it (one sample's run of tokens), so that a Linear reads it without a copy.
+    One piece, the whole tensor, when it is small enough."""
+    step = _PIECE_ROWS or max(1, PIECE_BYTES // (4 * dim))
+    if batch * n <= step:
         return [(slice(None), slice(None))]
-    step = BLOCK_CHUNK_TOKENS
     return [(slice(b, b + 1), slice(i, min(i + step, n))) for b in range(batch) for i in range(0, n, step)]
 
 
 def _by_pieces(hidden: torch.Tensor, fn) -> torch.Tensor:
     """fn(hidden[rows, tokens], rows, tokens) for each piece, put together into one new tensor (fn's
     own result when there is one piece)."""
-    pieces = _pieces(*hidden.shape[:2])
+    pieces = _pieces(*hidden.shape)
     if len(pieces) == 1:
         return fn(hidden, *pieces[0])
     out = None
@@ -269,7 +271,7 @@ def _per_token(hidden: torch.Tensor, out: torch.Tensor, fn) -> torch.Tensor:
     """out[rows, tokens] = fn(hidden[rows, tokens], rows, tokens) for each piece, converted to out's
     dtype by the copy (the rounding `.type_as` does, without its intermediate tensor). `out` may be
     `hidden` itself: each piece is read whole before it is written."""
-    for rows, tokens in _pieces(*hidden.shape[:2]):
+    for rows, tokens in _pieces(*hidden.shape):
         out[rows, tokens].copy_(fn(hidden[rows, tokens], rows, tokens))
     return out
 
