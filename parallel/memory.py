@@ -14,8 +14,11 @@ every parameter on dim 0 over all ranks as `torch.chunk` does, ceil(rows / N) ro
 0 is the largest and a [1, 6, dim] modulation table is not split at all. Its units are each block
 (`blocks.i`, `vace_blocks.i`), `condition_embedder` and the root (the rest). During a forward the
 root is gathered throughout and at most two more units at once (the running block and the
-prefetched next one, or the condition embedder and block 0): `gathered_bytes` is the root plus the
-largest such pair, at the padded size the all-gather allocates.
+prefetched next one, or the condition embedder and block 0), and the prefetched one twice while it
+is copied out of its all-gather buffer into its parameters: `gathered_bytes` is the root, the
+largest unit and twice the next largest, at the padded size the all-gather allocates. (Counting
+that copy once under-estimated 14B `fsdp` on 4 GPUs by 2 to 4%: 12.81 planned for 13.11 GB
+measured at batch 2, 10.52 for 10.95 at batch 1.)
 
 Activations, per rank, for `rows` batch rows of `tokens` video tokens on that rank (the configured
 layout when the batch divides by its CFG degree, else the batch-1 fallback; tokens = ceil(video
@@ -41,6 +44,15 @@ are this module's exact count, 26.67 GB for 14B and 2.65 GB for 1.3B):
     1.3B   1     1 x 32,760              4.21       4.38     1.041
     1.3B   1     2 x 32,760              5.70       5.87     1.029
     1.3B   2     1 x 32,760 (cfg split)  4.20       4.38     1.044
+
+and with `fsdp` (weights / N plus the gathered units above), 4×H200:
+
+    14B    4     1 x 37,800 (cfg2 x U2)    13.11      13.47     1.027
+    14B    4     1 x 18,900 (U4)           10.95      11.18     1.021
+    1.3B   4     1 x 16,380 (cfg2 x U2)     1.74       1.92     1.105
+
+These peaks predate the block pieces (sp_wan._block_forward), which lower the activations of
+long shards (1.3B on one GPU at batch 2: 5.67 -> 3.86 GB): the model is an upper bound for them.
 
 The VACE, per-token-timestep and embedding terms are counted from the tensors the forward keeps
 (parallel/sp_wan.py), not measured. Not counted: the CUDA context and NCCL buffers (outside the
@@ -187,7 +199,7 @@ def _gathered(weights: list[tuple[_Param, int]], n: int) -> int:
         units[p.unit] += n * _shard(p, itemsize, n)
     root, embedder = units.pop("root", 0), units.pop("condition_embedder", 0)
     first, second = (sorted(units.values(), reverse=True) + [0, 0])[:2]
-    return root + first + max(second, embedder)
+    return root + first + 2 * max(second, embedder)
 
 
 # ---- activations ------------------------------------------------------------------------------------
