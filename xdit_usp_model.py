@@ -365,12 +365,16 @@ class XDitUSPWanProxy(torch.nn.Module):
             if v is not None:
                 problems.append(f"the {k!r} conditioning is not supported")
         topts = transformer_options or {}
-        # Every patch a node installs is refused by kind, never dropped: the workers apply none of
-        # them (e.g. SkipLayerGuidanceDiT's block replace 'dit', Uni3C's 'double_block',
-        # InfiniteTalk's audio 'attn2_patch').
+        # Block replacements native Wan reads, ("double_block", i) under patches_replace["dit"], are
+        # honoured when they skip the block (Skip Layer Guidance); every other patch a node installs
+        # is refused by kind, never dropped (e.g. Uni3C's 'double_block', InfiniteTalk's audio
+        # 'attn2_patch').
+        skip_blocks, replaced = _block_skips(topts.get("patches_replace") or {}, len(self.blocks))
+        problems += [f"patches_replace 'dit' {key!r} (a block replacement other than a skip) is not supported"
+                     for key in replaced]
         for where in ("patches_replace", "patches"):
             for kind, entries in sorted((topts.get(where) or {}).items()):
-                if entries:
+                if entries and not (where == "patches_replace" and kind == "dit"):
                     problems.append(f"{where} {kind!r} (installed by a model-patching node) is not supported")
         if topts.get("rope_options") is not None:
             problems.append("rope_options (RoPE scaling/shift, e.g. ScaleROPE) are not supported")
@@ -413,6 +417,7 @@ class XDitUSPWanProxy(torch.nn.Module):
                 encoder_hidden_states_image=img,
                 control_hidden_states=ctrl,
                 control_hidden_states_scale=scale,
+                skip_blocks=skip_blocks or None,
             ))
         except WorkerError as e:
             raise WorkerError(f"xDiT-USP worker rank {e.rank} failed: {e}", rank=e.rank) from e
@@ -422,6 +427,40 @@ class XDitUSPWanProxy(torch.nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
+def _is_skip(replace) -> bool:
+    """Whether a block replacement skips its block: called as native Wan calls it, it returns the
+    stream it was given without running the original block. That is what SkipLayerGuidanceDiT and
+    SkipLayerGuidanceDiTSimple install (`def skip(args, extra_args): return args`), found by what the
+    function does, not by its name. A function that raises on the probe is not a skip."""
+    stream, ran = torch.empty(0), []
+
+    def original_block(args):
+        ran.append(True)
+        return {"img": args["img"]}
+
+    try:
+        out = replace({"img": stream, "txt": None, "vec": None, "pe": None, "transformer_options": {}},
+                      {"original_block": original_block})
+    except Exception:  # noqa: BLE001 - anything else is refused as an unsupported replacement
+        return False
+    return not ran and isinstance(out, dict) and out.get("img") is stream
+
+
+def _block_skips(patches_replace: dict, num_blocks: int) -> tuple[list[int], list]:
+    """(blocks to skip, block replacements that are not skips) of transformer_options'
+    patches_replace, read as native Wan reads it: only ("double_block", i) under "dit", i < the
+    block count (native ignores every other key there, "single_block" included)."""
+    skip, other = [], []
+    for key, replace in (patches_replace.get("dit") or {}).items():
+        if isinstance(key, tuple) and len(key) == 2 and key[0] == "double_block" and isinstance(key[1], int) \
+                and 0 <= key[1] < num_blocks:
+            if _is_skip(replace):
+                skip.append(key[1])
+            else:
+                other.append(key)
+    return sorted(skip), other
+
+
 def _memory_required(self, input_shape, cond_shapes={}):
     """ComfyUI-side memory of one call: the latent in, a few copies of it (scaled input, output,
     denoised, shared-memory staging) and the conds. The transformer's memory is on the workers."""

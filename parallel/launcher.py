@@ -522,7 +522,8 @@ class WorkerGroup:
             scale = inputs.control_hidden_states_scale
             if scale is not None:
                 scale = torch.as_tensor(scale, dtype=torch.float32).flatten().tolist()
-            request = P.Forward(key, self.arena.name, specs, reserved["out"], scale)
+            skip = sorted({int(i) for i in inputs.skip_blocks}) if inputs.skip_blocks else None
+            request = P.Forward(key, self.arena.name, specs, reserved["out"], scale, skip)
             replies: list[P.ForwardDone] = self._call(request, self.config.forward_timeout_s)
             t2 = time.perf_counter()
             self._note_memory([r.memory for r in replies])

@@ -40,6 +40,8 @@ class ForwardInputs:
     encoder_hidden_states_image  [B, image tokens, image dim] CLIP features (I2V, FLF2V) or None
     control_hidden_states        [B, C, frames, height, width] VACE control latent or None
     control_hidden_states_scale  VACE strength per control layer set, or None
+    skip_blocks                  indices of transformer blocks this call skips (the residual stream
+                                 passes them unchanged: Skip Layer Guidance), or None
     """
 
     hidden_states: typing.Any
@@ -48,6 +50,7 @@ class ForwardInputs:
     encoder_hidden_states_image: typing.Any = None
     control_hidden_states: typing.Any = None
     control_hidden_states_scale: Optional[list] = None
+    skip_blocks: Optional[list] = None
 
     TENSORS: typing.ClassVar[tuple[str, ...]] = (
         "hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image", "control_hidden_states",
@@ -93,6 +96,7 @@ class Forward:
     inputs: dict[str, TensorSpec]  # ForwardInputs.TENSORS that are present
     out: TensorSpec  # the region each group leader writes its rows of the output into
     control_scale: Optional[list] = None
+    skip_blocks: Optional[list] = None
 
 
 @dataclass

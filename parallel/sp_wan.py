@@ -211,8 +211,10 @@ class SequenceParallelWan(torch.nn.Module):
             raise ValueError("control_hidden_states (vace_context) given, but this is not a VACE model")
 
         vace_layers = list(m.config.vace_layers) if self.is_vace else []
+        skip = set(inputs.skip_blocks or ())
         for i, block in enumerate(m.blocks):
-            x = block(x, context, timestep_proj, rotary)
+            if i not in skip:  # a skipped block passes the stream on unchanged; its VACE hint is still added
+                x = block(x, context, timestep_proj, rotary)
             if i in vace_layers:
                 hint, s = hints[vace_layers.index(i)]
                 x = x + hint * s

@@ -607,6 +607,28 @@ def test_dead_worker_is_a_comfyui_error_naming_the_rank_and_next_run_relaunches(
     assert torch.isfinite(out).all() and g.alive and g.launches == launches + 1
 
 
+@pytest.mark.parametrize("node,inputs", [
+    ("SkipLayerGuidanceDiT", dict(double_layers="1", single_layers="7, 8, 9", scale=3.0, start_percent=0.0,
+                                  end_percent=1.0, rescaling_scale=0.0)),
+    ("SkipLayerGuidanceDiTSimple", dict(double_layers="1", single_layers="7, 8, 9", start_percent=0.0,
+                                        end_percent=1.0)),
+])
+def test_skip_layer_guidance_matches_native(runner, node, inputs):
+    """ComfyUI's own SLG nodes: their block skip (a ("double_block", i) replacement that returns its
+    input) runs on the workers as a skipped block, for the calls that carry it; "single_block"
+    entries are ignored, as native Wan ignores them."""
+    def graph(ours):
+        p = t2v_graph(ours, seed=41)
+        p["slg"] = {"class_type": node, "inputs": dict(inputs, model=["ms", 0])}
+        p["ks"]["inputs"]["model"] = ["slg", 0]
+        return p
+
+    native, ours = _latent(runner, graph(False)), _latent(runner, graph(True))
+    plain = _latent(runner, t2v_graph(False, seed=41))
+    assert _rel(native, plain) > 1e-3, "the node changes the native result"
+    assert _rel(ours, native) < TOL, _rel(ours, native)
+
+
 def test_memory_manager_on_cpu_unchanged_and_partially_unload_trims_never_detaches(runner):
     native = _latent(runner, t2v_graph(False, seed=31))
     ours = _latent(runner, t2v_graph(True, seed=31))

@@ -69,6 +69,31 @@ def test_sharded_parity_every_variant(layout, checkpoints, references):
     assert all(e <= TOL for e in errors.values()), errors
 
 
+@pytest.mark.parametrize("sharding", ["none", "fsdp"])
+def test_skipped_blocks_pass_the_stream_through(sharding, checkpoints):
+    """ForwardInputs.skip_blocks (Skip Layer Guidance): the forward of diffusers' model without those
+    blocks; with fsdp, a block prefetched by its predecessor and then skipped leaves the next
+    forwards exact."""
+    import dataclasses
+
+    path, model = checkpoints["t2v"]
+    kw = tiny.random_inputs("t2v", 2, *SIZES["padded"], seed=5)
+    full = tiny.reference_forward(model, kw)
+    blocks, without = model.blocks, {}
+    try:
+        for skip in ([1], [0]):
+            model.blocks = torch.nn.ModuleList([b for i, b in enumerate(blocks) if i not in skip])
+            without[tuple(skip)] = tiny.reference_forward(model, kw)
+    finally:
+        model.blocks = blocks
+    with WorkerGroup(cpu_config(2, 1, 1, weight_sharding=sharding)) as group:
+        group.load("m", path)
+        for _ in range(2):
+            for skip, ref in without.items():
+                assert rel_err(group.forward("m", dataclasses.replace(kw, skip_blocks=list(skip))), ref) <= TOL
+                assert rel_err(group.forward("m", kw), full) <= TOL
+
+
 def test_lora_merges_into_shards_and_strength_change_needs_no_reload(checkpoints):
     """A LoRA on a weight split over 4 ranks, one on a weight only rank 0 holds rows of, and a diff
     patch on a bias: merged shard by shard, changed in strength, removed exactly."""
