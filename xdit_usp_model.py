@@ -376,8 +376,6 @@ class XDitUSPWanProxy(torch.nn.Module):
             for kind, entries in sorted((topts.get(where) or {}).items()):
                 if entries and not (where == "patches_replace" and kind == "dit"):
                     problems.append(f"{where} {kind!r} (installed by a model-patching node) is not supported")
-        if topts.get("rope_options") is not None:
-            problems.append("rope_options (RoPE scaling/shift, e.g. ScaleROPE) are not supported")
         if x.dtype != self.dtype:  # BaseModel casts the input to its compute dtype: ModelComputeDtype changed it
             problems.append(f"compute dtype {str(x.dtype)[6:]} (e.g. from ModelComputeDtype) differs from the "
                             f"workers' {str(self.dtype)[6:]}: set the dtype on the XDit+USP Config node instead")
@@ -418,6 +416,7 @@ class XDitUSPWanProxy(torch.nn.Module):
                 control_hidden_states=ctrl,
                 control_hidden_states_scale=scale,
                 skip_blocks=skip_blocks or None,
+                rope_options=topts.get("rope_options"),  # ScaleROPE: positions scaled/shifted per axis
             ))
         except WorkerError as e:
             raise WorkerError(f"xDiT-USP worker rank {e.rank} failed: {e}", rank=e.rank) from e

@@ -523,7 +523,9 @@ class WorkerGroup:
             if scale is not None:
                 scale = torch.as_tensor(scale, dtype=torch.float32).flatten().tolist()
             skip = sorted({int(i) for i in inputs.skip_blocks}) if inputs.skip_blocks else None
-            request = P.Forward(key, self.arena.name, specs, reserved["out"], scale, skip)
+            rope = {k: float(v) for k, v in inputs.rope_options.items() if k in P.ROPE_OPTIONS} \
+                if inputs.rope_options else None
+            request = P.Forward(key, self.arena.name, specs, reserved["out"], scale, skip, rope or None)
             replies: list[P.ForwardDone] = self._call(request, self.config.forward_timeout_s)
             t2 = time.perf_counter()
             self._note_memory([r.memory for r in replies])

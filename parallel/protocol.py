@@ -30,6 +30,10 @@ class TensorSpec:
 # The tensors of one transformer forward, in diffusers' names and order. ForwardInputs (below) is
 # the one place they are declared: the proxy builds one, the owner packs it into the arena, the
 # runner slices and moves it.
+# ForwardInputs.rope_options' keys (ComfyUI's transformer_options["rope_options"]), with their identity values
+ROPE_OPTIONS = {"scale_t": 1.0, "scale_y": 1.0, "scale_x": 1.0, "shift_t": 0.0, "shift_y": 0.0, "shift_x": 0.0}
+
+
 @dataclass
 class ForwardInputs:
     """One Wan transformer forward, diffusers' argument names.
@@ -42,6 +46,9 @@ class ForwardInputs:
     control_hidden_states_scale  VACE strength per control layer set, or None
     skip_blocks                  indices of transformer blocks this call skips (the residual stream
                                  passes them unchanged: Skip Layer Guidance), or None
+    rope_options                 RoPE positions scaled and shifted per axis, ComfyUI's keys
+                                 (scale_t/_y/_x, shift_t/_y/_x: position k -> shift + k * scale; ScaleROPE),
+                                 or None
     """
 
     hidden_states: typing.Any
@@ -51,6 +58,7 @@ class ForwardInputs:
     control_hidden_states: typing.Any = None
     control_hidden_states_scale: Optional[list] = None
     skip_blocks: Optional[list] = None
+    rope_options: Optional[dict] = None
 
     TENSORS: typing.ClassVar[tuple[str, ...]] = (
         "hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image", "control_hidden_states",
@@ -97,6 +105,7 @@ class Forward:
     out: TensorSpec  # the region each group leader writes its rows of the output into
     control_scale: Optional[list] = None
     skip_blocks: Optional[list] = None
+    rope_options: Optional[dict] = None
 
 
 @dataclass

@@ -109,6 +109,31 @@ class CrossAttnProcessor:
         return _by_pieces(hidden_states, piece)
 
 
+def _rope(rope, hidden_states: torch.Tensor, options: Optional[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """diffusers' RoPE tables (`WanRotaryPosEmbed`) for the latent's grid; with `options` (ComfyUI's
+    rope_options, ScaleROPE) position k of an axis becomes shift + k * scale, as in native Wan's
+    rope_encode, computed the way diffusers computes its table (float64 frequencies, fp32 cos/sin)."""
+    if not options:
+        return rope(hidden_states)
+    from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+    _, _, frames, height, width = hidden_states.shape
+    p_t, p_h, p_w = rope.patch_size
+    grid = (frames // p_t, height // p_h, width // p_w)
+    cos, sin = [], []
+    for axis, dim, steps in zip("tyx", (rope.t_dim, rope.h_dim, rope.w_dim), grid):
+        pos = options.get(f"shift_{axis}", 0.0) + torch.arange(steps, dtype=torch.float64) * options.get(f"scale_{axis}", 1.0)
+        c, s = get_1d_rotary_pos_embed(dim, pos, use_real=True, repeat_interleave_real=True, freqs_dtype=torch.float64)
+        view = [1, 1, 1, -1]
+        view["tyx".index(axis)] = steps
+        cos.append(c.view(view).expand(*grid, -1))
+        sin.append(s.view(view).expand(*grid, -1))
+    device = rope.freqs_cos.device
+    cos = torch.cat(cos, dim=-1).reshape(1, math.prod(grid), 1, -1).to(device)
+    sin = torch.cat(sin, dim=-1).reshape(1, math.prod(grid), 1, -1).to(device)
+    return cos, sin
+
+
 def _pad_and_shard(t: torch.Tensor, dim: int, padded: int, group: SPGroup) -> torch.Tensor:
     """Pad `t` along `dim` to `padded` (zeros) and return this rank's contiguous shard."""
     n = t.shape[dim]
@@ -155,7 +180,7 @@ class SequenceParallelWan(torch.nn.Module):
         seq = math.prod(grid)
         padded = -(-seq // group.sp) * group.sp
 
-        cos, sin = m.rope(hidden_states)  # [1, S, 1, D] each
+        cos, sin = _rope(m.rope, hidden_states, inputs.rope_options)  # [1, S, 1, D] each
         cos, sin = _pad_and_shard(cos, 1, padded, group), _pad_and_shard(sin, 1, padded, group)
 
         x = m.patch_embedding(hidden_states).flatten(2).transpose(1, 2)

@@ -131,7 +131,8 @@ class Worker:
         cuda = self.device.type == "cuda"
         buf = self.shm.buf(req.arena, pin=cuda)
         inputs = P.ForwardInputs(**{name: transport.view(buf, spec) for name, spec in req.inputs.items()},
-                                 control_hidden_states_scale=req.control_scale, skip_blocks=req.skip_blocks)
+                                 control_hidden_states_scale=req.control_scale, skip_blocks=req.skip_blocks,
+                                 rope_options=req.rope_options)
         self._faults("forward")
         sync = torch.cuda.synchronize if cuda else (lambda: None)
         sync()

@@ -195,6 +195,12 @@ def models_dir():
     _save_original(_tiny_model("flf2v", 3), os.path.join(dm, "tiny_flf2v.safetensors"))
     _save_original(_tiny_model("vace", 4), os.path.join(dm, "tiny_vace.safetensors"))
     _save_original(_tiny_model("ti2v_5b", 5), os.path.join(dm, "tiny_ti2v_5b.safetensors"))
+    sharp = _tiny_model("t2v", 6)
+    with torch.no_grad():  # q/k RMSNorm gains of ~4 instead of ~0.02: attention logits of order 10, so
+        for block in sharp.blocks:  # positions (RoPE) visibly matter
+            block.attn1.norm_q.weight.mul_(200)
+            block.attn1.norm_k.weight.mul_(200)
+    _save_original(sharp, os.path.join(dm, "tiny_t2v_sharp.safetensors"))
     _save_lora(os.path.join(lo, "tiny_lora.safetensors"))
     folder_paths.add_model_folder_path("diffusion_models", dm)
     folder_paths.add_model_folder_path("loras", lo)
@@ -625,6 +631,24 @@ def test_skip_layer_guidance_matches_native(runner, node, inputs):
 
     native, ours = _latent(runner, graph(False)), _latent(runner, graph(True))
     plain = _latent(runner, t2v_graph(False, seed=41))
+    print(f"node changes native by {_rel(native, plain):.2e}; ours vs native {_rel(ours, native):.2e}")
+    assert _rel(native, plain) > 1e-3, "the node changes the native result"
+    assert _rel(ours, native) < TOL, _rel(ours, native)
+
+
+def test_scale_rope_matches_native(runner):
+    """ComfyUI's ScaleROPE (transformer_options["rope_options"]): the workers build the RoPE tables
+    at the scaled and shifted positions, as native Wan does."""
+    def graph(ours):
+        p = t2v_graph(ours, unet="tiny_t2v_sharp.safetensors", seed=43)
+        p["rope"] = {"class_type": "ScaleROPE", "inputs": dict(
+            model=["ms", 0], scale_x=1.5, shift_x=2.0, scale_y=0.5, shift_y=-1.0, scale_t=2.0, shift_t=0.5)}
+        p["ks"]["inputs"]["model"] = ["rope", 0]
+        return p
+
+    native, ours = _latent(runner, graph(False)), _latent(runner, graph(True))
+    plain = _latent(runner, t2v_graph(False, unet="tiny_t2v_sharp.safetensors", seed=43))
+    print(f"node changes native by {_rel(native, plain):.2e}; ours vs native {_rel(ours, native):.2e}")
     assert _rel(native, plain) > 1e-3, "the node changes the native result"
     assert _rel(ours, native) < TOL, _rel(ours, native)
 
@@ -744,7 +768,6 @@ def test_model_object_contract_and_clear_errors(models_dir):
                     (dict(time_dim_concat=torch.zeros(1, 16, 1, 4, 4)), "time_dim_concat"),
                     (dict(control={"output": []}), "ControlNet"),
                     (dict(vace_context=torch.zeros(1, 2, 96, 2, 4, 4), vace_strength=[1.0, 1.0]), "control inputs"),
-                    (dict(transformer_options={"rope_options": {"scale_x": 2.0}}), "rope_options"),
                     (dict(transformer_options={"patches": {"attn2_patch": [lambda *a, **k: None]}}),
                      "patches 'attn2_patch'"),
                     (dict(transformer_options={"patches_replace": {"dit": {("double_block", 0): None}}}),
