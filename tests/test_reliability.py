@@ -214,13 +214,20 @@ print(g.log_dir, flush=True)
 """
 
 
+def _default_sigint():
+    """In the child before exec: SIGINT's default action, so that Python installs its KeyboardInterrupt
+    handler there even when this test runs with SIGINT ignored (a background job of a
+    non-interactive shell, `cmd &`, starts so and passes it on)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_owner(tmp_path, ckpt, then="time.sleep(600)", env=None):
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
     script = tmp_path / "owner.py"
     script.write_text(textwrap.dedent(OWNER.format(ckpt=str(ckpt), then=then, env=env or {})))
     owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env={**os.environ, "TMPDIR": str(tmpdir)})
+                             text=True, env={**os.environ, "TMPDIR": str(tmpdir)}, preexec_fn=_default_sigint)
     log_dir = owner.stdout.readline().strip()
     assert log_dir, owner.stderr.read()
     assert log_dir.startswith(str(tmpdir))
@@ -271,7 +278,7 @@ def test_a_failed_groups_logs_live_as_long_as_its_owner(tmp_path, ckpt):
 def test_ctrl_c_in_the_cli_exits_within_a_second_quietly(tmp_path):
     env = {**os.environ, "TMPDIR": str(tmp_path), "XDIT_USP_FAULT": "forward_sleep@0=600,forward_sleep@1=600"}
     p = subprocess.Popen([*CLI, "run", "--device", "cpu"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_default_sigint)
     try:
         def log_dir():
             return next((os.path.join(tmp_path, f) for f in os.listdir(tmp_path) if f.startswith("xdit_usp_logs_")), "")
