@@ -24,7 +24,7 @@ import torch.distributed as dist
 from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
 from .attention import AttentionBackend, SPGroup, usp_attention_consuming
-from .protocol import ForwardInputs
+from .protocol import ROPE_OPTIONS, ForwardInputs
 
 
 @dataclass
@@ -122,7 +122,8 @@ def _rope(rope, hidden_states: torch.Tensor, options: Optional[dict]) -> tuple[t
     grid = (frames // p_t, height // p_h, width // p_w)
     cos, sin = [], []
     for axis, dim, steps in zip("tyx", (rope.t_dim, rope.h_dim, rope.w_dim), grid):
-        pos = options.get(f"shift_{axis}", 0.0) + torch.arange(steps, dtype=torch.float64) * options.get(f"scale_{axis}", 1.0)
+        shift, scale = (options.get(k, ROPE_OPTIONS[k]) for k in (f"shift_{axis}", f"scale_{axis}"))
+        pos = shift + torch.arange(steps, dtype=torch.float64) * scale
         c, s = get_1d_rotary_pos_embed(dim, pos, use_real=True, repeat_interleave_real=True, freqs_dtype=torch.float64)
         view = [1, 1, 1, -1]
         view["tyx".index(axis)] = steps

@@ -613,42 +613,30 @@ def test_dead_worker_is_a_comfyui_error_naming_the_rank_and_next_run_relaunches(
     assert torch.isfinite(out).all() and g.alive and g.launches == launches + 1
 
 
-@pytest.mark.parametrize("node,inputs", [
+# Model-patching nodes the workers honour, each inserted between ModelSamplingSD3 and KSampler.
+# ScaleROPE runs on a model whose attention logits make positions matter (tiny_t2v_sharp).
+@pytest.mark.parametrize("node,inputs,unet", [
     ("SkipLayerGuidanceDiT", dict(double_layers="1", single_layers="7, 8, 9", scale=3.0, start_percent=0.0,
-                                  end_percent=1.0, rescaling_scale=0.0)),
+                                  end_percent=1.0, rescaling_scale=0.0), "tiny_t2v.safetensors"),
     ("SkipLayerGuidanceDiTSimple", dict(double_layers="1", single_layers="7, 8, 9", start_percent=0.0,
-                                        end_percent=1.0)),
+                                        end_percent=1.0), "tiny_t2v.safetensors"),
+    ("ScaleROPE", dict(scale_x=1.5, shift_x=2.0, scale_y=0.5, shift_y=-1.0, scale_t=2.0, shift_t=0.5),
+     "tiny_t2v_sharp.safetensors"),
 ])
-def test_skip_layer_guidance_matches_native(runner, node, inputs):
+def test_model_patching_nodes_match_native(runner, node, inputs, unet):
     """ComfyUI's own SLG nodes: their block skip (a ("double_block", i) replacement that returns its
     input) runs on the workers as a skipped block, for the calls that carry it; "single_block"
-    entries are ignored, as native Wan ignores them."""
+    entries are ignored, as native Wan ignores them. ScaleROPE (transformer_options["rope_options"]):
+    the workers build the RoPE tables at the scaled and shifted positions, as native Wan does."""
     def graph(ours):
-        p = t2v_graph(ours, seed=41)
-        p["slg"] = {"class_type": node, "inputs": dict(inputs, model=["ms", 0])}
-        p["ks"]["inputs"]["model"] = ["slg", 0]
+        p = t2v_graph(ours, unet=unet, seed=41)
+        p["patch"] = {"class_type": node, "inputs": dict(inputs, model=["ms", 0])}
+        p["ks"]["inputs"]["model"] = ["patch", 0]
         return p
 
     native, ours = _latent(runner, graph(False)), _latent(runner, graph(True))
-    plain = _latent(runner, t2v_graph(False, seed=41))
-    print(f"node changes native by {_rel(native, plain):.2e}; ours vs native {_rel(ours, native):.2e}")
-    assert _rel(native, plain) > 1e-3, "the node changes the native result"
-    assert _rel(ours, native) < TOL, _rel(ours, native)
-
-
-def test_scale_rope_matches_native(runner):
-    """ComfyUI's ScaleROPE (transformer_options["rope_options"]): the workers build the RoPE tables
-    at the scaled and shifted positions, as native Wan does."""
-    def graph(ours):
-        p = t2v_graph(ours, unet="tiny_t2v_sharp.safetensors", seed=43)
-        p["rope"] = {"class_type": "ScaleROPE", "inputs": dict(
-            model=["ms", 0], scale_x=1.5, shift_x=2.0, scale_y=0.5, shift_y=-1.0, scale_t=2.0, shift_t=0.5)}
-        p["ks"]["inputs"]["model"] = ["rope", 0]
-        return p
-
-    native, ours = _latent(runner, graph(False)), _latent(runner, graph(True))
-    plain = _latent(runner, t2v_graph(False, unet="tiny_t2v_sharp.safetensors", seed=43))
-    print(f"node changes native by {_rel(native, plain):.2e}; ours vs native {_rel(ours, native):.2e}")
+    plain = _latent(runner, t2v_graph(False, unet=unet, seed=41))
+    print(f"{node} changes native by {_rel(native, plain):.2e}; ours vs native {_rel(ours, native):.2e}")
     assert _rel(native, plain) > 1e-3, "the node changes the native result"
     assert _rel(ours, native) < TOL, _rel(ours, native)
 
