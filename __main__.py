@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--weight-dtype", default=XDitUSPConfig.weight_dtype, choices=WEIGHT_DTYPES,
                    help="how Linear weights are held: default = the compute dtype (an fp8 file stays fp8); fp8_* = "
                         "that fp8 format, upcast per layer")
+    r.add_argument("--compile", action="store_true",
+                   help="torch.compile each block's per-token work on the workers (the first step compiles)")
     r.add_argument("--memory-fraction", type=float, default=XDitUSPConfig.gpu_memory_fraction,
                    help="the part of each GPU's memory the workers may use (0, 1]")
     r.add_argument("--timeout", type=_positive_seconds, default=XDitUSPConfig.forward_timeout_s,
@@ -120,6 +122,7 @@ def run(args) -> dict:
         world_size=args.gpus, ulysses_degree=args.ulysses, ring_degree=args.ring, cfg_degree=args.cfg,
         dtype=dtype, attention_backend=args.attention, device=device, forward_timeout_s=args.timeout,
         weight_sharding=args.shard, weight_dtype=args.weight_dtype, gpu_memory_fraction=args.memory_fraction,
+        compile=args.compile,
     ).validate()  # the visible GPUs too
     if args.checkpoint:
         if not os.path.exists(args.checkpoint):
@@ -169,7 +172,8 @@ def _run(args, config, layout, path, info, variant, latent) -> dict:
         loaded = group.load("main", path, latent=latent, batch=args.batch)
         load_s = time.perf_counter() - t0
         stats, times, worker_ms = {}, [], []
-        out = group.forward("main", inputs, stats=stats)  # warm-up
+        out = group.forward("main", inputs, stats=stats)  # warm-up (and, with --compile, compilation)
+        first_ms = stats["owner_ms"]
         for _ in range(args.steps):
             out = group.forward("main", inputs, stats=stats)
             times.append(stats["owner_ms"])
@@ -202,6 +206,8 @@ def _run(args, config, layout, path, info, variant, latent) -> dict:
         "rel_l2": parity.get("rel_l2"),
         "floor_rel_l2": parity.get("floor_rel_l2"),
         "parity_ratio": parity.get("parity_ratio"),
+        "compiled": loaded.compiled,
+        "first_step_ms": first_ms,
         "step_ms": statistics.median(times),
         "worker_ms": statistics.median(worker_ms),
         "load_s": load_s,
@@ -271,7 +277,8 @@ def main(argv=None) -> int:
                   + ("" if r["parity_ratio"] is None else
                      f"; one device in {r['dtype']}: relative L2 {r['floor_rel_l2']:.2e}, "
                      f"ratio {r['parity_ratio']:.2f} (<= 1.5: no worse than one device)"))
-        print(f"time       {r['step_ms']:.1f} ms/step (in workers {r['worker_ms']:.1f} ms), load {r['load_s']:.1f} s")
+        print(f"time       {r['step_ms']:.1f} ms/step (in workers {r['worker_ms']:.1f} ms), load {r['load_s']:.1f} s, "
+              f"first step {r['first_step_ms'] / 1e3:.1f} s" + (" (compiling)" if r["compiled"] else ""))
         if args.json:
             print(json.dumps(r))
     return 0

@@ -64,6 +64,11 @@ class XDitUSPConfigNode(io.ComfyNode):
                                        "the weights and gathers each block just before it runs (a 14B model fits "
                                        "24 GB cards at 2+ GPUs; a few percent slower with NVLink, more over PCIe). "
                                        "auto: fsdp only when the model would not fit otherwise."),
+                io.Boolean.Input("compile", default=False, optional=True,
+                                 tooltip="torch.compile each transformer block's per-token work (norms, modulation, "
+                                         "FFN, RoPE) on the workers: faster steps after a first step that compiles "
+                                         "(again at each new resolution). ComfyUI's TorchCompileModel node acts on "
+                                         "this process, where no transformer runs; use this instead."),
             ],
             outputs=[
                 XDitUSPConfigType.Output(
@@ -74,11 +79,12 @@ class XDitUSPConfigNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, gpus, ulysses_degree, ring_degree, cfg_degree, dtype, attention_backend, gpu_memory_fraction,
-                device, weight_sharding="auto") -> io.NodeOutput:
+                device, weight_sharding="auto", compile=False) -> io.NodeOutput:
         cfg = XDitUSPConfig(
             world_size=int(gpus), ulysses_degree=int(ulysses_degree), ring_degree=int(ring_degree),
             cfg_degree=int(cfg_degree), dtype=dtype, attention_backend=attention_backend,
             gpu_memory_fraction=float(gpu_memory_fraction), device=device, weight_sharding=weight_sharding or "auto",
+            compile=bool(compile),
         )
         with _node_words():
             cfg.validate()  # ConfigError saying what would work

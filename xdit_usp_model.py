@@ -73,6 +73,7 @@ class RemoteStats:
     lora_sends: int = 0  # LoRA states sent (an unchanged state is not sent)
     forwards: int = 0  # forwards run
     last_batch: int = 0  # batch of the last forward (cond+uncond batched -> 2)
+    compiled_forwards: int = 0  # forwards whose blocks ran compiled (config compile or TorchCompileModel)
 
 
 # The model as the worker group holds it, shared by every patcher (clones, two loader nodes) that
@@ -104,7 +105,10 @@ class RemoteWanModel:
     def ensure_loaded(self) -> Loaded:
         if not self.loaded:
             log.info("xDiT-USP: loading %s on %d worker(s)", os.path.basename(self.path), self.config.world_size)
-            self.info = load_model(self.config, self.key, self.path, on_evict=self._log_eviction)
+            self.info = info = load_model(self.config, self.key, self.path, on_evict=self._log_eviction)
+            log.info("xDiT-USP: loaded %s in %.1f s: layout %s (batch 1: %s), %s attention, weights %s%s",
+                     os.path.basename(self.path), info.load_s, info.layout, info.fallback_layout, info.backend,
+                     info.placement, ", compiled (the first step at each size compiles)" if info.compiled else "")
             self.stats.loads += 1
             self.lora_state = ()  # fresh base weights
         return self.info
@@ -339,6 +343,10 @@ class XDitUSPWanProxy(torch.nn.Module):
     def extra_repr(self) -> str:
         return f"{self.native_class} on xDiT-USP workers ({self.remote.config.world_size} ranks, {os.path.basename(self.remote.path)})"
 
+    # ComfyUI's TorchCompileModel wraps this module in torch.compile; there is nothing here to
+    # compile (the forward is a call to the workers), so dynamo leaves it alone and the request is
+    # passed on: the workers compile the blocks (ForwardInputs.compile, see _forward).
+    @torch.compiler.disable
     def forward(self, x, timestep, context, clip_fea=None, time_dim_concat=None, transformer_options={}, **kwargs):
         return comfy.patcher_extension.WrapperExecutor.new_class_executor(
             self._forward,
@@ -407,6 +415,7 @@ class XDitUSPWanProxy(torch.nn.Module):
         remote = self.remote
         if not remote.loaded:  # the group died or the model was unloaded since load_models_gpu
             remote.ensure_ready()
+        stats = {}
         try:
             out = remote.group.forward(remote.key, ForwardInputs(
                 hidden_states=x,
@@ -417,10 +426,12 @@ class XDitUSPWanProxy(torch.nn.Module):
                 control_hidden_states_scale=scale,
                 skip_blocks=skip_blocks or None,
                 rope_options=topts.get("rope_options"),  # ScaleROPE: positions scaled/shifted per axis
-            ))
+                compile=_torch_compile_requested(topts),
+            ), stats=stats)
         except WorkerError as e:
             raise WorkerError(f"xDiT-USP worker rank {e.rank} failed: {e}", rank=e.rank) from e
         remote.stats.forwards += 1
+        remote.stats.compiled_forwards += bool(stats.get("compiled"))
         remote.stats.last_batch = bs
         return out.to(x.device)[:, :, :t, :h, :w]
 
@@ -443,6 +454,14 @@ def _is_skip(replace) -> bool:
     except Exception:  # noqa: BLE001 - anything else is refused as an unsupported replacement
         return False
     return not ran and isinstance(out, dict) and out.get("img") is stream
+
+
+def _torch_compile_requested(transformer_options: dict) -> bool:
+    """Whether ComfyUI's TorchCompileModel (comfy_api.torch_helpers.set_torch_compile_wrapper) is on
+    this MODEL: its apply_model wrapper, under the key "torch.compile". Whatever its backend, the
+    workers then compile their blocks' per-token work with inductor (see parallel/sp_wan.Stages)."""
+    wrappers = (transformer_options.get("wrappers") or {}).get(comfy.patcher_extension.WrappersMP.APPLY_MODEL) or {}
+    return bool(wrappers.get("torch.compile"))
 
 
 def _block_skips(patches_replace: dict, num_blocks: int) -> tuple[list[int], list]:

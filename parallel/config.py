@@ -94,6 +94,10 @@ class XDitUSPConfig:
     device          cuda | cpu.  device_ids: which GPUs (default: 0..world_size-1).
     weight_sharding none | fsdp | auto: whether each rank holds the whole model or a 1/N shard of it.
     weight_dtype    default | fp8_e4m3fn | fp8_e5m2: how the Linear weights are stored between uses.
+    compile         torch.compile the per-token work of every transformer block on the workers
+                    (regional: norms, modulation, residuals, FFN, q/k projection + RoPE; the
+                    collectives and attention kernels stay eager). The same math, rounded
+                    differently by fused kernels; the first forward at a new size compiles.
     gpu_memory_fraction  per-process cap on the CUDA caching allocator, (0, 1]; the memory plan checks
                     a model fits under it before anything is loaded.
     launch_timeout_s / forward_timeout_s / load_timeout_s  every wait on the workers is bounded.
@@ -110,6 +114,7 @@ class XDitUSPConfig:
     device: str = "cuda"
     weight_sharding: str = "auto"
     weight_dtype: str = "default"
+    compile: bool = False
     device_ids: Optional[list[int]] = None
     gpu_memory_fraction: float = 1.0
     launch_timeout_s: float = 300.0
@@ -173,6 +178,8 @@ class XDitUSPConfig:
             errors.append(f"weight_sharding must be one of {WEIGHT_SHARDING}, got {self.weight_sharding!r}")
         if self.weight_dtype not in WEIGHT_DTYPES:
             errors.append(f"weight_dtype must be one of {WEIGHT_DTYPES}, got {self.weight_dtype!r}")
+        if not isinstance(self.compile, bool):
+            errors.append(f"compile must be true or false, got {self.compile!r}")
         if not (0.0 < float(self.gpu_memory_fraction) <= 1.0):
             errors.append(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
         for name in ("launch_timeout_s", "load_timeout_s", "forward_timeout_s", "heartbeat_timeout_s"):

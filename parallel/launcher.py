@@ -525,7 +525,8 @@ class WorkerGroup:
             skip = sorted({int(i) for i in inputs.skip_blocks}) if inputs.skip_blocks else None
             rope = {k: float(v) for k, v in inputs.rope_options.items() if k in P.ROPE_OPTIONS} \
                 if inputs.rope_options else None
-            request = P.Forward(key, self.arena.name, specs, reserved["out"], scale, skip, rope or None)
+            request = P.Forward(key, self.arena.name, specs, reserved["out"], scale, skip, rope or None,
+                                bool(inputs.compile))
             replies: list[P.ForwardDone] = self._call(request, self.config.forward_timeout_s)
             t2 = time.perf_counter()
             self._note_memory([r.memory for r in replies])
@@ -538,6 +539,7 @@ class WorkerGroup:
                     worker_ms=max(r.ms for r in replies), worker_in_ms=max(r.in_ms for r in replies),
                     worker_out_ms=max(r.out_ms for r in replies), layout=replies[0].layout,
                     pinned=replies[0].pinned, peak_bytes=[r.peak_bytes for r in replies],
+                    compiled=replies[0].compiled,
                 )
             return out
 

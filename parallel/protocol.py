@@ -49,6 +49,8 @@ class ForwardInputs:
     rope_options                 RoPE positions scaled and shifted per axis, ComfyUI's keys
                                  (scale_t/_y/_x, shift_t/_y/_x: position k -> shift + k * scale; ScaleROPE),
                                  or None
+    compile                      run the blocks' per-token work compiled in this forward even when the
+                                 group's config does not (ComfyUI's TorchCompileModel on the MODEL)
     """
 
     hidden_states: typing.Any
@@ -59,6 +61,7 @@ class ForwardInputs:
     control_hidden_states_scale: Optional[list] = None
     skip_blocks: Optional[list] = None
     rope_options: Optional[dict] = None
+    compile: bool = False
 
     TENSORS: typing.ClassVar[tuple[str, ...]] = (
         "hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image", "control_hidden_states",
@@ -106,6 +109,7 @@ class Forward:
     control_scale: Optional[list] = None
     skip_blocks: Optional[list] = None
     rope_options: Optional[dict] = None
+    compile: bool = False
 
 
 @dataclass
@@ -168,6 +172,7 @@ class Loaded:
     patch_size: list
     memory_bytes: Optional[int]
     placement: str = "replicated"
+    compiled: bool = False  # the blocks' per-token work runs through torch.compile (config.compile)
     param_bytes: int = 0  # parameter bytes this rank holds between forwards
     param_bytes_total: int = 0  # the whole model's, as held (storage dtypes)
     param_bytes_per_rank: list = field(default_factory=list)  # every rank's param_bytes (set by the owner)
@@ -185,6 +190,7 @@ class ForwardDone:
     pinned: bool
     peak_bytes: Optional[int]
     memory: Optional[MemoryStats] = None  # the rank's memory after the forward
+    compiled: bool = False  # the blocks' per-token work ran compiled
 
 
 @dataclass

@@ -234,7 +234,7 @@ class ModelRunner:
         dtypes, scaled = storage_dtypes(module, cls, self.dtype, self.config.weight_dtype, stored_tensors(path, info))
         _set_storage(module, dtypes, scaled)
         layout, fallback, backend = self.config.plan(info.num_heads)
-        root = SequenceParallelWan(module, backend).eval()
+        root = SequenceParallelWan(module, backend, compile=self.config.compile).eval()
         place = self.placement(placement)
         place.place(root, _units(module), self.device)
         local = place.local_parameters(module)
@@ -255,7 +255,7 @@ class ModelRunner:
             load_s=time.perf_counter() - t0, backend=backend.name, layout=layout, fallback_layout=fallback,
             variant=info.variant, num_heads=info.num_heads, in_channels=c.in_channels, out_channels=c.out_channels,
             patch_size=list(c.patch_size), memory_bytes=torch.cuda.memory_allocated(self.device) if cuda else None,
-            placement=place.name, param_bytes=param_bytes,
+            placement=place.name, param_bytes=param_bytes, compiled=self.config.compile,
             param_bytes_total=sum(p.numel() * p.element_size() for p in module.parameters()),
         )
 

@@ -33,6 +33,7 @@ class _StepContext:
 
     group: Optional[SPGroup] = None
     backend: Optional[AttentionBackend] = None
+    stages: Optional["Stages"] = None
     valid_len: int = 0
     image_context_len: int = 0
 
@@ -58,13 +59,14 @@ class USPSelfAttnProcessor:
         self.ctx = ctx
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        stages = self.ctx.stages
+
         def projected(linear, norm):
             def piece(h, rows, tokens):
-                t = norm(linear(h)).unflatten(2, (attn.heads, -1))
-                if rotary_emb is not None:
-                    cos, sin = rotary_emb  # [1, S, 1, D]: one table for every sample
-                    t = _apply_rotary(t, cos[:, tokens], sin[:, tokens])
-                return t
+                if rotary_emb is None:
+                    return stages.project(linear, norm, h, attn.heads)
+                cos, sin = rotary_emb  # [1, S, 1, D]: one table for every sample
+                return stages.project_rope(linear, norm, h, attn.heads, cos[:, tokens], sin[:, tokens])
             return _by_pieces(hidden_states, piece)
 
         qkv = [projected(attn.to_q, attn.norm_q), projected(attn.to_k, attn.norm_k),
@@ -99,8 +101,10 @@ class CrossAttnProcessor:
             k_img = attn.norm_added_k(attn.add_k_proj(img_ctx)).unflatten(2, (attn.heads, -1))
             v_img = attn.add_v_proj(img_ctx).unflatten(2, (attn.heads, -1))
 
+        stages = self.ctx.stages
+
         def piece(h, rows, tokens):
-            q = attn.norm_q(attn.to_q(h)).unflatten(2, (attn.heads, -1))
+            q = stages.project(attn.to_q, attn.norm_q, h, attn.heads)
             out = backend.plain(q, k[rows], v[rows], scale).flatten(2, 3).type_as(q)
             if n_img:
                 out = out + backend.plain(q, k_img[rows], v_img[rows], scale).flatten(2, 3).type_as(q)
@@ -152,10 +156,11 @@ class SequenceParallelWan(torch.nn.Module):
     forward as one root module: FSDP gathers the parameters the forward uses outside any block
     (patch embedding, output head, modulation table) in this module's pre-forward hook."""
 
-    def __init__(self, model: torch.nn.Module, backend: AttentionBackend):
+    def __init__(self, model: torch.nn.Module, backend: AttentionBackend, compile: bool = False):
         super().__init__()
         self.model = model
         self.backend = backend
+        self.compile = compile
         self.ctx = _StepContext(backend=backend)
         self.is_vace = hasattr(model, "vace_blocks")
         blocks = list(model.blocks) + (list(model.vace_blocks) if self.is_vace else [])
@@ -164,6 +169,7 @@ class SequenceParallelWan(torch.nn.Module):
             block.attn2.set_processor(CrossAttnProcessor(self.ctx))
             if type(block) is WanTransformerBlock:
                 block.forward = types.MethodType(_block_forward, block)
+                block._xdit_ctx = self.ctx
 
     @torch.no_grad()
     def forward(self, group: SPGroup, inputs: ForwardInputs) -> Optional[torch.Tensor]:
@@ -214,6 +220,7 @@ class SequenceParallelWan(torch.nn.Module):
             context = torch.cat([image_context, context], dim=1)
 
         self.ctx.group, self.ctx.valid_len, self.ctx.image_context_len = group, seq, n_img
+        self.ctx.stages = Stages.compiled() if self.compile or inputs.compile else Stages.eager()
         rotary = (cos, sin)
 
         hints = []
@@ -295,11 +302,17 @@ def _by_pieces(hidden: torch.Tensor, fn) -> torch.Tensor:
     return out
 
 
-def _per_token(hidden: torch.Tensor, out: torch.Tensor, fn) -> torch.Tensor:
-    """out[rows, tokens] = fn(hidden[rows, tokens], rows, tokens) for each piece, converted to out's
-    dtype by the copy (the rounding `.type_as` does, without its intermediate tensor). `out` may be
-    `hidden` itself: each piece is read whole before it is written."""
-    for rows, tokens in _pieces(*hidden.shape):
+def _per_token(hidden: torch.Tensor, fn, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """fn(hidden[rows, tokens], rows, tokens) for each piece, in hidden's dtype: written into `out`
+    (converted by the copy: the rounding `.type_as` does, without its intermediate tensor), or into
+    a new tensor when `out` is None. `out` may be `hidden` itself: each piece is read whole before
+    it is written."""
+    pieces = _pieces(*hidden.shape)
+    if out is None:
+        if len(pieces) == 1:  # one piece: fn's result, converted once (what copying it into a new tensor costs)
+            return fn(hidden, *pieces[0]).to(hidden.dtype)
+        out = torch.empty_like(hidden)
+    for rows, tokens in pieces:
         out[rows, tokens].copy_(fn(hidden[rows, tokens], rows, tokens))
     return out
 
@@ -310,16 +323,90 @@ def _at(mod: torch.Tensor, rows: slice, tokens: slice) -> torch.Tensor:
     return mod[rows] if mod.shape[1] == 1 else mod[rows, tokens]
 
 
+# ---- the block's compute between communications --------------------------------------------------
+def _modulated_norm(norm, h, scale, shift, dtype):
+    out = norm(h.float()) * (1 + scale) + shift
+    return out if dtype is None else out.to(dtype)
+
+
+def _plain_norm(norm, h, dtype):
+    out = norm(h.float())
+    return out if dtype is None else out.to(dtype)
+
+
+def _gated_residual(h, a, gate, dtype):
+    out = h.float() + a * gate
+    return out if dtype is None else out.to(dtype)
+
+
+def _ffn_residual(norm3, ffn, h, scale, shift, gate, dtype):
+    ff_output = ffn((norm3(h.float()) * (1 + scale) + shift).type_as(h))
+    out = h.float() + ff_output.float() * gate
+    return out if dtype is None else out.to(dtype)
+
+
+def _project(linear, norm, h, heads):
+    return norm(linear(h)).unflatten(2, (heads, -1))
+
+
+def _project_rope(linear, norm, h, heads, cos, sin):
+    return _apply_rotary(norm(linear(h)).unflatten(2, (heads, -1)), cos, sin)
+
+
+@dataclass(frozen=True)
+class Stages:
+    """The per-token work of a transformer block, as functions of tensors and of the block's own
+    modules: everything a block computes between two communications (norms, modulation, gated
+    residuals, the FFN, q/k projection + RMSNorm + RoPE). Eager, they are diffusers' operations;
+    `compiled()` gives the same functions through `torch.compile` (regional compilation: one
+    compiled graph per function, shared by every block, because parameters are graph inputs;
+    the collectives and attention kernels stay outside, eager).
+
+    With `cast`, a function returns its result already in the activation dtype (the rounding fused
+    into the compiled kernel); eager, it returns fp32 and the caller's copy rounds it: the same bits."""
+
+    modulated_norm: object
+    plain_norm: object
+    gated_residual: object
+    ffn_residual: object
+    project: object
+    project_rope: object
+    cast: bool = False
+
+    @classmethod
+    def eager(cls) -> "Stages":
+        return cls(_modulated_norm, _plain_norm, _gated_residual, _ffn_residual, _project, _project_rope)
+
+    @classmethod
+    def compiled(cls) -> "Stages":
+        """Compiled once per process (module-level code objects, dynamic shapes: pieces, batch sizes
+        and resolutions reuse the graphs); a LoRA's in-place weight update is seen, as parameters are
+        inputs of the graph, not constants."""
+        if not _COMPILED:
+            fns = (_modulated_norm, _plain_norm, _gated_residual, _ffn_residual, _project, _project_rope)
+            _COMPILED.extend(torch.compile(f, dynamic=True, fullgraph=True) for f in fns)
+        return cls(*_COMPILED, cast=True)
+
+    def dtype(self, h: torch.Tensor) -> Optional[torch.dtype]:
+        return h.dtype if self.cast else None
+
+
+_COMPILED: list = []
+
+
 def _block_forward(self: WanTransformerBlock, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                    temb: torch.Tensor, rotary_emb) -> torch.Tensor:
     """diffusers' `WanTransformerBlock.forward`, the same operations in the same order, with its
-    per-token work done in pieces of token rows instead of on the whole sequence at once.
+    per-token work done in pieces of token rows instead of on the whole sequence at once, by the
+    functions of the forward's `Stages` (eager or compiled).
 
     The block's peak memory is then set by attention (q, k, v and the all-to-all buffers), not by the
     fp32 temporaries of the norms, modulation and residuals (several [B, S, D] fp32 tensors at a
     time) nor the FFN's [B, S, ffn_dim] intermediate. Each token's result is computed by the same
     operations as diffusers'; only a matmul's kernel choice may differ with the number of rows
     (rounding-level, as any change of shape)."""
+    st = self._xdit_ctx.stages
+    dt = st.dtype(hidden_states)
     if temb.ndim == 4:  # [B, S, 6, D]: per-token modulation (Wan 2.2 TI2V)
         mods = (self.scale_shift_table.unsqueeze(0) + temb.float()).chunk(6, dim=2)
         mods = [t.squeeze(2) for t in mods]
@@ -328,25 +415,22 @@ def _block_forward(self: WanTransformerBlock, hidden_states: torch.Tensor, encod
     shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = mods
 
     # 1. Self-attention
-    norm = _per_token(hidden_states, torch.empty_like(hidden_states), lambda h, r, t: (
-        self.norm1(h.float()) * (1 + _at(scale_msa, r, t)) + _at(shift_msa, r, t)))
+    norm = _per_token(hidden_states, lambda h, r, t: st.modulated_norm(
+        self.norm1, h, _at(scale_msa, r, t), _at(shift_msa, r, t), dt))
     attn_output = self.attn1(norm, None, None, rotary_emb)
     del norm
-    hidden_states = _per_token(hidden_states, torch.empty_like(hidden_states), lambda h, r, t, a=attn_output: (
-        h.float() + a[r, t] * _at(gate_msa, r, t)))
+    hidden_states = _per_token(hidden_states, lambda h, r, t, a=attn_output: st.gated_residual(
+        h, a[r, t], _at(gate_msa, r, t), dt))
     del attn_output
 
     # 2. Cross-attention
-    norm = _per_token(hidden_states, torch.empty_like(hidden_states), lambda h, r, t: self.norm2(h.float()))
+    norm = _per_token(hidden_states, lambda h, r, t: st.plain_norm(self.norm2, h, dt))
     hidden_states = hidden_states + self.attn2(norm, encoder_hidden_states, None, None)
     del norm
 
-    # 3. Feed-forward
-    def ffn(h, r, t):
-        ff_output = self.ffn((self.norm3(h.float()) * (1 + _at(c_scale_msa, r, t)) + _at(c_shift_msa, r, t)).type_as(h))
-        return h.float() + ff_output.float() * _at(c_gate_msa, r, t)
-
-    return _per_token(hidden_states, hidden_states, ffn)  # in place: this tensor is ours
+    # 3. Feed-forward, in place: this tensor is ours
+    return _per_token(hidden_states, lambda h, r, t: st.ffn_residual(
+        self.norm3, self.ffn, h, _at(c_scale_msa, r, t), _at(c_shift_msa, r, t), _at(c_gate_msa, r, t), dt), out=hidden_states)
 
 
 def _gather_to_leader(x: torch.Tensor, group: SPGroup) -> Optional[torch.Tensor]:

@@ -7,6 +7,7 @@ test-only nodes (random text embeddings of text_dim 64; WanImageToVideo-style im
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import importlib
 import json
@@ -639,6 +640,28 @@ def test_model_patching_nodes_match_native(runner, node, inputs, unet):
     print(f"{node} changes native by {_rel(native, plain):.2e}; ours vs native {_rel(ours, native):.2e}")
     assert _rel(native, plain) > 1e-3, "the node changes the native result"
     assert _rel(ours, native) < TOL, _rel(ours, native)
+
+
+def test_torch_compile_model_compiles_on_the_workers(runner):
+    """ComfyUI's TorchCompileModel on our MODEL: the proxy (a call to the workers) is not traced, and
+    every forward of the sampling runs the workers' compiled blocks; same latent as native."""
+    def graph(ours, compiled):
+        p = t2v_graph(ours, seed=43)
+        if compiled:
+            p["compile"] = {"class_type": "TorchCompileModel", "inputs": {"model": ["ms", 0], "backend": "inductor"}}
+            p["ks"]["inputs"]["model"] = ["compile", 0]
+        return p
+
+    ours_plain = _latent(runner, graph(True, False))
+    remote = next(r for r in XM._remotes.values() if r.path.endswith("tiny_t2v.safetensors") and r.config == _group_config())
+    before = dataclasses.replace(remote.stats)
+    ours = _latent(runner, graph(True, True))
+    native = _latent(runner, graph(False, False))
+    steps = 3
+    assert remote.stats.forwards - before.forwards == steps  # cond + uncond batched: one forward a step
+    assert remote.stats.compiled_forwards - before.compiled_forwards == steps
+    print(f"TorchCompileModel: ours compiled vs native {_rel(ours, native):.2e}, vs ours eager {_rel(ours, ours_plain):.2e}")
+    assert _rel(ours, native) < TOL
 
 
 def test_memory_manager_on_cpu_unchanged_and_partially_unload_trims_never_detaches(runner):
