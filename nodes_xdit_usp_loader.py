@@ -24,7 +24,7 @@ from .parallel.config import ATTENTION_BACKENDS, DEVICES, DTYPES, WEIGHT_DTYPES,
 CATEGORY = "WanVideo/xDiT-USP"
 # The loader's weight_dtype: a compute dtype (the worker group computes and holds weights in it), or
 # an fp8 storage format for the Linear weights (computed in the config's dtype).
-LOADER_WEIGHT_DTYPES = ("default",) + DTYPES + tuple(d for d in WEIGHT_DTYPES if d != "default")
+LOADER_WEIGHT_DTYPES = ("default",) + DTYPES + tuple(d for d in WEIGHT_DTYPES if d != "default") + ("fp8_e4m3fn_fast",)
 
 XDitUSPConfigType = io.Custom("XDIT_USP_CONFIG")
 
@@ -110,7 +110,9 @@ class XDitUSPWanVideoModelLoader(io.ComfyNode):
                 io.Combo.Input("weight_dtype", options=list(LOADER_WEIGHT_DTYPES), default="default",
                                tooltip="dtype the workers hold and compute the weights in; default = the config's "
                                        "dtype (an fp8 file stays fp8). fp8_e4m3fn / fp8_e5m2: Linear weights held in "
-                                       "fp8 (half of bf16) and upcast per layer, computed in the config's dtype. A "
+                                       "fp8 (half of bf16) and upcast per layer, computed in the config's dtype. "
+                                       "fp8_e4m3fn_fast: the blocks' matmuls also run in fp8 (inputs quantised per "
+                                       "token; faster on cards with fp8 tensor cores, not exact). A "
                                        "value other than default needs its own worker group, which replaces the "
                                        "config's group on these GPUs while in use (models on the other group reload "
                                        "when next used)."),
@@ -132,7 +134,9 @@ class XDitUSPWanVideoModelLoader(io.ComfyNode):
         cfg = xdit_usp_config
         if not isinstance(cfg, XDitUSPConfig):
             raise ValueError(f"xdit_usp_config must come from an XDit+USP Config node, got {type(cfg).__name__}")
-        if weight_dtype in WEIGHT_DTYPES[1:] and weight_dtype != cfg.weight_dtype:
+        if weight_dtype == "fp8_e4m3fn_fast":  # ComfyUI's name: fp8 storage and fp8 matmuls
+            cfg = dataclasses.replace(cfg, weight_dtype="fp8_e4m3fn", fp8_matmul=True)
+        elif weight_dtype in WEIGHT_DTYPES[1:] and weight_dtype != cfg.weight_dtype:
             cfg = dataclasses.replace(cfg, weight_dtype=weight_dtype)  # fp8 storage, the config's compute dtype
         elif weight_dtype in DTYPES and weight_dtype != cfg.dtype:
             cfg = dataclasses.replace(cfg, dtype=weight_dtype)

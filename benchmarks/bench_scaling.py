@@ -22,6 +22,11 @@ random-weight checkpoint of the real shape and reports:
     worse than one GPU). The max-abs ratio against the 1-GPU output is kept as `rel_err_vs_1gpu`.
     The reference is computed once (on GPU 0 before any group starts) and cached next to the
     checkpoint, so a second invocation on the same machine reuses it.
+--options runs each layout once per speed option (issue 14): eager, compile (torch.compile of the
+blocks' per-token work), fp8 (fp8 matmuls), sage (SageAttention), or several joined by +. Each
+row then also reports the warm-up forward's time (`first_s`: compilation included) and
+`rel_l2_vs_eager`, its output against the eager run's at the same GPU count (what an inexact
+option costs).
 --p2p-off starts the workers with NCCL_P2P_DISABLE=1 (collectives through host memory, as on PCIe
 cards without peer-to-peer). Results go to $OUT/bench_scaling_<model>_<res>[_p2poff][_TAG].json after
 every run; a Markdown table is printed at the end.
@@ -29,6 +34,7 @@ every run; a Markdown table is printed at the end.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -117,6 +123,9 @@ def main():
     ap.add_argument("--p2p-off", action="store_true", help="NCCL_P2P_DISABLE=1 in the workers")
     ap.add_argument("--no-parity", action="store_true", help="skip the fp32 reference and parity forwards")
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--options", default="eager",
+                    help="comma list of speed options per layout: eager, compile, fp8 (fp8 matmuls), sage "
+                         "(SageAttention), joined by + (e.g. eager,compile,compile+fp8,compile+sage)")
     ap.add_argument("--tag", default="", help="suffix of the results file")
     ap.add_argument("--ckpt-dir", default=tempfile.gettempdir())
     a = ap.parse_args()
@@ -146,16 +155,21 @@ def main():
         for lname, (u, r, cfg) in layouts_for(n, heads).items():
             if a.layouts and lname not in a.layouts.split(","):
                 continue
-            for shard in a.shard.split(","):
+            for shard, opts in itertools.product(a.shard.split(","), a.options.split(",")):
                 if shard == "fsdp" and (n == 1 or (a.fsdp_layouts and lname not in a.fsdp_layouts.split(","))):
                     continue
-                row = {"gpus": n, "layout_name": lname, "shard": shard}
+                row = {"gpus": n, "layout_name": lname, "shard": shard, "options": opts}
                 if n > visible:
                     row["skipped"] = f"only {visible} GPU(s) visible"
                     results["runs"].append(row)
                     continue
+                flags = set(opts.split("+")) - {"eager"}
+                if flags - {"compile", "fp8", "sage"}:
+                    raise SystemExit(f"--options: unknown option in {opts!r}")
                 config = XDitUSPConfig(world_size=n, ulysses_degree=u, ring_degree=r, cfg_degree=cfg,
-                                       device=a.device, dtype="bf16", weight_sharding=shard, extra_env=env)
+                                       device=a.device, dtype="bf16", weight_sharding=shard, extra_env=env,
+                                       compile="compile" in flags, fp8_matmul="fp8" in flags,
+                                       attention_backend="sage" if "sage" in flags else "auto")
                 try:
                     run_one(config, path, (f, h, w), inputs, parity_in, ref, a.reps, row, one_gpu)
                 except Exception as e:  # noqa: BLE001 - a layout that fails is a result to report
@@ -168,6 +182,10 @@ def main():
 
 
 def run_one(config, path, latent, inputs, parity_in, ref, reps, row, one_gpu):
+    """One configuration: load, then per batch a warm-up forward (with compile: compilation, its
+    time in first_s) and `reps` timed ones; then the parity forward against the fp32 reference, the
+    1-GPU eager output (parity_ratio) and the eager output of the same GPU count (rel_l2_vs_eager,
+    the cost of an inexact option)."""
     with WorkerGroup(config) as group:
         t0 = time.perf_counter()
         info = group.load("m", path, latent=latent, batch=max(inputs))
@@ -175,13 +193,16 @@ def run_one(config, path, latent, inputs, parity_in, ref, reps, row, one_gpu):
                    param_gb_per_rank=[round(b / GB, 3) for b in info.param_bytes_per_rank])
         for b, inp in sorted(inputs.items(), reverse=True):
             stats, times = {}, []
+            t_first = time.perf_counter()
             group.forward("m", inp, stats=stats)  # warm-up
+            first_s = time.perf_counter() - t_first
             for _ in range(reps):
                 group.forward("m", inp, stats=stats)
                 times.append(stats["owner_ms"] / 1e3)
             times.sort()
             peaks = stats["peak_bytes"]
             row[f"b{b}"] = {"layout": str(stats["layout"]), "forward_s": round(times[len(times) // 2], 4),
+                            "first_s": round(first_s, 2),
                             "times_s": [round(t, 4) for t in times],
                             "peak_gb_per_rank": None if None in peaks else [round(p / GB, 3) for p in peaks]}
         if 2 in inputs:
@@ -190,11 +211,17 @@ def run_one(config, path, latent, inputs, parity_in, ref, reps, row, one_gpu):
             out = group.forward("m", parity_in).float()
             row["rel_l2"] = tiny.rel_l2(out, ref)
             row["rel_err_max"] = tiny.rel_err(out, ref)
-            if config.world_size == 1 and "out" not in one_gpu:
+            eager = row["options"] == "eager"
+            if config.world_size == 1 and eager and "out" not in one_gpu:
                 one_gpu.update(out=out, rel_l2=row["rel_l2"])
             if "out" in one_gpu:
                 row["parity_ratio"] = row["rel_l2"] / one_gpu["rel_l2"]
                 row["rel_err_vs_1gpu"] = tiny.rel_err(out, one_gpu["out"])
+            if eager:
+                one_gpu.setdefault("eager", {})[config.world_size, row["shard"]] = out
+            base = one_gpu.get("eager", {}).get((config.world_size, row["shard"]))
+            if base is not None:
+                row["rel_l2_vs_eager"] = tiny.rel_l2(out, base)
 
 
 def print_table(results, batches):
@@ -204,11 +231,13 @@ def print_table(results, batches):
     print(f"\n{results['device']} x{results['visible_gpus']}, {results['model']} {results['res']}x81, bf16"
           f"{', NCCL_P2P_DISABLE=1' if results['p2p_off'] else ''}, {results['date']}")
     cols = "".join(f" batch {b}: forward (layout) | speed-up |" for b in batches)
-    print(f"| GPUs | layout | weights |{cols} peak GB/GPU | 50-step CFG | rel L2 vs fp32 | ratio to 1 GPU |")
-    print("|---|---|---|" + "---|---|" * len(batches) + "---|---|---|---|")
+    print(f"| GPUs | layout | weights | options |{cols} peak GB/GPU | 50-step CFG | first step | rel L2 vs fp32 | "
+          "ratio to 1 GPU | rel L2 vs eager |")
+    print("|---|---|---|---|" + "---|---|" * len(batches) + "---|---|---|---|---|---|")
     for r in results["runs"]:
         if r not in runs:
-            print(f"| {r['gpus']} | {r['layout_name']} | {r['shard']} | {r.get('skipped') or r.get('error', '')[:160]} |")
+            print(f"| {r['gpus']} | {r['layout_name']} | {r['shard']} | {r.get('options', 'eager')} | "
+                  f"{r.get('skipped') or r.get('error', '')[:160]} |")
             continue
         cells = ""
         for b in batches:
@@ -219,9 +248,11 @@ def print_table(results, batches):
             sp = base[b] / d["forward_s"] if base[b] else float("nan")
             cells += f" {d['forward_s']:.3f} s ({d['layout']}) | {sp:.2f}x |"
         peaks = [max(r[f"b{b}"]["peak_gb_per_rank"] or [float("nan")]) for b in batches if f"b{b}" in r]
-        print(f"| {r['gpus']} | {r['layout_name']} | {r.get('placement', r['shard'])} |{cells} {max(peaks):.1f} | "
-              f"{r.get('cfg50_total_s', float('nan')):.0f} s | {r.get('rel_l2', float('nan')):.2e} | "
-              f"{r.get('parity_ratio', float('nan')):.2f} |")
+        first = max(r[f"b{b}"].get("first_s", float("nan")) for b in batches if f"b{b}" in r)
+        print(f"| {r['gpus']} | {r['layout_name']} | {r.get('placement', r['shard'])} | {r.get('options', 'eager')} |"
+              f"{cells} {max(peaks):.1f} | {r.get('cfg50_total_s', float('nan')):.0f} s | {first:.1f} s | "
+              f"{r.get('rel_l2', float('nan')):.2e} | {r.get('parity_ratio', float('nan')):.2f} | "
+              f"{r.get('rel_l2_vs_eager', float('nan')):.2e} |")
     if results["model"] == "14b" and results["res"] == "720p":
         print("\nWan2.1 official, 14B 720p 50 steps, whole generation (H800/H100): "
               + ", ".join(f"{n} GPU(s) {s} s" for n, s in OFFICIAL_14B_720P.items()))

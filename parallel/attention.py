@@ -89,6 +89,12 @@ def _fa3_plain(q, k, v, scale):
     return _fa3_lse(q, k, v, scale)[0]
 
 
+def _sage_plain(q, k, v, scale):
+    from sageattention import sageattn
+
+    return sageattn(q.contiguous(), k.contiguous(), v.contiguous(), tensor_layout="NHD", is_causal=False, sm_scale=scale)
+
+
 @dataclass(frozen=True)
 class AttentionBackend:
     name: str
@@ -107,6 +113,7 @@ def _backends() -> dict[str, AttentionBackend]:
         "efficient": AttentionBackend("efficient", _sdpa_with([B.EFFICIENT_ATTENTION]), _efficient_lse),
         "flash_attn": AttentionBackend("flash_attn", _flash_attn_plain, _flash_attn_lse),
         "fa3": AttentionBackend("fa3", _fa3_plain, _fa3_lse),
+        "sage": AttentionBackend("sage", _sage_plain, None),
     }
 
 
@@ -132,6 +139,12 @@ def resolve_backend(name: str, device: str, ring_degree: int) -> AttentionBacken
             import flash_attn  # noqa: F401
         except ImportError as e:
             raise ConfigError("attention_backend 'flash_attn' needs the flash-attn package (not installed)") from e
+    if name == "sage":
+        try:
+            import sageattention  # noqa: F401
+        except ImportError as e:
+            raise ConfigError("attention_backend 'sage' needs the sageattention package (pip install "
+                              "sageattention==1.0.6; Triton kernels, CUDA only)") from e
     if name == "fa3":
         try:
             import flash_attn_interface  # noqa: F401

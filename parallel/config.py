@@ -45,7 +45,7 @@ WEIGHT_SHARDING = ("none", "fsdp", "auto")
 WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e5m2")
 DEVICES = ("cuda", "cpu")
 # Names accepted for `attention_backend`; see parallel/attention.py for what each runs.
-ATTENTION_BACKENDS = ("auto", "sdpa", "cudnn", "flash", "efficient", "math", "cpu_flash", "flash_attn", "fa3")
+ATTENTION_BACKENDS = ("auto", "sdpa", "cudnn", "flash", "efficient", "math", "cpu_flash", "flash_attn", "fa3", "sage")
 
 # Keys of the original seed example that we accept. Each maps to its default; a key that is not
 # implemented raises when set to anything else, rather than being ignored.
@@ -90,7 +90,8 @@ class XDitUSPConfig:
     cfg_degree      batch split (cond / uncond on separate rank groups); 0 = auto (2 when the world
                     size is even, else 1). A batch that does not divide by it runs on all ranks.
     dtype           compute dtype of the transformer: bf16 | fp16 | fp32.
-    attention_backend  auto | sdpa | cudnn | flash | efficient | math | cpu_flash | flash_attn | fa3.
+    attention_backend  auto | sdpa | cudnn | flash | efficient | math | cpu_flash | flash_attn | fa3 | sage
+                    (sage: SageAttention's 8-bit kernels, opt-in and not exact; Ulysses only).
     device          cuda | cpu.  device_ids: which GPUs (default: 0..world_size-1).
     weight_sharding none | fsdp | auto: whether each rank holds the whole model or a 1/N shard of it.
     weight_dtype    default | fp8_e4m3fn | fp8_e5m2: how the Linear weights are stored between uses.
@@ -98,6 +99,9 @@ class XDitUSPConfig:
                     (regional: norms, modulation, residuals, FFN, q/k projection + RoPE; the
                     collectives and attention kernels stay eager). The same math, rounded
                     differently by fused kernels; the first forward at a new size compiles.
+    fp8_matmul      the blocks' Linear layers multiply in fp8 (torch._scaled_mm: e4m3 weights, activations
+                    quantised per token), ComfyUI's "fp8_e4m3fn_fast"; weights are then held as
+                    fp8_e4m3fn (weight_dtype default means that). Opt-in, not exact.
     gpu_memory_fraction  per-process cap on the CUDA caching allocator, (0, 1]; the memory plan checks
                     a model fits under it before anything is loaded.
     launch_timeout_s / forward_timeout_s / load_timeout_s  every wait on the workers is bounded.
@@ -115,6 +119,7 @@ class XDitUSPConfig:
     weight_sharding: str = "auto"
     weight_dtype: str = "default"
     compile: bool = False
+    fp8_matmul: bool = False
     device_ids: Optional[list[int]] = None
     gpu_memory_fraction: float = 1.0
     launch_timeout_s: float = 300.0
@@ -178,8 +183,12 @@ class XDitUSPConfig:
             errors.append(f"weight_sharding must be one of {WEIGHT_SHARDING}, got {self.weight_sharding!r}")
         if self.weight_dtype not in WEIGHT_DTYPES:
             errors.append(f"weight_dtype must be one of {WEIGHT_DTYPES}, got {self.weight_dtype!r}")
-        if not isinstance(self.compile, bool):
-            errors.append(f"compile must be true or false, got {self.compile!r}")
+        for name in ("compile", "fp8_matmul"):
+            if not isinstance(getattr(self, name), bool):
+                errors.append(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.fp8_matmul and self.weight_dtype == "fp8_e5m2":
+            errors.append("fp8_matmul multiplies e4m3 weights; weight_dtype='fp8_e5m2' cannot be used with it "
+                          "(use weight_dtype='fp8_e4m3fn' or 'default')")
         if not (0.0 < float(self.gpu_memory_fraction) <= 1.0):
             errors.append(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
         for name in ("launch_timeout_s", "load_timeout_s", "forward_timeout_s", "heartbeat_timeout_s"):
@@ -257,6 +266,8 @@ class XDitUSPConfig:
             if layouts[0].ring < ring:
                 raise ConfigError(f"{e} (the batch-1 layout {layouts[1]} uses ring)") from None
             raise
+        if backend.name == "sage" and self.dtype == "fp32":
+            raise ConfigError("attention_backend 'sage' computes in fp16/bf16; use dtype bf16 or fp16 with it")
         return layouts[0], layouts[1], backend
 
     def fallback_layout(self, num_heads: int) -> Layout:
@@ -298,6 +309,11 @@ class XDitUSPConfig:
                 f"the head count; with {sp} sequence ranks Ulysses {works} work, ring takes the rest)"
             )
         return Layout(cfg=cfg, ulysses=u, ring=r)
+
+    @property
+    def storage_weight_dtype(self) -> str:
+        """How Linear weights are held: `weight_dtype`, except that fp8_matmul holds them as fp8_e4m3fn."""
+        return "fp8_e4m3fn" if self.fp8_matmul and self.weight_dtype == "default" else self.weight_dtype
 
     def torch_dtype(self):
         import torch

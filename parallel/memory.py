@@ -182,9 +182,10 @@ def _itemsize(p: _Param, weight_dtype: str, compute: int, fp8_in_file: frozenset
 
 def _weights(info: CheckpointInfo, config: XDitUSPConfig) -> list[tuple[_Param, int]]:
     """(parameter, bytes an element) for every parameter of `info`'s model under `config`."""
-    fp8 = _fp8_in_file(info) if config.weight_dtype == "default" else frozenset()
+    weight_dtype = config.storage_weight_dtype
+    fp8 = _fp8_in_file(info) if weight_dtype == "default" else frozenset()
     compute = _ITEMSIZE[config.dtype]
-    return [(p, _itemsize(p, config.weight_dtype, compute, fp8)) for p in _model_params(info)]
+    return [(p, _itemsize(p, weight_dtype, compute, fp8)) for p in _model_params(info)]
 
 
 def _shard(p: _Param, itemsize: int, n: int) -> int:

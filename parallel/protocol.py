@@ -173,6 +173,7 @@ class Loaded:
     memory_bytes: Optional[int]
     placement: str = "replicated"
     compiled: bool = False  # the blocks' per-token work runs through torch.compile (config.compile)
+    fp8_matmul: bool = False  # the blocks' Linear layers multiply in fp8 (config.fp8_matmul)
     param_bytes: int = 0  # parameter bytes this rank holds between forwards
     param_bytes_total: int = 0  # the whole model's, as held (storage dtypes)
     param_bytes_per_rank: list = field(default_factory=list)  # every rank's param_bytes (set by the owner)

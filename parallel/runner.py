@@ -131,6 +131,27 @@ class CastLinear(torch.nn.Linear):
         return torch.nn.functional.linear(x, w.to(x.dtype), self.bias)
 
 
+class Fp8MatmulLinear(CastLinear):
+    """A Linear that multiplies in fp8 (config.fp8_matmul, ComfyUI's "fp8_e4m3fn_fast"): the e4m3
+    weight as it is held (its scale, or 1, for every output row), the input quantised to e4m3 per
+    token (row scale = the row's max |x| / 448), one `torch._scaled_mm` with fp32 accumulation into
+    the input's dtype, then the bias. Not exact: the input's rounding to 3 mantissa bits is the cost
+    of the faster matmul (measured in BENCHMARKS.md). In compiled blocks the quantisation fuses with
+    the operation before it."""
+
+    def forward(self, x):
+        fmax = torch.finfo(torch.float8_e4m3fn).max
+        x2 = x.reshape(-1, x.shape[-1])
+        scale_a = (x2.abs().amax(dim=1, keepdim=True).float() / fmax).clamp(min=torch.finfo(torch.float32).tiny)
+        xq = (x2.float() / scale_a).clamp(-fmax, fmax).to(torch.float8_e4m3fn)
+        w_scale = self.weight_scale.float() if self.weight_scale is not None else x2.new_ones((), dtype=torch.float32)
+        scale_b = w_scale.reshape(1, 1).expand(1, self.out_features).contiguous()
+        out = torch._scaled_mm(xq, self.weight.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=x.dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
 _FP8 = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
@@ -161,9 +182,10 @@ def storage_dtypes(model: torch.nn.Module, cls, compute: torch.dtype, weight_dty
     return dtypes, scaled
 
 
-def _set_storage(model: torch.nn.Module, dtypes: dict[str, torch.dtype], scaled: set[str]):
+def _set_storage(model: torch.nn.Module, dtypes: dict[str, torch.dtype], scaled: set[str], fp8_matmul: bool = False):
     """Give every (meta) parameter its storage dtype; Linears with an fp8 weight become CastLinear
-    (with a `weight_scale` buffer when the file's weights are scaled fp8)."""
+    (with a `weight_scale` buffer when the file's weights are scaled fp8), or with `fp8_matmul`,
+    those of the transformer blocks with an e4m3 weight become Fp8MatmulLinear."""
     for name, dtype in dtypes.items():
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name)
@@ -171,7 +193,8 @@ def _set_storage(model: torch.nn.Module, dtypes: dict[str, torch.dtype], scaled:
         if p.dtype != dtype:
             setattr(owner, attr, torch.nn.Parameter(torch.empty_like(p, dtype=dtype, device="meta"), requires_grad=False))
         if attr == "weight" and isinstance(owner, torch.nn.Linear) and dtype.itemsize == 1:
-            owner.__class__ = CastLinear
+            in_block = name.split(".")[0] in ("blocks", "vace_blocks")
+            owner.__class__ = Fp8MatmulLinear if fp8_matmul and in_block and dtype == torch.float8_e4m3fn else CastLinear
             owner.register_buffer("weight_scale", torch.ones(()) if name in scaled else None)
 
 
@@ -231,8 +254,9 @@ class ModelRunner:
         with init_empty_weights():
             module = cls(**info.diffusers_config)
         module.requires_grad_(False)
-        dtypes, scaled = storage_dtypes(module, cls, self.dtype, self.config.weight_dtype, stored_tensors(path, info))
-        _set_storage(module, dtypes, scaled)
+        dtypes, scaled = storage_dtypes(module, cls, self.dtype, self.config.storage_weight_dtype,
+                                        stored_tensors(path, info))
+        _set_storage(module, dtypes, scaled, fp8_matmul=self.config.fp8_matmul)
         layout, fallback, backend = self.config.plan(info.num_heads)
         root = SequenceParallelWan(module, backend, compile=self.config.compile).eval()
         place = self.placement(placement)
@@ -256,6 +280,7 @@ class ModelRunner:
             variant=info.variant, num_heads=info.num_heads, in_channels=c.in_channels, out_channels=c.out_channels,
             patch_size=list(c.patch_size), memory_bytes=torch.cuda.memory_allocated(self.device) if cuda else None,
             placement=place.name, param_bytes=param_bytes, compiled=self.config.compile,
+            fp8_matmul=self.config.fp8_matmul,
             param_bytes_total=sum(p.numel() * p.element_size() for p in module.parameters()),
         )
 

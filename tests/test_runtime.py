@@ -48,8 +48,9 @@ def cpu_config(ulysses=0, ring=0, cfg=0, world=None, **kw) -> XDitUSPConfig:
     world = world or max(1, ulysses) * max(1, ring) * max(1, cfg)
     kw.setdefault("launch_timeout_s", 120)
     kw.setdefault("forward_timeout_s", 120)
+    kw.setdefault("dtype", "fp32")
     return XDitUSPConfig(world_size=world, ulysses_degree=ulysses, ring_degree=ring, cfg_degree=cfg,
-                         device="cpu", dtype="fp32", **kw)
+                         device="cpu", **kw)
 
 
 # Blocks do their per-token work in pieces of this many tokens (sp_wan._block_forward), so that
@@ -179,6 +180,26 @@ def test_compile_matches_the_reference(checkpoints, references):
     assert all(e <= TOL for e in errors.values()), errors
 
 
+def test_fp8_matmul_multiplies_in_fp8(checkpoints, references):
+    """fp8_matmul (ComfyUI's fp8_e4m3fn_fast): the blocks' Linears run torch._scaled_mm on e4m3
+    weights and per-token e4m3 inputs. Not exact by design: against the fp32 reference its error is
+    that of fp8 weights plus the inputs' rounding, and it differs from fp8 storage upcast to bf16."""
+    path, _ = checkpoints["t2v"]
+    kw, ref = references["t2v", "padded"]
+    outs = {}
+    for fast in (False, True):
+        config = cpu_config(world=2, dtype="bf16", weight_dtype="fp8_e4m3fn", fp8_matmul=fast)
+        with WorkerGroup(config) as group:
+            info = group.load("m", path)
+            assert info.fp8_matmul == fast
+            outs[fast] = group.forward("m", kw).float()
+    err = {fast: tiny.rel_l2(out, ref) for fast, out in outs.items()}
+    print(f"fp8 storage vs fp32: {err[False]:.2e}; with fp8 matmuls: {err[True]:.2e}; "
+          f"between them {tiny.rel_l2(outs[True], outs[False]):.2e}")
+    assert not torch.equal(outs[True], outs[False])  # the matmuls really ran in fp8
+    assert err[True] < 0.1 and tiny.rel_l2(outs[True], outs[False]) < 0.05
+
+
 def test_config_errors_say_what_works():
     with pytest.raises(ValueError, match="40 heads: Ulysses 4 works, 3 does not"):
         XDitUSPConfig(world_size=12, ulysses_degree=3, ring_degree=4, cfg_degree=1, device="cpu").resolve(40)
@@ -193,6 +214,23 @@ def test_config_errors_say_what_works():
     cfg = XDitUSPConfig.from_dict({"num_gpus": 2, "use_fp16": True, "gpu_memory_fraction": 0.9,
                                    "pipeline_parallel_size": 1, "device": "cpu"})
     assert cfg.world_size == 2 and cfg.dtype == "fp16"
+    # the speed options that cannot run say so before launch
+    with pytest.raises(ValueError, match="'sage' needs CUDA"):
+        XDitUSPConfig(world_size=2, device="cpu", attention_backend="sage").plan(12)
+    with pytest.raises(ValueError, match="fp8_matmul multiplies e4m3 weights"):
+        XDitUSPConfig(world_size=2, device="cpu", fp8_matmul=True, weight_dtype="fp8_e5m2").validate()
+    with pytest.raises(ValueError, match="compile must be true or false"):
+        XDitUSPConfig(world_size=2, device="cpu", compile="yes").validate()
+    assert XDitUSPConfig(world_size=2, device="cpu", fp8_matmul=True).storage_weight_dtype == "fp8_e4m3fn"
+    from comfyui_xdit_usp.parallel.attention import resolve_backend
+    try:
+        import sageattention  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="needs the sageattention package"):
+            resolve_backend("sage", "cuda", 1)
+    else:  # no log-sum-exp: Ulysses yes, ring no
+        with pytest.raises(ValueError, match="returns no log-sum-exp"):
+            resolve_backend("sage", "cuda", 2)
 
 
 @pytest.mark.parametrize("n,heads,expect", [
