@@ -124,8 +124,9 @@ def main():
     ap.add_argument("--no-parity", action="store_true", help="skip the fp32 reference and parity forwards")
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--options", default="eager",
-                    help="comma list of speed options per layout: eager, compile, fp8 (fp8 matmuls), sage "
-                         "(SageAttention), joined by + (e.g. eager,compile,compile+fp8,compile+sage)")
+                    help="comma list of speed options per layout: eager, compile, fp8 (fp8 matmuls), fp8w (fp8 "
+                         "weights upcast per layer, for comparison), sage (SageAttention), joined by + (e.g. "
+                         "eager,compile,compile+fp8,compile+sage)")
     ap.add_argument("--tag", default="", help="suffix of the results file")
     ap.add_argument("--ckpt-dir", default=tempfile.gettempdir())
     a = ap.parse_args()
@@ -164,11 +165,12 @@ def main():
                     results["runs"].append(row)
                     continue
                 flags = set(opts.split("+")) - {"eager"}
-                if flags - {"compile", "fp8", "sage"}:
+                if flags - {"compile", "fp8", "fp8w", "sage"}:
                     raise SystemExit(f"--options: unknown option in {opts!r}")
                 config = XDitUSPConfig(world_size=n, ulysses_degree=u, ring_degree=r, cfg_degree=cfg,
                                        device=a.device, dtype="bf16", weight_sharding=shard, extra_env=env,
                                        compile="compile" in flags, fp8_matmul="fp8" in flags,
+                                       weight_dtype="fp8_e4m3fn" if "fp8w" in flags else "default",
                                        attention_backend="sage" if "sage" in flags else "auto")
                 try:
                     run_one(config, path, (f, h, w), inputs, parity_in, ref, a.reps, row, one_gpu)

@@ -59,6 +59,11 @@ class USPSelfAttnProcessor:
         self.ctx = ctx
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        return attn.to_out[1](attn.to_out[0](self.attend(attn, hidden_states, rotary_emb)))
+
+    def attend(self, attn, hidden_states, rotary_emb):
+        """The attention output before the output projection, [B, S, heads * head_dim] (the block
+        projects it piece by piece with its gated residual: _block_forward)."""
         stages = self.ctx.stages
 
         def projected(linear, norm):
@@ -74,8 +79,7 @@ class USPSelfAttnProcessor:
         dtype, head_dim = qkv[0].dtype, qkv[0].shape[-1]
         ctx = self.ctx
         out = usp_attention_consuming(qkv, ctx.group, ctx.backend, ctx.valid_len, 1.0 / math.sqrt(head_dim))
-        out = out.flatten(2, 3).to(dtype)
-        return attn.to_out[1](attn.to_out[0](out))
+        return out.flatten(2, 3).to(dtype)
 
 
 class CrossAttnProcessor:
@@ -91,6 +95,30 @@ class CrossAttnProcessor:
         self.ctx = ctx
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        attend = self._attention(attn, encoder_hidden_states)
+        stages = self.ctx.stages
+
+        def piece(h, rows, tokens):
+            q = stages.project(attn.to_q, attn.norm_q, h, attn.heads)
+            return attn.to_out[1](attn.to_out[0](attend(q, rows)))
+
+        return _by_pieces(hidden_states, piece)
+
+    def residual(self, attn, norm, hidden_states, encoder_hidden_states):
+        """hidden_states + attn(norm(hidden_states)), piece by piece, written into hidden_states (the
+        block's own tensor): the normed input and the attention output exist one piece at a time."""
+        attend = self._attention(attn, encoder_hidden_states)
+        stages = self.ctx.stages
+
+        def piece(h, rows, tokens):
+            q = stages.norm_project(norm, attn.to_q, attn.norm_q, h, attn.heads)
+            return stages.add_projected(attn.to_out[0], h, attend(q, rows))
+
+        return _per_token(hidden_states, piece, out=hidden_states)
+
+    def _attention(self, attn, encoder_hidden_states):
+        """q [rows, n, heads, head_dim] -> its attention to the text (+ image) context, [rows, n, dim];
+        the context's k and v are projected once."""
         n_img = self.ctx.image_context_len if attn.add_k_proj is not None else 0
         img_ctx, txt_ctx = encoder_hidden_states[:, :n_img], encoder_hidden_states[:, n_img:]
         backend = self.ctx.backend
@@ -101,16 +129,13 @@ class CrossAttnProcessor:
             k_img = attn.norm_added_k(attn.add_k_proj(img_ctx)).unflatten(2, (attn.heads, -1))
             v_img = attn.add_v_proj(img_ctx).unflatten(2, (attn.heads, -1))
 
-        stages = self.ctx.stages
-
-        def piece(h, rows, tokens):
-            q = stages.project(attn.to_q, attn.norm_q, h, attn.heads)
+        def attend(q, rows):
             out = backend.plain(q, k[rows], v[rows], scale).flatten(2, 3).type_as(q)
             if n_img:
                 out = out + backend.plain(q, k_img[rows], v_img[rows], scale).flatten(2, 3).type_as(q)
-            return attn.to_out[1](attn.to_out[0](out))
+            return out
 
-        return _by_pieces(hidden_states, piece)
+        return attend
 
 
 def _rope(rope, hidden_states: torch.Tensor, options: Optional[dict]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -329,14 +354,17 @@ def _modulated_norm(norm, h, scale, shift, dtype):
     return out if dtype is None else out.to(dtype)
 
 
-def _plain_norm(norm, h, dtype):
-    out = norm(h.float())
+def _projected_residual(linear, h, a, gate, dtype):
+    out = h.float() + linear(a) * gate
     return out if dtype is None else out.to(dtype)
 
 
-def _gated_residual(h, a, gate, dtype):
-    out = h.float() + a * gate
-    return out if dtype is None else out.to(dtype)
+def _norm_project(norm, linear, qnorm, h, heads):
+    return qnorm(linear(norm(h.float()).to(h.dtype))).unflatten(2, (heads, -1))
+
+
+def _add_projected(linear, h, a):
+    return h + linear(a)
 
 
 def _ffn_residual(norm3, ffn, h, scale, shift, gate, dtype):
@@ -356,8 +384,8 @@ def _project_rope(linear, norm, h, heads, cos, sin):
 @dataclass(frozen=True)
 class Stages:
     """The per-token work of a transformer block, as functions of tensors and of the block's own
-    modules: everything a block computes between two communications (norms, modulation, gated
-    residuals, the FFN, q/k projection + RMSNorm + RoPE). Eager, they are diffusers' operations;
+    modules: everything a block computes between communications and attention kernels (norms,
+    modulation, projections with their gated residuals, the FFN, q/k projection + RMSNorm + RoPE). Eager, they are diffusers' operations;
     `compiled()` gives the same functions through `torch.compile` (regional compilation: one
     compiled graph per function, shared by every block, because parameters are graph inputs;
     the collectives and attention kernels stay outside, eager).
@@ -366,8 +394,9 @@ class Stages:
     into the compiled kernel); eager, it returns fp32 and the caller's copy rounds it: the same bits."""
 
     modulated_norm: object
-    plain_norm: object
-    gated_residual: object
+    projected_residual: object
+    norm_project: object
+    add_projected: object
     ffn_residual: object
     project: object
     project_rope: object
@@ -375,7 +404,7 @@ class Stages:
 
     @classmethod
     def eager(cls) -> "Stages":
-        return cls(_modulated_norm, _plain_norm, _gated_residual, _ffn_residual, _project, _project_rope)
+        return cls(*_STAGE_FNS)
 
     @classmethod
     def compiled(cls) -> "Stages":
@@ -383,14 +412,23 @@ class Stages:
         and resolutions reuse the graphs); a LoRA's in-place weight update is seen, as parameters are
         inputs of the graph, not constants."""
         if not _COMPILED:
-            fns = (_modulated_norm, _plain_norm, _gated_residual, _ffn_residual, _project, _project_rope)
-            _COMPILED.extend(torch.compile(f, dynamic=True, fullgraph=True) for f in fns)
+            # One graph serves every block, but a function is specialised for what is not a
+            # dynamic size: head count, norm kind, per-token vs per-sample modulation (broadcast
+            # from size 1), a 1-token piece, dtype. A model or two (Wan 2.2's experts) with batches
+            # 1 and 2 and the short last piece can pass dynamo's default of 8 graphs per function,
+            # which with fullgraph is an error, not a fallback; 64 is far above what one process meets.
+            import torch._dynamo.config
+
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            _COMPILED.extend(torch.compile(f, dynamic=True, fullgraph=True) for f in _STAGE_FNS)
         return cls(*_COMPILED, cast=True)
 
     def dtype(self, h: torch.Tensor) -> Optional[torch.dtype]:
         return h.dtype if self.cast else None
 
 
+_STAGE_FNS = (_modulated_norm, _projected_residual, _norm_project, _add_projected, _ffn_residual, _project,
+              _project_rope)
 _COMPILED: list = []
 
 
@@ -414,19 +452,17 @@ def _block_forward(self: WanTransformerBlock, hidden_states: torch.Tensor, encod
         mods = (self.scale_shift_table + temb.float()).chunk(6, dim=1)
     shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = mods
 
-    # 1. Self-attention
+    # 1. Self-attention; its output projection runs piece by piece with the gated residual
     norm = _per_token(hidden_states, lambda h, r, t: st.modulated_norm(
         self.norm1, h, _at(scale_msa, r, t), _at(shift_msa, r, t), dt))
-    attn_output = self.attn1(norm, None, None, rotary_emb)
+    attn_output = self.attn1.processor.attend(self.attn1, norm, rotary_emb)
     del norm
-    hidden_states = _per_token(hidden_states, lambda h, r, t, a=attn_output: st.gated_residual(
-        h, a[r, t], _at(gate_msa, r, t), dt))
+    hidden_states = _per_token(hidden_states, lambda h, r, t, a=attn_output: st.projected_residual(
+        self.attn1.to_out[0], h, a[r, t], _at(gate_msa, r, t), dt))
     del attn_output
 
-    # 2. Cross-attention
-    norm = _per_token(hidden_states, lambda h, r, t: st.plain_norm(self.norm2, h, dt))
-    hidden_states = hidden_states + self.attn2(norm, encoder_hidden_states, None, None)
-    del norm
+    # 2. Cross-attention (norm, attention, projection and residual by pieces), in place: this tensor is ours
+    hidden_states = self.attn2.processor.residual(self.attn2, self.norm2, hidden_states, encoder_hidden_states)
 
     # 3. Feed-forward, in place: this tensor is ours
     return _per_token(hidden_states, lambda h, r, t: st.ffn_residual(
