@@ -7,7 +7,9 @@
 Prints the layout, the attention backend, where the weights are held, the max relative error
 against a single-process diffusers forward of the same weights, and the time per step. With --json
 the last line is one JSON object with keys layout, backend, world_size, placement,
-param_bytes_per_rank, param_bytes_total, peak_bytes_per_rank, max_rel_err, step_ms.
+param_bytes_per_rank, param_bytes_total, peak_bytes_per_rank, max_rel_err, step_ms (and more: the
+whole object is in `run`). --compile and --fp8-matmul turn on the speed options; `first_step_ms`
+then includes compiling.
 """
 from __future__ import annotations
 
