@@ -145,7 +145,8 @@ def test_compile_matches_the_reference(checkpoints, references):
     single-process eager forward in two layouts (batch 2: cfg2; batch 1: its fallback, Ulysses 2),
     with FSDP, small pieces (a short last one) and per-token modulation (TI2V); LoRA weight updates
     are seen by the compiled graphs (parameters are graph inputs), never a stale compiled copy."""
-    config = cpu_config(world=2, compile=True, weight_sharding="fsdp", extra_env=SMALL_PIECES)
+    # the first forward of each shape compiles (tens of seconds a rank on a busy 2-core machine)
+    config = cpu_config(world=2, compile=True, weight_sharding="fsdp", extra_env=SMALL_PIECES, forward_timeout_s=900)
     errors, layouts = {}, set()
     with WorkerGroup(config) as group:
         for v in ("t2v", "ti2v_5b"):
