@@ -353,6 +353,7 @@ class ModelRunner:
                 self._fill(m.module, params[name], name, w, scale, name in m.scaled)
             m.patched = set()
         for name, items in patches.items():
+            m.patched.add(name)  # first: a patch that fails half-way is still restored by the next call
             p = params[name]
             full_shape = tuple(m.module.get_parameter(name).shape)
             part = m.placement.rows(name, full_shape) or slice(None)
@@ -365,7 +366,6 @@ class ModelRunner:
             if p.dtype.itemsize == 1:
                 w = w.clamp(-torch.finfo(p.dtype).max, torch.finfo(p.dtype).max)
             p.copy_(w.to(p.dtype))
-            m.patched.add(name)
         return len(patches)
 
     def _patched(self, w: torch.Tensor, items: list, name: str, full_shape: tuple, part: slice,
