@@ -757,8 +757,9 @@ def test_weight_patching_nodes_match_native(runner, node, inputs, model2):
     native, ours = _latent(runner, _merge_graph(False, node, inputs, model2)), _latent(runner, _merge_graph(True, node, inputs, model2))
     effect_native, effect_ours = _rel(native, _PLAIN[False]), _rel(ours, _PLAIN[True])
     err = _rel(ours, native)
-    RESULTS[f"{node} {model2}"] = err
-    print(f"\n{node} ({model2}): changes native by {effect_native:.3e}, ours by {effect_ours:.3e}; ours vs native {err:.2e}")
+    case = f"{node} " + (f"model2 {model2}" if model2 else f"{inputs['lora_name']} {inputs['strength_model']}")
+    RESULTS[case] = err
+    print(f"\n{case}: changes native by {effect_native:.3e}, ours by {effect_ours:.3e}; ours vs native {err:.2e}")
     assert effect_native > 1e-3, "the node changes the native result"
     assert err < TOL
     assert abs(effect_ours - effect_native) <= TOL * max(1.0, effect_native)
