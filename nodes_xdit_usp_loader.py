@@ -103,7 +103,8 @@ class XDitUSPWanVideoModelLoader(io.ComfyNode):
             description=(
                 "Loads a WanVideo transformer (Wan 2.1 / 2.2: T2V, I2V, FLF2V, VACE, TI2V-5B; original, ComfyUI or "
                 "diffusers layout; bf16/fp16/fp32/fp8) from diffusion_models onto the XDit+USP worker group. The "
-                "MODEL works with every native sampling node; LoRAs (LoraLoaderModelOnly) are applied on the workers."),
+                "MODEL works with every native sampling node; LoRAs (LoraLoaderModelOnly) and model merges are applied on "
+                "the workers; a model patch the workers cannot honour is refused, naming its node, before sampling."),
             inputs=[
                 io.Combo.Input("unet_name", options=folder_paths.get_filename_list("diffusion_models"),
                                tooltip="A Wan transformer from models/diffusion_models."),

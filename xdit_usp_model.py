@@ -15,11 +15,15 @@ ComfyUI's own ModelPatcher.load (always as a full load) / partially_load / unpat
 run on it: no module of this process holds a weight for them to move or patch. Its sizes are what
 a rank on ComfyUI's GPU holds, and partially_unload trims the ranks' caches (see
 XDitUSPModelPatcher). The worker side hangs on ComfyUI's patcher callbacks (CallbacksMP): ON_LOAD
-loads the model on the workers if needed and sends the patcher's LoRA patches as low-rank factors
-(group.set_lora), so a LoRA or strength change never reloads the base weights; ON_DETACH
+loads the model on the workers if needed and sends the patcher's weight patches
+(group.set_weight_patches: LoRAs as low-rank factors, merges with a model of ours as the path of its
+file, strength_model, diff and set patches), so a LoRA, merge ratio or strength change never reloads
+the base weights; ON_DETACH
 (free_memory / unload_all_models) unloads it from the workers (group.unload) and closes every
 worker group left with no model; the next use loads it again. Weight hooks (CreateHookLora ...)
-cannot be applied on the workers: registering one raises.
+cannot be applied on the workers: registering one raises. Every patch the workers cannot apply
+(weight patch, transformer_options entry, object patch on the transformer, compute dtype) raises
+before the first step, naming the node that added it (installer()).
 
 One worker group per set of GPUs: loading on a config whose GPUs overlap a running group of another
 config (a changed Config node, another weight_dtype) closes that group first. A MODEL built on the
@@ -70,7 +74,7 @@ PREFIX = "diffusion_model."
 class RemoteStats:
     """What a RemoteWanModel did, for logs and tests."""
     loads: int = 0  # checkpoint loads on the workers
-    lora_sends: int = 0  # LoRA states sent (an unchanged state is not sent)
+    patch_sends: int = 0  # weight patch states sent (LoRAs, merges ...; an unchanged state is not sent)
     forwards: int = 0  # forwards run
     last_batch: int = 0  # batch of the last forward (cond+uncond batched -> 2)
     compiled_forwards: int = 0  # forwards whose blocks ran compiled (config compile or TorchCompileModel)
@@ -84,10 +88,14 @@ class RemoteWanModel:
         self.path = path
         self.key = path
         self.info: Optional[Loaded] = None
-        # LoRA state on the workers: ((ComfyUI key, ((strength, patch, strength_model, offset,
-        # function), ...)), ...), patch objects compared by identity; () = base weights.
-        self.lora_state: tuple = ()
-        self.lora_patches: dict = {}  # the patches dict last applied (re-applied after a reload)
+        # Weight patch state on the workers: ((ComfyUI key, ((strength, patch, strength_model, offset,
+        # function), ...)), ...), patch objects compared by identity; () = the file's weights; None =
+        # unknown (a send failed).
+        self.patch_state: Optional[tuple] = ()
+        self.patches: dict = {}  # the patches dict last applied (re-applied after a reload) ...
+        self.patch_sources: dict = {}  # ... and who added them (XDitUSPModelPatcher.patch_sources)
+        self.shapes: dict = {}  # ComfyUI key (diffusion_model.*) -> shape, for the patches' checks
+        self.patchable: set = set()  # the keys native ComfyUI patches (natively_patched_keys)
         self.stats = RemoteStats()
         self.users = 0  # live ComfyUI models built on this (their clones share them)
 
@@ -110,7 +118,7 @@ class RemoteWanModel:
                      os.path.basename(self.path), info.load_s, info.layout, info.fallback_layout, info.backend,
                      info.placement, ", compiled (the first step at each size compiles)" if info.compiled else "")
             self.stats.loads += 1
-            self.lora_state = ()  # fresh base weights
+            self.patch_state = ()  # fresh base weights
         return self.info
 
     def _log_eviction(self, old: WorkerGroup):
@@ -120,9 +128,9 @@ class RemoteWanModel:
                     models, _describe(self.config))
 
     def ensure_ready(self):
-        """Loaded, with the LoRA state last asked for (after a relaunch or an unload elsewhere)."""
+        """Loaded, with the weight patches last asked for (after a relaunch or an unload elsewhere)."""
         self.ensure_loaded()
-        self.apply_patches(self.lora_patches)
+        self.apply_patches(self.patches, self.patch_sources)
 
     # ---- what a rank holds on ComfyUI's GPU (see XDitUSPModelPatcher.model_size) ------------------
     def shared_rank(self, device) -> Optional[int]:
@@ -184,19 +192,24 @@ class RemoteWanModel:
                 g.unload(self.key)
             except WorkerError as e:  # a broken group is closed by the launcher; nothing left to free
                 log.warning("xDiT-USP: unload of %s failed: %s", self.key, e)
-        self.lora_state = ()
+        self.patch_state = ()
 
-    def apply_patches(self, patches: dict):
-        """Make the workers' LoRA state equal to a ModelPatcher's `patches` (skip when unchanged)."""
+    def apply_patches(self, patches: dict, sources: dict):
+        """Make the workers' weights those of a ModelPatcher's `patches` (LoRAs, merges,
+        strength_model, set; skipped when unchanged). `sources`: who added them, for errors."""
         state = _patch_state(patches)
-        if _same_state(state, self.lora_state):
-            self.lora_patches = patches
+        if _same_state(state, self.patch_state):
+            self.patches, self.patch_sources = patches, sources
             return False
-        worker_patches = _to_worker_patches(patches)  # unsupported patches raise here, nothing sent
-        self.group.set_lora(self.key, worker_patches)
-        self.lora_state = state
-        self.lora_patches = patches
-        self.stats.lora_sends += 1
+        worker_patches = _worker_patches(patches, sources, self.shapes.__getitem__, self.patchable)  # refusals raise here
+        try:
+            self.group.set_weight_patches(self.key, worker_patches)
+        except BaseException:
+            self.patch_state = None  # unknown (a rank may have failed half-way): the next call sends again
+            raise
+        self.patch_state = state
+        self.patches, self.patch_sources = patches, sources
+        self.stats.patch_sends += 1
         return True
 
 
@@ -242,19 +255,91 @@ def remote_models() -> list[RemoteWanModel]:
 
 
 # ---------------------------------------------------------------------------------------------
-# LoRA: ComfyUI patches -> worker patches
+# Which node installed a patch: every refusal names it.
+_node_classes: dict = {}  # node class -> its type name (NODE_CLASS_MAPPINGS' key), for installed_by
+_installed: dict[int, tuple] = {}  # id(patch function) -> (weakref to it, node); see note_installer
+
+
+def _refresh_node_classes():
+    import nodes
+
+    if len(_node_classes) != len(nodes.NODE_CLASS_MAPPINGS):
+        _node_classes.clear()
+        _node_classes.update({c: n for n, c in nodes.NODE_CLASS_MAPPINGS.items() if isinstance(c, type)})
+
+
+def installer() -> Optional[str]:
+    """The node running now, as "ModelMergeSimple (node 12)": ComfyUI's executing context gives
+    its id, the prompt being executed its type. None outside a node. (Not by walking the stack for
+    a node's `self`: reading a frame's f_locals before Python 3.13 caches them on the frame, which
+    keeps the caller's objects alive.)"""
+    try:
+        from comfy_execution.progress import get_progress_state
+        from comfy_execution.utils import get_executing_context
+    except ImportError:
+        return None
+    ctx = get_executing_context()
+    if ctx is None:
+        return None
+    try:
+        registry = get_progress_state()
+        if registry.prompt_id == ctx.prompt_id:
+            return f"{registry.dynprompt.get_node(ctx.node_id)['class_type']} (node {ctx.node_id})"
+    except Exception:  # noqa: BLE001 - the type is a courtesy; the id is enough to find the node
+        pass
+    return f"node {ctx.node_id}"
+
+
+def note_installer(obj, node: Optional[str]):
+    """Remember that `node` installed the transformer_options entry `obj` (a patch function),
+    for as long as `obj` lives (objects that take no weak reference are not remembered)."""
+    if node is None:
+        return
+    key = id(obj)
+    try:
+        ref = weakref.ref(obj, lambda _r, key=key: _installed.pop(key, None))
+    except TypeError:
+        return
+    _installed[key] = (ref, node)
+
+
+def installed_by(obj) -> str:
+    """The node that installed `obj`: as note_installer recorded it, else the node class whose code
+    defines it (PerturbedAttentionGuidance adds its attention replacement from inside its CFG
+    function, at sampling time, where no node runs: `PerturbedAttentionGuidance.execute.<locals>.…`)."""
+    entry = _installed.get(id(obj))
+    if entry is not None and entry[0]() is obj:
+        return entry[1]
+    qualname = getattr(obj, "__qualname__", None) or type(obj).__qualname__
+    owner = qualname.split(".")[0]
+    _refresh_node_classes()
+    for c, name in _node_classes.items():
+        if c.__name__ == owner and getattr(obj, "__module__", None) == c.__module__:
+            return f"{name} (its code)"
+    return "a model-patching node"
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight patches: ComfyUI's patch entries -> the workers' WeightPatches
+def _is_noop(entry) -> bool:
+    """A patch entry that leaves the weight as it is (strength 0 on an unscaled weight), as
+    ModelMergeSimple at ratio 1 adds for every key; a "set" patch ignores its strength."""
+    v = entry[1]
+    is_set = isinstance(v, tuple) and len(v) == 2 and v[0] == "set"
+    return float(entry[0]) == 0.0 and float(entry[2]) == 1.0 and not is_set
+
+
 def _patch_state(patches: dict) -> tuple:
     out = []
     for key in sorted(patches):
-        items = tuple((float(p[0]), p[1], float(p[2]), p[3], p[4]) for p in patches[key])
-        items = tuple(i for i in items if i[0] != 0.0 or i[2] != 1.0)
+        items = tuple((float(p[0]), p[1], float(p[2]), p[3], p[4]) for p in patches[key] if not _is_noop(p))
         if items:
             out.append((key, items))
     return tuple(out)
 
 
-def _same_state(a: tuple, b: tuple) -> bool:
-    if len(a) != len(b):
+def _same_state(a: Optional[tuple], b: Optional[tuple]) -> bool:
+    if a is None or b is None or len(a) != len(b):
         return False
     for (ka, ia), (kb, ib) in zip(a, b):
         if ka != kb or len(ia) != len(ib):
@@ -265,57 +350,135 @@ def _same_state(a: tuple, b: tuple) -> bool:
     return True
 
 
-def _to_worker_patches(patches: dict) -> dict:
-    """{`diffusion_model.<original key>`: [(strength, patch, strength_model, offset, function)]} ->
-    {diffusers name: [("lora", up, down, scale) | ("diff", delta, scale)]}. Anything the workers
-    cannot apply exactly raises ValueError naming the key."""
-    from comfy.weight_adapter import LoRAAdapter, WeightAdapterBase
+def _tag_source(param: torch.Tensor, path: str, name: str):
+    """Mark a meta parameter of our proxy with where the workers find its values: (checkpoint path,
+    diffusers name). A merge whose second model is ours gets these very parameters from
+    get_key_patches, and the workers read the file instead."""
+    param._xdit_usp_source = (path, name)
 
-    out = {}
+
+def _worker_patches(patches: dict, sources: dict, shapes, patchable: set, check_only: bool = False) -> dict:
+    """A ModelPatcher's `patches` ({`diffusion_model.<original key>`: [(strength_patch, value,
+    strength_model, offset, function)]}) -> {diffusers name: [protocol.WeightPatch]}, entry by entry
+    in ComfyUI's order. `sources`: {id(value): (value, node)} (XDitUSPModelPatcher.patch_sources);
+    `shapes(key)`: the weight's shape. What the workers cannot apply exactly raises ValueError naming
+    the node that added it and the key; nothing is sent then. `patchable`: the keys ComfyUI's own
+    load patches (natively_patched_keys); a patch on any other key is skipped, as native ComfyUI
+    skips it. `check_only`: the same checks, without computing a native second model's merged weights."""
+    out, skipped = {}, []
     for key, plist in patches.items():
+        if key not in patchable:
+            skipped.append(key)
+            continue
+        where = lambda v, key=key: f"xDiT-USP: the patch {_source(sources, v)} put on {key}"  # noqa: E731
         if not key.startswith(PREFIX):
-            raise ValueError(f"xDiT-USP: cannot apply a patch to {key!r} (only {PREFIX}* weights live in the workers)")
+            raise ValueError(f"{where(plist[0][1])}: only {PREFIX}* weights live in the workers")
         name = original_to_diffusers_key(key[len(PREFIX):])
         if name is None:
-            raise ValueError(f"xDiT-USP: no worker weight for patched key {key!r}")
-        items = []
-        for strength, v, strength_model, offset, function in plist:
-            where = f"xDiT-USP: patch on {key}"
-            if strength_model != 1.0:
-                raise ValueError(f"{where}: strength_model {strength_model} (scaling the base weight) is not supported")
-            if offset is not None or function is not None:
-                raise ValueError(f"{where}: offset/function patches are not supported")
-            if strength == 0.0:
-                continue
-            if isinstance(v, WeightAdapterBase):
-                if not isinstance(v, LoRAAdapter):
-                    raise ValueError(f"{where}: {type(v).__name__} is not supported on the workers (plain LoRA and diff only)")
-                up, down, alpha, mid, dora_scale, reshape = v.weights
-                if mid is not None:
-                    raise ValueError(f"{where}: LoCon 'lora_mid' weights are not supported")
-                if dora_scale is not None:
-                    raise ValueError(f"{where}: DoRA (dora_scale) is not supported")
-                if reshape is not None:
-                    raise ValueError(f"{where}: 'reshape_weight' LoRAs are not supported")
-                scale = strength * (float(alpha) / down.shape[0] if alpha is not None else 1.0)
-                items.append(("lora", up, down, scale))
-                continue
-            if isinstance(v, list):
-                raise ValueError(f"{where}: nested patches are not supported")
-            if len(v) == 1:
-                kind, data = "diff", v
-            elif len(v) == 2:
-                kind, data = v
-            else:
-                raise ValueError(f"{where}: unrecognised patch {type(v).__name__} of length {len(v)}")
-            if kind != "diff":
-                raise ValueError(f"{where}: patch type {kind!r} is not supported on the workers (plain LoRA and diff only)")
-            if len(data) > 1 and isinstance(data[1], dict) and data[1].get("pad_weight"):
-                raise ValueError(f"{where}: padded diff patches are not supported")
-            items.append(("diff", data[0], float(strength)))
+            raise ValueError(f"{where(plist[0][1])}: the workers have no such weight")
+        items = [_worker_patch(entry, key, shapes(key), sources, where, check_only) for entry in plist
+                 if not _is_noop(entry)]
+        items = [i for i in items if i is not None]
         if items:
             out[name] = items
+    if skipped and not check_only:
+        log.info("xDiT-USP: %d patched key(s) not applied, as native ComfyUI does not apply them (parameters of "
+                 "a module that has sub-modules, e.g. %s)", len(skipped), sorted(skipped)[0])
     return out
+
+
+def natively_patched_keys(patcher: comfy.model_patcher.ModelPatcher) -> set[str]:
+    """The keys whose patches ComfyUI's own ModelPatcher.load applies: the parameters of the modules
+    its _load_list walks. It leaves out the parameters a module holds next to sub-modules with
+    parameters of their own (Wan's `blocks.N.modulation` and `head.modulation`): a merge or patch on
+    those changes nothing natively, so it changes nothing on the workers either."""
+    loading = comfy.model_patcher.ModelPatcher._load_list(patcher)  # ComfyUI's walk, on our meta tree
+    return {comfy.model_patcher.key_param_name_to_key(x[-3], param) for x in loading for param in x[-1]}
+
+
+def _source(sources: dict, v) -> str:
+    entry = sources.get(id(v))
+    return f"added by {entry[1]}" if entry is not None and entry[0] is v and entry[1] else "(added by an unknown node)"
+
+
+# adapters whose patch is added to the weight and does not depend on it: name -> index of their
+# dora_scale in .weights (comfy/weight_adapter/loha.py, lokr.py). GLoRA, OFT and BOFT use the weight.
+_ADDITIVE_ADAPTERS = {"LoHaAdapter": 7, "LoKrAdapter": 8}
+
+
+def _worker_patch(entry, key: str, shape: tuple, sources: dict, where, check_only: bool = False):
+    """One ComfyUI patch entry -> a WeightPatch, or None where native ComfyUI skips it (a diff or
+    merged weight of another shape: native logs "SHAPE MISMATCH ... NOT MERGED" and so do we)."""
+    from comfy.weight_adapter import LoRAAdapter, WeightAdapterBase
+
+    from .parallel.protocol import WeightPatch
+
+    strength, v, strength_model, offset, function = entry
+    strength, strength_model = float(strength), float(strength_model)
+    if offset is not None or function is not None:
+        raise ValueError(f"{where(v)}: patches on part of a weight (offset) or through a function are not "
+                         "supported on the workers")
+    if isinstance(v, WeightAdapterBase) and type(v).__name__ in _ADDITIVE_ADAPTERS:
+        # LoHa, LoKr: W += strength * alpha * (a product of small factors), independent of W (without
+        # DoRA). The product is formed here by ComfyUI's own code, on zeros, and sent whole as a diff.
+        if v.weights[_ADDITIVE_ADAPTERS[type(v).__name__]] is not None:
+            raise ValueError(f"{where(v)}: DoRA (dora_scale) is not supported on the workers")
+        if check_only:
+            return None
+        delta = v.calculate_weight(torch.zeros(shape, dtype=torch.float32), key, 1.0, 1.0, None, lambda a: a,
+                                   torch.float32, None)
+        return WeightPatch("diff", [delta], strength, strength_model)
+    if isinstance(v, WeightAdapterBase):
+        if not isinstance(v, LoRAAdapter):
+            raise ValueError(f"{where(v)}: {type(v).__name__} is not supported on the workers (LoRA, LoHa, LoKr, diff, "
+                             "set and model merges are)")
+        up, down, alpha, mid, dora_scale, reshape = v.weights
+        if mid is not None:
+            raise ValueError(f"{where(v)}: LoCon 'lora_mid' weights are not supported on the workers")
+        if dora_scale is not None:
+            raise ValueError(f"{where(v)}: DoRA (dora_scale) is not supported on the workers")
+        if reshape is not None:
+            raise ValueError(f"{where(v)}: 'reshape_weight' LoRAs are not supported on the workers")
+        scale = strength * (float(alpha) / down.shape[0] if alpha is not None else 1.0)
+        return WeightPatch("lora", [up, down], scale, strength_model)
+    if isinstance(v, list):  # a merge: v = [(the other model's weight, its convert function), *its patches]
+        weight, convert = v[0]
+        if tuple(weight.shape) != shape:
+            log.warning("xDiT-USP: %s: merged weight of shape %s, the model's is %s: not merged (as native ComfyUI)",
+                        key, tuple(weight.shape), shape)
+            return None
+        source = getattr(weight, "_xdit_usp_source", None)
+        if source is not None:  # our model: the workers read its file; its own patches travel along
+            nested = [_worker_patch(e, key, shape, sources, where, check_only) for e in v[1:] if not _is_noop(e)]
+            return WeightPatch("weight", [], strength, strength_model, path=source[0], name=source[1],
+                               patches=[p for p in nested if p is not None])
+        if weight.device.type == "meta":
+            raise ValueError(f"{where(v)}: the merged model's weights are not in this process")
+        if check_only:
+            return None
+        import comfy.lora  # a native model: its patched weight, computed here exactly as ComfyUI does, goes whole
+
+        merged = comfy.lora.calculate_weight(v[1:], convert(comfy.model_management.cast_to_device(
+            weight, torch.device("cpu"), torch.float32, copy=True), inplace=True), key)
+        return WeightPatch("diff", [merged], strength, strength_model)
+    if len(v) == 1:
+        kind, data = "diff", v
+    elif len(v) == 2:
+        kind, data = v
+    else:
+        raise ValueError(f"{where(v)}: unrecognised patch {type(v).__name__} of length {len(v)}")
+    if kind not in ("diff", "set"):
+        raise ValueError(f"{where(v)}: patch type {kind!r} is not supported on the workers (LoRA, LoHa, LoKr, diff, "
+                         "set and model merges are)")
+    if kind == "diff" and len(data) > 1 and isinstance(data[1], dict) and data[1].get("pad_weight"):
+        raise ValueError(f"{where(v)}: padded diff patches (a weight made larger) are not supported on the workers")
+    if tuple(data[0].shape) != shape:
+        if kind == "diff":
+            log.warning("xDiT-USP: %s: diff of shape %s, the weight's is %s: not merged (as native ComfyUI)",
+                        key, tuple(data[0].shape), shape)
+            return None
+        raise ValueError(f"{where(v)}: 'set' value of shape {tuple(data[0].shape)} for a weight of shape {shape}")
+    return WeightPatch(kind, [data[0]], strength, strength_model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,6 +499,10 @@ class XDitUSPWanProxy(torch.nn.Module):
         self.has_image_branch = getattr(native, "img_emb", None) is not None
         self.dtype = dtype
         self.remote = remote
+        for name, param in native.named_parameters():  # a merge with this model reads its file on the workers
+            target = original_to_diffusers_key(name)
+            if target is not None:
+                _tag_source(param, remote.path, target)
 
     def _apply(self, fn, recurse=True):
         return self  # .to()/.cuda()/.half(): the weights live in the workers; nothing here to move
@@ -373,18 +540,9 @@ class XDitUSPWanProxy(torch.nn.Module):
             if v is not None:
                 problems.append(f"the {k!r} conditioning is not supported")
         topts = transformer_options or {}
-        # Block replacements native Wan reads, ("double_block", i) under patches_replace["dit"], are
-        # honoured when they skip the block (Skip Layer Guidance); every other patch a node installs
-        # is refused by kind, never dropped (e.g. Uni3C's 'double_block', InfiniteTalk's audio
-        # 'attn2_patch').
-        skip_blocks, replaced = _block_skips(topts.get("patches_replace") or {}, len(self.blocks))
-        problems += [f"patches_replace 'dit' {key!r} (a block replacement other than a skip) is not supported"
-                     for key in replaced]
-        for where in ("patches_replace", "patches"):
-            for kind, entries in sorted((topts.get(where) or {}).items()):
-                if entries and not (where == "patches_replace" and kind == "dit"):
-                    problems.append(f"{where} {kind!r} (installed by a model-patching node) is not supported")
-        if x.dtype != self.dtype:  # BaseModel casts the input to its compute dtype: ModelComputeDtype changed it
+        skip_blocks, refused = check_transformer_options(topts, len(self.blocks))
+        problems += refused
+        if x.dtype != self.dtype:  # BaseModel casts the input to its compute dtype (checked at load too)
             problems.append(f"compute dtype {str(x.dtype)[6:]} (e.g. from ModelComputeDtype) differs from the "
                             f"workers' {str(self.dtype)[6:]}: set the dtype on the XDit+USP Config node instead")
         if problems:
@@ -465,9 +623,9 @@ def _torch_compile_requested(transformer_options: dict) -> bool:
 
 
 def _block_skips(patches_replace: dict, num_blocks: int) -> tuple[list[int], list]:
-    """(blocks to skip, block replacements that are not skips) of transformer_options'
-    patches_replace, read as native Wan reads it: only ("double_block", i) under "dit", i < the
-    block count (native ignores every other key there, "single_block" included)."""
+    """(blocks to skip, [(key, replacement)] of the block replacements that are not skips) of
+    transformer_options' patches_replace, read as native Wan reads it: only ("double_block", i)
+    under "dit", i < the block count (native ignores every other key there, "single_block" included)."""
     skip, other = [], []
     for key, replace in (patches_replace.get("dit") or {}).items():
         if isinstance(key, tuple) and len(key) == 2 and key[0] == "double_block" and isinstance(key[1], int) \
@@ -475,8 +633,44 @@ def _block_skips(patches_replace: dict, num_blocks: int) -> tuple[list[int], lis
             if _is_skip(replace):
                 skip.append(key[1])
             else:
-                other.append(key)
+                other.append((key, replace))
     return sorted(skip), other
+
+
+# transformer_options entries native Wan (comfy/ldm/wan/model.py and the attention it calls) reads,
+# besides "patches" and "patches_replace": honoured on the workers, or refused with the reason.
+# Everything else in transformer_options native Wan never reads (the sampler's cond_or_uncond,
+# sigmas, uuids ..., other models' keys), so it changes nothing there either.
+NATIVE_WAN_OPTIONS = {
+    "rope_options": None,  # honoured: ScaleROPE's positions travel with the forward
+    "optimized_attention_override": "an attention function replacing ComfyUI's (the workers run the Config node's "
+                                    "attention backend)",
+}
+
+
+def check_transformer_options(topts: dict, num_blocks: int) -> tuple[list[int], list[str]]:
+    """(blocks to skip, problems): the problems are what in `topts` (a forward's
+    transformer_options) native Wan would apply and the workers cannot, each naming the node that
+    installed it. Honoured: block replacements that skip their block (Skip Layer Guidance),
+    rope_options (ScaleROPE), DIFFUSION_MODEL wrappers (they run in this process around the
+    workers' forward). Every other "patches" / "patches_replace" entry is
+    refused by kind, whether native Wan reads that kind or not (a kind it ignores today may be read
+    tomorrow; a node that installs one expects an effect): never dropped."""
+    problems = []
+    skip, replaced = _block_skips(topts.get("patches_replace") or {}, num_blocks)
+    problems += [f"patches_replace 'dit' {key!r} installed by {installed_by(fn)} (a block replacement other than "
+                 "a skip) is not supported" for key, fn in replaced]
+    for where in ("patches_replace", "patches"):
+        for kind, entries in sorted((topts.get(where) or {}).items(), key=lambda kv: str(kv[0])):
+            if not entries or (where == "patches_replace" and kind == "dit"):
+                continue
+            fns = entries.values() if isinstance(entries, dict) else entries
+            by = sorted({installed_by(fn) for fn in fns})
+            problems.append(f"{where} {kind!r} installed by {', '.join(by)} is not supported")
+    for key, why in NATIVE_WAN_OPTIONS.items():
+        if why is not None and topts.get(key) is not None:
+            problems.append(f"{key} installed by {installed_by(topts[key])}: {why}")
+    return skip, problems
 
 
 def _memory_required(self, input_shape, cond_shapes={}):
@@ -517,6 +711,51 @@ class XDitUSPModelPatcher(comfy.model_patcher.ModelPatcher):
     for memory_to_free bytes, which trims the ranks' allocator caches, before it would detach (and
     so unload) the model. When no rank shares the device (CPU, other GPUs) nothing changes:
     PROXY_SIZE, and ComfyUI's own loaded_size."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Who added what, for the errors that refuse it: {id(patch value): (value, node)} of the
+        # weight patches, {object patch name: node}. Clones copy both (clone()).
+        self.patch_sources: dict = {}
+        self.object_sources: dict = {}  # object patches, injections and weight wrappers by name
+
+    def clone(self, *args, **kwargs):
+        n = super().clone(*args, **kwargs)
+        if isinstance(n, XDitUSPModelPatcher):
+            n.patch_sources = dict(self.patch_sources)
+            n.object_sources = dict(self.object_sources)
+        return n
+
+    # ---- the methods nodes patch a model through: remember the node, for the refusals -------------
+    def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
+        node = installer()
+        for v in patches.values():
+            self.patch_sources[id(v)] = (v, node)
+        return super().add_patches(patches, strength_patch, strength_model)
+
+    def set_model_patch(self, patch, name):
+        note_installer(patch, installer())
+        return super().set_model_patch(patch, name)
+
+    def set_model_patch_replace(self, patch, name, block_name, number, transformer_index=None):
+        note_installer(patch, installer())
+        return super().set_model_patch_replace(patch, name, block_name, number, transformer_index)
+
+    def set_model_optimized_attention(self, optimized_attention):
+        super().set_model_optimized_attention(optimized_attention)
+        note_installer(self.model_options["transformer_options"].get("optimized_attention_override"), installer())
+
+    def add_object_patch(self, name, obj):
+        self.object_sources[name] = installer()
+        return super().add_object_patch(name, obj)
+
+    def set_injections(self, key, injections):
+        self.object_sources["injections", key] = installer()
+        return super().set_injections(key, injections)
+
+    def add_weight_wrapper(self, name, function):
+        self.object_sources["weight_wrapper", name] = installer()
+        return super().add_weight_wrapper(name, function)
 
     @property
     def remote(self) -> RemoteWanModel:
@@ -570,13 +809,77 @@ def _refuse_weight_hooks(patcher: XDitUSPModelPatcher, *args):
                          "worker group; apply the LoRA with LoraLoaderModelOnly instead")
 
 
+def object_patch_problems(patcher: XDitUSPModelPatcher) -> list[str]:
+    """What `patcher` changes in the model that the workers cannot honour, each naming the node that
+    did it: a compute dtype other than the workers' (ModelComputeDtype sets the object patch
+    `manual_cast_dtype`: native Wan would then compute in it), anything replaced inside the
+    transformer (`diffusion_model.*` object patches), and module injections or weight wrappers
+    (LoraLoaderBypass's forward hooks, training adapters): this process holds only the
+    transformer's meta tree, so they would do nothing. Object patches on the rest of the model
+    (model_sampling, latent_format ...) run in this process and are honoured."""
+    problems = []
+    src = patcher.object_sources
+    for key, injections in patcher.injections.items():
+        if injections:
+            problems.append(f"module injections {key!r} set by {src.get(('injections', key)) or 'a model-patching node'} "
+                            "(e.g. LoraLoaderBypass: apply the LoRA with LoraLoaderModelOnly, which is the same sum "
+                            "merged into the weights)")
+    for key in patcher.weight_wrapper_patches:
+        problems.append(f"weight wrapper on {key} set by {src.get(('weight_wrapper', key)) or 'a model-patching node'}")
+    workers = patcher.remote.config.torch_dtype()
+    for name, obj in patcher.object_patches.items():
+        by = patcher.object_sources.get(name) or "a model-patching node"
+        if name == "manual_cast_dtype":
+            if obj is not None and obj != workers:
+                problems.append(f"compute dtype {str(obj)[6:]} set by {by} (ModelComputeDtype) differs from the workers' "
+                                f"{str(workers)[6:]}: set the dtype on the XDit+USP Config node instead")
+        elif name == "diffusion_model" or name.startswith("diffusion_model."):
+            problems.append(f"object patch {name!r} set by {by}: the transformer runs on the workers")
+    return problems
+
+
+def patcher_problems(patcher: XDitUSPModelPatcher, model_options: dict) -> list[str]:
+    """Everything `patcher` (with the sampler's `model_options`) asks of the model that the workers
+    cannot honour, each naming the node that installed it: object patches, injections and weight
+    wrappers (object_patch_problems), transformer_options patches (check_transformer_options)
+    and weight patches (_worker_patches, checked without computing anything)."""
+    problems = object_patch_problems(patcher)
+    problems += check_transformer_options(model_options.get("transformer_options") or {},
+                                          len(patcher.model.diffusion_model.blocks))[1]
+    shapes = patcher.remote.shapes
+    try:
+        _worker_patches(patcher.patches, patcher.patch_sources, shapes.__getitem__, patcher.remote.patchable,
+                        check_only=True)
+    except ValueError as e:
+        problems.append(str(e).removeprefix("xDiT-USP: "))
+    return problems
+
+
+def _refuse(problems: list[str]):
+    if problems:
+        raise ValueError("xDiT-USP WanVideo model: " + "; ".join(problems) +
+                         ". The worker group runs the plain Wan transformer; use a native loader for this graph.")
+
+
+def _preflight(executor, *args, **kwargs):
+    """WrappersMP.OUTER_SAMPLE, before a sampler loads anything: refuse what the workers cannot
+    honour, so that the error comes before the model is loaded (ComfyUI would unload a model whose
+    load raised) and before any step."""
+    guider = executor.class_obj
+    if isinstance(guider.model_patcher, XDitUSPModelPatcher):
+        _refuse(patcher_problems(guider.model_patcher, guider.model_options))
+    return executor(*args, **kwargs)
+
+
 def _on_load(patcher: XDitUSPModelPatcher, device_to, lowvram_model_memory, force_patch_weights, full_load):
-    """CallbacksMP.ON_LOAD: the model on the workers, with this patcher's LoRA patches."""
+    """CallbacksMP.ON_LOAD: the model on the workers, with this patcher's weight patches (those the
+    workers cannot apply raise here too when the model is loaded outside a sampler)."""
     _refuse_weight_hooks(patcher)
+    _refuse(object_patch_problems(patcher))
     reap_orphans()
     remote = patcher.remote
     remote.ensure_loaded()
-    remote.apply_patches(patcher.patches)
+    remote.apply_patches(patcher.patches, patcher.patch_sources)
 
 
 def _on_cleanup(patcher: XDitUSPModelPatcher):
@@ -663,6 +966,7 @@ def build_model_patcher(config: XDitUSPConfig, path: str, ckpt: CheckpointInfo) 
             f"channels but ComfyUI's {type(base).__name__} expects {in_dim}->{native.out_dim}")
     proxy = XDitUSPWanProxy(native, remote, dtype)
     base.diffusion_model = proxy
+    remote.shapes = {k: tuple(t.shape) for k, t in base.state_dict().items()}
     base.__class__ = _remote_class(type(base))
     base.device = None
     weakref.finalize(base, _release, remote)  # from here on, base's lifetime owns the users count
@@ -673,5 +977,7 @@ def build_model_patcher(config: XDitUSPConfig, path: str, ckpt: CheckpointInfo) 
     patcher.add_callback_with_key(CallbacksMP.ON_DETACH, CALLBACK_KEY, _on_detach)
     patcher.add_callback_with_key(CallbacksMP.ON_CLEANUP, CALLBACK_KEY, _on_cleanup)
     patcher.add_callback_with_key(CallbacksMP.ON_REGISTER_ALL_HOOK_PATCHES, CALLBACK_KEY, _refuse_weight_hooks)
+    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, CALLBACK_KEY, _preflight)
+    remote.patchable = natively_patched_keys(patcher)
     return patcher
 

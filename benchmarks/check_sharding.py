@@ -14,7 +14,7 @@ import _common  # noqa: F401  (binds the package)
 from bench_scaling import write_checkpoint
 import torch
 from comfyui_xdit_usp.parallel import WorkerGroup, XDitUSPConfig, tiny, ConfigError
-from comfyui_xdit_usp.parallel.protocol import ForwardInputs
+from comfyui_xdit_usp.parallel.protocol import ForwardInputs, WeightPatch
 
 out = {}
 path = write_checkpoint("1.3b", "/tmp/ckpt13")
@@ -53,11 +53,11 @@ for shard in ("none", "fsdp"):
     with WorkerGroup(XDitUSPConfig(world_size=2, device="cuda", dtype="bf16", weight_sharding=shard)) as grp:
         grp.load("m", path)
         base = grp.forward("m", x480)
-        grp.set_lora("m", {name: [("lora", up, down, 1.0)]})
+        grp.set_weight_patches("m", {name: [WeightPatch("lora", [up, down], 1.0)]})
         lora = grp.forward("m", x480)
-        grp.set_lora("m", {name: [("lora", up, down, 0.5)]})
+        grp.set_weight_patches("m", {name: [WeightPatch("lora", [up, down], 0.5)]})
         half = grp.forward("m", x480)
-        grp.set_lora("m", {})
+        grp.set_weight_patches("m", {})
         back = grp.forward("m", x480)
         outs[shard] = (base, lora, half, back)
 n, f = outs["none"], outs["fsdp"]

@@ -476,26 +476,31 @@ class WorkerGroup:
         self.memory_stats = [dataclasses.replace(s, device=ids[s.device]) if s.device >= 0 else s for s in stats]
         return self.memory_stats
 
-    def set_lora(self, key: str, patches: dict[str, list]) -> P.LoraSet:
-        """Replace the LoRA state of model `key`; merged on the workers, base weights kept there.
-
-        patches: {diffusers weight name: [("lora", up, down, scale) | ("diff", delta, scale), ...]}
-        ({} removes every LoRA). Only the low-rank factors cross the process boundary."""
+    def set_weight_patches(self, key: str, patches: dict[str, list[P.WeightPatch]]) -> P.WeightsPatched:
+        """Replace the weight patches of model `key` ({diffusers weight name: [WeightPatch with
+        torch tensors]}, ComfyUI's order; {} restores the file's weights): applied on the workers
+        to the weights each rank holds, base weights re-read from the file, never reloaded. Only
+        the patches' own tensors cross the process boundary (LoRA factors, not their product; for
+        a merge with a checkpoint the workers can read, no tensor at all), in fp32."""
         with self._lock:
             if key not in self.models:
                 raise KeyError(f"no model loaded under {key!r}")
-            tensors, refs = {}, {}
+            tensors = {}
+
+            def stage(t):
+                name = f"t{len(tensors)}"
+                tensors[name] = t.detach().float().contiguous()
+                return name
+
+            staged = {}
             for name, items in patches.items():
-                for j, (kind, *arrays, scale) in enumerate(items):
-                    if kind not in ("lora", "diff") or len(arrays) != (2 if kind == "lora" else 1):
-                        raise ValueError(f"{name}: a LoRA patch is ('lora', up, down, scale) or ('diff', delta, scale)")
-                    names = [f"{name}#{j}#{i}" for i in range(len(arrays))]
-                    tensors.update({n: a.float().contiguous() for n, a in zip(names, arrays)})
-                    refs.setdefault(name, []).append((kind, names, float(scale)))
+                for p in items:
+                    if p.kind not in P.WeightPatch.KINDS:
+                        raise ValueError(f"{name}: unknown weight patch kind {p.kind!r}; known: {P.WeightPatch.KINDS}")
+                staged[name] = [p.map_tensors(stage) for p in items]
             written, _ = self.arena.pack(tensors, {})
-            request = P.SetLora(key, self.arena.name if tensors else "", {
-                name: [P.LoraPatch(kind, [written[n] for n in names], scale) for kind, names, scale in items]
-                for name, items in refs.items()})
+            request = P.SetWeightPatches(key, self.arena.name if tensors else "", {
+                name: [p.map_tensors(written.__getitem__) for p in items] for name, items in staged.items()})
             return self._call(request, self.config.load_timeout_s)[0]
 
     def forward(self, key: str, inputs: P.ForwardInputs, stats: Optional[dict] = None) -> torch.Tensor:

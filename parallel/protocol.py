@@ -113,12 +113,38 @@ class Forward:
 
 
 @dataclass
-class LoraPatch:
-    """scale * up @ down ("lora"), or scale * delta ("diff": tensors = [delta])."""
+class WeightPatch:
+    """One of ComfyUI's patch entries on one weight (comfy.lora.calculate_weight's order and
+    arithmetic, in fp32): first W <- strength_model * W, then by `kind`
+
+      "lora"    W += strength * up @ down        tensors [up, down] (alpha / rank folded into strength)
+      "diff"    W += strength * delta            tensors [delta]
+      "set"     W <- value                       tensors [value]; the strengths are ignored, as ComfyUI does
+      "weight"  W += strength * W2               W2: tensor `name` (diffusers name) of the checkpoint at
+                                                 `path`, this rank's rows, with `patches` applied to it
+                                                 first: a model merge, the second model's own patches
+
+    Tensors are full-size (a rank slices its rows); `tensors` are TensorSpecs on the wire and tensors
+    once the worker has viewed them in the arena."""
 
     kind: str
-    tensors: list[TensorSpec]
-    scale: float
+    tensors: list[TensorSpec] = field(default_factory=list)  # torch tensors on either side of the wire
+    strength: float = 1.0
+    strength_model: float = 1.0
+    path: str = ""
+    name: str = ""
+    patches: list[WeightPatch] = field(default_factory=list)
+
+    KINDS: typing.ClassVar[tuple[str, ...]] = ("lora", "diff", "set", "weight")
+
+    def all_tensors(self) -> list:
+        """Its tensors and those of its nested patches, depth first."""
+        return list(self.tensors) + [t for p in self.patches for t in p.all_tensors()]
+
+    def map_tensors(self, fn) -> WeightPatch:
+        """A copy with every tensor (nested ones too) replaced by fn(tensor)."""
+        return dataclasses.replace(self, tensors=[fn(t) for t in self.tensors],
+                                   patches=[p.map_tensors(fn) for p in self.patches])
 
 
 @dataclass
@@ -130,10 +156,13 @@ class Memory:
 
 
 @dataclass
-class SetLora:
+class SetWeightPatches:
+    """Make `patches` the weight patches of model `key` (LoRAs, merges, strength_model, set):
+    {diffusers weight name: [WeightPatch, ...]} in ComfyUI's order; {} restores the file's weights."""
+
     key: str
-    arena: str  # "" when `patches` is empty
-    patches: dict[str, list[LoraPatch]]  # {diffusers weight name: patches}; {} removes every LoRA
+    arena: str  # "" when no patch has a tensor
+    patches: dict[str, list[WeightPatch]]
 
 
 # ---- replies ----------------------------------------------------------------------------------------
@@ -195,8 +224,8 @@ class ForwardDone:
 
 
 @dataclass
-class LoraSet:
-    patched: int
+class WeightsPatched:
+    patched: int  # weights this rank changed
 
 
 @dataclass
@@ -217,7 +246,8 @@ class Done:
 
 
 MESSAGES = {cls.__name__: cls for cls in (
-    Ping, Shutdown, Load, Unload, Forward, Memory, SetLora, Pong, MemoryStats, Loaded, ForwardDone, LoraSet, Failed,
+    Ping, Shutdown, Load, Unload, Forward, Memory, SetWeightPatches, Pong, MemoryStats, Loaded, ForwardDone, WeightsPatched,
+    Failed,
     Done,
 )}
 

@@ -1,4 +1,4 @@
-"""One rank's models: build, weights, placement, layout choice, row slicing, LoRA merge.
+"""One rank's models: build, weights, placement, layout choice, row slicing, weight patches.
 
 The worker (`worker.py`) owns the RPC loop, the heartbeat and the fault hook; this module owns
 everything a model needs on a rank, vLLM-style (executor/worker/model runner):
@@ -6,7 +6,7 @@ everything a model needs on a rank, vLLM-style (executor/worker/model runner):
     runner = ModelRunner(config, device)
     runner.load("high", path, info, "fsdp")              -> protocol.Loaded
     rows, out, layout = runner.forward("high", inputs)   # inputs: protocol.ForwardInputs (full batch)
-    runner.set_lora("high", {name: [(kind, [tensors], scale)]})
+    runner.set_weight_patches("high", {name: [protocol.WeightPatch(...)]})
 
 Where the weights live is a `Placement`: the seam that weight sharding (FSDP), tensor and pipeline
 parallelism plug into. Every placement composes with every sequence-parallel layout, because the
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import time
 from dataclasses import dataclass, field, replace
 from typing import Optional
@@ -207,7 +208,7 @@ class _Model:
     placement: Placement
     scaled: set[str]  # weights held as the file's scaled fp8 (their scale in the Linear's weight_scale)
     layouts: tuple[Layout, Layout]  # (configured, batch-1 fallback)
-    patched: set[str] = field(default_factory=set)  # weights a LoRA changed (restored from `path` first)
+    patched: set[str] = field(default_factory=set)  # weights a patch changed (restored from `path` first)
     param_bytes: int = 0  # what this rank holds of it between forwards
 
     @property
@@ -224,6 +225,7 @@ class ModelRunner:
         self._groups: dict[Layout, SPGroup] = {}
         self._fsdp: Optional[FullyShard] = None
         self.trims = 0  # calls of trim(), reported in protocol.MemoryStats
+        self._infos: dict = {}  # (path, mtime, size) -> CheckpointInfo of files merged in (set_weight_patches)
 
     def group(self, layout: Layout) -> SPGroup:
         """The process groups of `layout` (created on first use: a collective on every rank)."""
@@ -350,52 +352,96 @@ class ModelRunner:
             moved[name] = t.to(self.device, dtype=dtype, non_blocking=True)
         return replace(inputs, **moved)
 
-    # ---- LoRA ---------------------------------------------------------------------------------
-    def set_lora(self, key: str, patches: dict[str, list[tuple[str, list[torch.Tensor], float]]]) -> int:
-        """Make `patches` the LoRA state of model `key`: {diffusers weight name: [(kind, tensors,
-        scale)]}, kind "lora" (tensors = [up, down]: scale * up @ down, merged here from the
-        low-rank factors) or "diff" (tensors = [delta]: scale * delta). {} removes every LoRA.
+    # ---- weight patches (LoRA, merges, strength_model, set) ---------------------------------------
+    def set_weight_patches(self, key: str, patches: dict[str, list[protocol.WeightPatch]]) -> int:
+        """Make `patches` the weight patches of model `key`: {diffusers weight name: [WeightPatch]}
+        (tensors as torch tensors), applied in order as comfy.lora.calculate_weight applies
+        ComfyUI's patch entries: W <- strength_model * W, then the patch (protocol.WeightPatch),
+        all in fp32, rounded once to the weight's storage dtype. {} restores every weight.
 
-        Each rank merges into the rows it holds (only `up`'s rows of a sharded weight are
-        multiplied out). Weights patched before are first restored exactly from the checkpoint file
-        (only those tensors and rows, through the shared page cache), so no second copy of the
-        weights is kept on the device and a strength change never reloads the model. A weight held
-        in fp8 is merged in fp32 and rounded back to fp8, as ComfyUI does for fp8 weights."""
-        from ..wan_to_xdit_mapping import iter_weights, lora_delta
+        Each rank patches the rows it holds: only `up`'s rows of a LoRA on a sharded weight are
+        multiplied out, and a merge reads only its rows of the second checkpoint (its page cache is
+        shared). Weights patched before are first restored exactly from the checkpoint file (only
+        those tensors and rows), so no second copy of the weights is kept on the device and a
+        strength change never reloads the model. A weight held in fp8 is patched in fp32 and
+        rounded back to fp8, as ComfyUI does for fp8 weights. Returns how many weights changed."""
+        from ..wan_to_xdit_mapping import iter_weights
 
         m = self._model(key)
         params = m.placement.local_parameters(m.module)
         unknown = [n for n in patches if n not in params]
         if unknown:
-            raise KeyError(f"LoRA targets {unknown[:5]}, which the model does not have")
+            raise KeyError(f"weight patches target {unknown[:5]}, which the model does not have")
         if m.patched:
             _, originals = iter_weights(m.path, only=m.patched, info=m.info, rows=m.placement.rows)
             for name, w, scale in originals:
                 self._fill(m.module, params[name], name, w, scale, name in m.scaled)
             m.patched = set()
         for name, items in patches.items():
+            m.patched.add(name)  # first: a patch that fails half-way is still restored by the next call
             p = params[name]
             full_shape = tuple(m.module.get_parameter(name).shape)
             part = m.placement.rows(name, full_shape) or slice(None)
             scale = m.module.get_submodule(name.rpartition(".")[0]).weight_scale if name in m.scaled else None
             w = p.float() if scale is None else p.float() * scale
-            for kind, tensors, strength in items:
-                tensors = [t.to(self.device, torch.float32) for t in tensors]
-                if kind == "lora":
-                    up, down = tensors
-                    up = up.reshape(full_shape[0], -1)[part]
-                    w += lora_delta({"up": up, "down": down}, strength).reshape(w.shape)
-                elif kind == "diff":
-                    w += strength * tensors[0].reshape(full_shape)[part]
-                else:
-                    raise ValueError(f"unknown LoRA patch kind {kind!r} for {name}")
+            # a merged-in weight is held as this one is (ComfyUI holds both models in its dtype)
+            w = self._patched(w, items, name, full_shape, part, p.dtype if p.dtype.itemsize > 1 else torch.float32)
             if scale is not None:
                 w = w / scale
             if p.dtype.itemsize == 1:
                 w = w.clamp(-torch.finfo(p.dtype).max, torch.finfo(p.dtype).max)
             p.copy_(w.to(p.dtype))
-            m.patched.add(name)
         return len(patches)
+
+    def _patched(self, w: torch.Tensor, items: list, name: str, full_shape: tuple, part: slice,
+                 held: torch.dtype) -> torch.Tensor:
+        """`w` (fp32, this rank's rows `part` of weight `name`, may be modified) after `items`."""
+        from ..wan_to_xdit_mapping import lora_delta
+
+        for item in items:
+            if item.strength_model != 1.0:
+                w = w.mul_(item.strength_model)
+            kind, strength = item.kind, item.strength
+            if kind == "set":
+                w = w.copy_(item.tensors[0].to(self.device, torch.float32).reshape(full_shape)[part])
+                continue
+            if strength == 0.0:
+                continue
+            if kind == "lora":
+                up, down = (t.to(self.device, torch.float32) for t in item.tensors)
+                up = up.reshape(full_shape[0], -1)[part]
+                w += lora_delta({"up": up, "down": down}, strength).reshape(w.shape)
+            elif kind == "diff":
+                w += strength * item.tensors[0].to(self.device, torch.float32).reshape(full_shape)[part]
+            elif kind == "weight":
+                other = self._read_rows(item.path, item.name, part, tuple(w.shape)).to(held).float()
+                w += strength * self._patched(other, item.patches, name, full_shape, part, held)
+            else:
+                raise ValueError(f"unknown weight patch kind {kind!r} for {name}")
+        return w
+
+    def _read_rows(self, path: str, name: str, part: slice, shape: tuple) -> torch.Tensor:
+        """Rows `part` of tensor `name` (diffusers name) of the checkpoint at `path`, dequantised
+        to fp32 on this rank's device (`shape`: what this rank holds of the weight it patches): the
+        second model of a merge, read as a model is loaded."""
+        from ..wan_to_xdit_mapping import iter_weights
+
+        st = os.stat(path)
+        cache = (path, st.st_mtime_ns, st.st_size)
+        info = self._infos.get(cache)
+        if info is None:  # read and checked once per file (the header; no tensor data)
+            info = self._infos[cache] = iter_weights(path, only=())[0]
+        rows = None if part == slice(None) else (lambda n, s: part)
+        _, it = iter_weights(path, only=(name,), info=info, rows=rows)
+        for _n, t, scale in it:
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{path}: rows {part} of {name} have shape {tuple(t.shape)}; the patched weight's are {shape}")
+            t = t.to(self.device).float()
+            if scale is not None:
+                scale = scale.to(self.device, torch.float32)
+                t = t * (scale.reshape(-1, *[1] * (t.ndim - 1)) if scale.numel() > 1 else scale)
+            return t
+        raise KeyError(f"{path} has no tensor {name}")
 
 
 def _nbytes(tensors) -> int:

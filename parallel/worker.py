@@ -44,8 +44,8 @@ class Worker:
             self.device = torch.device("cpu")
         self.runner = ModelRunner(self.config, self.device)
         self.handlers = {
-            P.Ping: self.ping, P.Load: self.load, P.Unload: self.unload, P.Forward: self.forward, P.SetLora: self.set_lora,
-            P.Memory: self.memory,
+            P.Ping: self.ping, P.Load: self.load, P.Unload: self.unload, P.Forward: self.forward,
+            P.SetWeightPatches: self.set_weight_patches, P.Memory: self.memory,
         }
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -166,13 +166,13 @@ class Worker:
             reserved=torch.cuda.memory_reserved(self.device) if cuda else 0,
             param_bytes=self.runner.param_bytes(), trims=self.runner.trims)
 
-    def set_lora(self, req: P.SetLora) -> P.LoraSet:
-        buf = self.shm.buf(req.arena) if req.patches else None
-        patches = {name: [(p.kind, [transport.view(buf, t) for t in p.tensors], p.scale) for p in items]
+    def set_weight_patches(self, req: P.SetWeightPatches) -> P.WeightsPatched:
+        buf = self.shm.buf(req.arena) if req.arena else None
+        patches = {name: [p.map_tensors(lambda spec: transport.view(buf, spec)) for p in items]
                    for name, items in req.patches.items()}
-        patched = self.runner.set_lora(req.key, patches)
+        patched = self.runner.set_weight_patches(req.key, patches)
         self.runner.trim()  # the fp32 merge temporaries
-        return P.LoraSet(patched=patched)
+        return P.WeightsPatched(patched=patched)
 
 
 HEARTBEAT_S = 0.5

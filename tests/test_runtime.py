@@ -20,6 +20,7 @@ import torch
 from comfyui_xdit_usp.parallel import Layout, WorkerError, WorkerGroup, XDitUSPConfig
 from comfyui_xdit_usp.parallel import tiny
 from comfyui_xdit_usp.parallel.tiny import rel_err
+from comfyui_xdit_usp.parallel.protocol import WeightPatch
 from procs import group_processes, wait_gone
 from workflow_utils import BIND_PACK
 
@@ -124,9 +125,9 @@ def test_lora_merged_on_workers_and_strength_change_needs_no_reload(checkpoints)
         base = group.forward("m", kw)
         results = {}
         for strength in (1.0, 0.5):
-            group.set_lora("m", {name: [("lora", up, down, strength)]})
+            group.set_weight_patches("m", {name: [WeightPatch("lora", [up, down], strength)]})
             results[strength] = group.forward("m", kw)
-        group.set_lora("m", {})
+        group.set_weight_patches("m", {})
         restored = group.forward("m", kw)
         assert group.launches == 1
     for strength, out in results.items():

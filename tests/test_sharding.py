@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from comfyui_xdit_usp.parallel import Layout, WorkerGroup, XDitUSPConfig, tiny
 from comfyui_xdit_usp.parallel.tiny import rel_err
+from comfyui_xdit_usp.parallel.protocol import WeightPatch
 from comfyui_xdit_usp.wan_to_xdit_mapping import iter_weights, stored_tensors
 
 SIZES = {"divisible": (2, 8, 8), "padded": (3, 6, 10)}  # latent (frames, h, w) -> 32 and 45 tokens
@@ -111,10 +112,11 @@ def test_lora_merges_into_shards_and_strength_change_needs_no_reload(checkpoints
         base = group.forward("m", kw)
         results = {}
         for strength in (1.0, 0.5):
-            group.set_lora("m", {ffn: [("lora", up, down, strength)], q: [("lora", up_q, down_q, strength)],
-                                 bias: [("diff", diff, strength)]})
+            group.set_weight_patches("m", {ffn: [WeightPatch("lora", [up, down], strength)],
+                                           q: [WeightPatch("lora", [up_q, down_q], strength)],
+                                           bias: [WeightPatch("diff", [diff], strength)]})
             results[strength] = group.forward("m", kw)
-        group.set_lora("m", {})
+        group.set_weight_patches("m", {})
         restored = group.forward("m", kw)
         assert group.launches == 1
     for strength, out in results.items():
@@ -127,6 +129,50 @@ def test_lora_merges_into_shards_and_strength_change_needs_no_reload(checkpoints
             params[bias].add_(strength * diff)
         assert rel_err(out, tiny.reference_forward(patched, kw)) <= TOL
         assert rel_err(out, base) > 1e-3  # the LoRA really changes the output
+    assert torch.equal(restored, base)
+
+
+def test_weight_patches_of_every_kind_on_shards(checkpoints, tmp_path):
+    """What ComfyUI's model-merging and patch nodes put on a weight, applied to each rank's rows as
+    comfy.lora.calculate_weight applies it (W <- strength_model * W, then the patch): a merge with a
+    second checkpoint the workers read (with that model's own patch), strength_model != 1 under a
+    LoRA, a "set" patch; then removed exactly."""
+    path, model = checkpoints["t2v"]
+    other = tiny.build_model("t2v", seed=10)
+    other_path = tiny.write_original_checkpoint(other, tmp_path / "other.safetensors")
+    kw = tiny.random_inputs("t2v", 2, *SIZES["padded"])
+    g = torch.Generator().manual_seed(6)
+    ffn = "blocks.1.ffn.net.0.proj.weight"  # [512, 256]: rows split over the ranks
+    norm = "blocks.0.norm2.weight"  # kept in fp32, split too
+    q = "blocks.0.attn1.to_q.weight"
+    bias = "blocks.0.attn2.to_out.0.bias"
+    up, down = torch.randn(256, 2, generator=g) * 0.5, torch.randn(2, 256, generator=g) * 0.5
+    delta = torch.randn(512, 256, generator=g) * 0.1  # the second model's own patch
+    value = torch.randn(256, generator=g)
+    patches = {
+        ffn: [WeightPatch("weight", [], 0.3, 0.7, path=str(other_path), name=ffn,
+                          patches=[WeightPatch("diff", [delta], 0.5)])],
+        norm: [WeightPatch("weight", [], 0.75, 0.25, path=str(other_path), name=norm)],
+        q: [WeightPatch("lora", [up, down], 0.6, 0.8)],
+        bias: [WeightPatch("diff", [value], 1.0), WeightPatch("set", [value], 0.0, 2.0)],
+    }
+    with WorkerGroup(cpu_config(2, 1, 1)) as group:
+        group.load("m", path)
+        base = group.forward("m", kw)
+        assert group.set_weight_patches("m", patches).patched == 4
+        out = group.forward("m", kw)
+        group.set_weight_patches("m", {})
+        restored = group.forward("m", kw)
+    expected = tiny.build_model("t2v", seed=0)
+    expected.load_state_dict(model.state_dict())
+    params, theirs = dict(expected.named_parameters()), dict(other.named_parameters())
+    with torch.no_grad():
+        params[ffn].copy_(0.7 * params[ffn] + 0.3 * (theirs[ffn] + 0.5 * delta))
+        params[norm].copy_(0.25 * params[norm] + 0.75 * theirs[norm])
+        params[q].copy_(0.8 * params[q] + 0.6 * up @ down)
+        params[bias].copy_(value)
+    assert rel_err(out, tiny.reference_forward(expected, kw)) <= TOL
+    assert rel_err(out, base) > 1e-3
     assert torch.equal(restored, base)
 
 
