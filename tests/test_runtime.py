@@ -167,7 +167,7 @@ def test_compile_matches_the_reference(checkpoints, references):
         g = torch.Generator().manual_seed(5)
         up, down = torch.randn(512, 4, generator=g) * 0.5, torch.randn(4, 256, generator=g) * 0.5
         for strength in (1.0, 0.5):
-            group.set_lora("t2v", {name: [("lora", up, down, strength)]})
+            group.set_weight_patches("t2v", {name: [WeightPatch("lora", [up, down], strength)]})
             patched = tiny.build_model("t2v", seed=0)
             patched.load_state_dict(model.state_dict())
             with torch.no_grad():
@@ -175,7 +175,7 @@ def test_compile_matches_the_reference(checkpoints, references):
             out = group.forward("t2v", kw)
             errors[f"lora {strength}"] = rel_err(out, tiny.reference_forward(patched, kw))
             assert rel_err(out, base_ref) > 1e-3
-        group.set_lora("t2v", {})
+        group.set_weight_patches("t2v", {})
         errors["lora removed"] = rel_err(group.forward("t2v", kw), base_ref)
     print(f"compile: {errors}")
     assert layouts == {Layout(2, 1, 1), Layout(1, 2, 1)}
