@@ -127,6 +127,9 @@ def main():
                     help="comma list of speed options per layout: eager, compile, fp8 (fp8 matmuls), fp8w (fp8 "
                          "weights upcast per layer, for comparison), sage (SageAttention), joined by + (e.g. "
                          "eager,compile,compile+fp8,compile+sage)")
+    ap.add_argument("--sample-steps", type=int, default=0,
+                    help="also sample this many Euler steps (batch 1, cfg 1, shift 5) from fixed noise at the timed "
+                         "size and report the final latent's rel L2 against the eager run's (sampled_rel_l2_vs_eager)")
     ap.add_argument("--tag", default="", help="suffix of the results file")
     ap.add_argument("--ckpt-dir", default=tempfile.gettempdir())
     a = ap.parse_args()
@@ -173,7 +176,7 @@ def main():
                                        weight_dtype="fp8_e4m3fn" if "fp8w" in flags else "default",
                                        attention_backend="sage" if "sage" in flags else "auto")
                 try:
-                    run_one(config, path, (f, h, w), inputs, parity_in, ref, a.reps, row, one_gpu)
+                    run_one(config, path, (f, h, w), inputs, parity_in, ref, a.reps, row, one_gpu, a.sample_steps)
                 except Exception as e:  # noqa: BLE001 - a layout that fails is a result to report
                     row["error"] = f"{type(e).__name__}: {e}"[:800]
                 results["runs"].append(row)
@@ -183,7 +186,21 @@ def main():
     print_table(results, batches)
 
 
-def run_one(config, path, latent, inputs, parity_in, ref, reps, row, one_gpu):
+def sample(group, inputs: ForwardInputs, steps: int, shift: float = 5.0) -> torch.Tensor:
+    """`steps` Euler steps of Wan's flow matching (ComfyUI's "simple" schedule with shift, sigma
+    from 1 to 0, timestep = 1000 * sigma) from inputs.hidden_states[:1] as the noise, text of
+    row 0, no CFG: the latent a short sampling ends at, to see how an inexact option's error grows
+    over steps."""
+    sigmas = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    x = inputs.hidden_states[:1].double()
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        step = ForwardInputs(x.float(), torch.tensor([1000.0 * float(s)]), inputs.encoder_hidden_states[:1])
+        x = x + (s_next - s) * group.forward("m", step).double()
+    return x.float()
+
+
+def run_one(config, path, latent, inputs, parity_in, ref, reps, row, one_gpu, sample_steps=0):
     """One configuration: load, then per batch a warm-up forward (with compile: compilation, its
     time in first_s) and `reps` timed ones; then the parity forward against the fp32 reference, the
     1-GPU eager output (parity_ratio) and the eager output of the same GPU count (rel_l2_vs_eager,
@@ -224,6 +241,16 @@ def run_one(config, path, latent, inputs, parity_in, ref, reps, row, one_gpu):
             base = one_gpu.get("eager", {}).get((config.world_size, row["shard"]))
             if base is not None:
                 row["rel_l2_vs_eager"] = tiny.rel_l2(out, base)
+        if sample_steps:
+            t0 = time.perf_counter()
+            x = sample(group, next(iter(inputs.values())), sample_steps)
+            row["sample_s"] = round(time.perf_counter() - t0, 2)
+            key = (config.world_size, row["shard"])
+            if row["options"] == "eager":
+                one_gpu.setdefault("sampled", {})[key] = x
+            base = one_gpu.get("sampled", {}).get(key)
+            if base is not None:
+                row["sampled_rel_l2_vs_eager"] = tiny.rel_l2(x, base)
 
 
 def print_table(results, batches):
