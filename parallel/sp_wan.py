@@ -385,10 +385,10 @@ def _project_rope(linear, norm, h, heads, cos, sin):
 class Stages:
     """The per-token work of a transformer block, as functions of tensors and of the block's own
     modules: everything a block computes between communications and attention kernels (norms,
-    modulation, projections with their gated residuals, the FFN, q/k projection + RMSNorm + RoPE). Eager, they are diffusers' operations;
-    `compiled()` gives the same functions through `torch.compile` (regional compilation: one
-    compiled graph per function, shared by every block, because parameters are graph inputs;
-    the collectives and attention kernels stay outside, eager).
+    modulation, projections with their gated residuals, the FFN, q/k projection + RMSNorm + RoPE).
+    Eager, they are diffusers' operations; `compiled()` gives the same functions through
+    `torch.compile` (regional compilation: one compiled graph per function, shared by every block,
+    because parameters are graph inputs; the collectives and attention kernels stay outside, eager).
 
     With `cast`, a function returns its result already in the activation dtype (the rounding fused
     into the compiled kernel); eager, it returns fp32 and the caller's copy rounds it: the same bits."""
