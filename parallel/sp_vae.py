@@ -42,6 +42,9 @@ import torch
 import torch.distributed as dist
 
 
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
 def split_rows(rows: int, world: int) -> list[tuple[int, int]]:
     """[(start, count)] of each rank's latent rows: `rows` split into `world` contiguous bands whose
     counts differ by at most one (the first rows % world ranks get one more)."""
