@@ -263,6 +263,18 @@ def run_vae(args) -> dict:
     dtype = args.dtype or ("fp32" if device == "cpu" else "bf16")
     config = parallel.XDitUSPConfig(world_size=args.gpus, dtype=dtype, device=device,
                                     forward_timeout_s=args.timeout).validate()
+    version = args.vae.removeprefix("wan")
+
+    def size(s: int) -> tuple[int, int, tuple]:  # every size error before anything is built or read
+        height, width = args.height or 11 * s, args.width or 12 * s
+        for name, value in (("height", height), ("width", width)):
+            if value % s:
+                raise _UsageError(f"argument --{name}: must be a multiple of {s} for the Wan {version} VAE, got {value}")
+        latent = ((args.frames - 1) // 4 + 1, height // s, width // s)
+        if latent[1] < args.gpus:
+            raise _UsageError(f"--height {height} is {latent[1]} latent rows: fewer than --gpus {args.gpus}")
+        return height, width, latent
+
     if args.checkpoint:
         from safetensors.torch import load_file
 
@@ -270,20 +282,15 @@ def run_vae(args) -> dict:
             raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file")
         state = load_file(args.checkpoint)
         state = {k[len("vae."):] if k.startswith("vae.") else k: v for k, v in state.items()}
+        info = inspect_vae(state)
+        version = info.version
+        height, width, latent = size(info.spatial)
         vae = None
     else:
-        version = args.vae.removeprefix("wan")
+        height, width, latent = size(16 if version == "2.2" else 8)
         vae = tiny.build_vae(version)
         state = tiny.vae_comfy_state_dict(vae, version)
-    info = inspect_vae(state)
-    s = info.spatial
-    height, width = args.height or 11 * s, args.width or 12 * s
-    for name, value in (("height", height), ("width", width)):
-        if value % s:
-            raise _UsageError(f"argument --{name}: must be a multiple of {s} for the Wan {info.version} VAE, got {value}")
-    latent = ((args.frames - 1) // 4 + 1, height // s, width // s)
-    if latent[1] < args.gpus:
-        raise _UsageError(f"--height {height} is {latent[1]} latent rows: fewer than --gpus {args.gpus}")
+        info = inspect_vae(state)
     g = torch.Generator().manual_seed(0)
     if args.encode:
         channels = info.diffusers_config["in_channels"] // (info.diffusers_config.get("patch_size") or 1) ** 2
@@ -397,7 +404,7 @@ def _print_vae(r: dict, as_json: bool):
     print(f"layout     {r['layout']} on {r['world_size']} {r['device']} worker(s), {r['dtype']}")
     print("parity     " + ("not computed (--parity computes it)" if r["max_rel_err"] is None else
                            f"vs single-process diffusers VAE in fp32: max relative error {r['max_rel_err']:.2e}"))
-    print(f"time       {r['ms']:.1f} ms (in workers {r['worker_ms']:.1f} ms), start + weights {r["load_s"]:.1f} s")
+    print(f"time       {r['ms']:.1f} ms (in workers {r['worker_ms']:.1f} ms), start + weights {r['load_s']:.1f} s")
     if r["peak_bytes_per_rank"] is not None:
         print("memory     peak allocated per GPU: " + ", ".join(mb(b) for b in r["peak_bytes_per_rank"]))
     else:

@@ -838,20 +838,22 @@ def vae_to_diffusers(state_dict: dict, info: VaeInfo | None = None) -> tuple[dic
     shape checked against ``AutoencoderKLWan`` (CheckpointError naming what does not fit)."""
     info = info or inspect_vae(state_dict)
     expected = _vae_expected(json.dumps(info.diffusers_config, sort_keys=True))
-    out, unknown, bad = {}, [], []
+    out, unknown, bad = {}, [], {}
     for k, v in state_dict.items():
         name = vae_key_to_diffusers(k, info.version)
         if name is None or name not in expected:
             unknown.append(k)
         elif tuple(v.shape) != expected[name]:
-            bad.append(f"{k} {tuple(v.shape)} (expected {expected[name]})")
+            bad[name] = f"{k} is {tuple(v.shape)}, expected {expected[name]}"
         else:
             out[name] = v
-    missing = sorted(set(expected) - set(out))
+    missing = sorted(set(expected) - set(out) - set(bad))
     if unknown or bad or missing:
+        shapes = sorted(bad.values())
         raise CheckpointError(
             f"Wan {info.version} VAE state dict does not match diffusers' AutoencoderKLWan: "
-            + "; ".join(p for p in (unknown and f"unknown keys {_first(unknown)}", bad and f"shapes {_first(bad)}",
+            + "; ".join(p for p in (unknown and f"unknown keys {_first(unknown)}",
+                                    bad and "shapes: " + ", ".join(shapes[:5]) + (" ..." if len(shapes) > 5 else ""),
                                     missing and f"missing {_first(missing)}") if p))
     return out, info
 

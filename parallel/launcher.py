@@ -752,10 +752,20 @@ def load_model(config: XDitUSPConfig, key: str, path: str, on_evict=None) -> dic
 
 
 def vae_group(config: XDitUSPConfig, on_evict=None) -> WorkerGroup:
-    """The registered group of `config` for a VAE run, keeping one group per set of devices as
-    `load_model` does (other groups on these devices are closed first, `on_evict(group)` called
+    """The group a VAE run of `config` uses: a running registered group on the same devices with
+    the same number of ranks (the VAE needs nothing else of a config: the loader's group with its
+    own weight_dtype serves, and is not replaced), else the registered group of `config`, after the
+    other groups on these devices are closed as `load_model` does (`on_evict(group)` called first
     for each running one). It is started by its first request."""
     with _groups_lock:
+        same = lambda g: (g.config.device == config.device and g.config.world_size == config.world_size  # noqa: E731
+                          and (config.device == "cpu" or g.config.visible_device_ids() == config.visible_device_ids()))
+        running = [g for g in _groups.values() if g.alive and same(g)]
+        exact = _groups.get(config.to_json())
+        if exact is not None and exact in running:
+            return exact
+        if running:
+            return running[0]
         group = get_group(config)
         for other in [g for g in _groups.values() if g is not group and shares_devices(g.config, config)]:
             if on_evict is not None and other.alive:
