@@ -25,9 +25,18 @@ log = logging.getLogger(__name__)
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 # first_stage_model -> (fingerprint, key): the content key of a VAE object's weights, so the
 # weights are hashed once and not on every decode. The fingerprint (each tensor's storage address
-# and in-place version counter) changes when a weight is replaced or modified; the weak key keeps
-# addresses from being reused by another VAE while the entry lives.
+# and in-place version counter, where it has one) changes when a weight is replaced or modified;
+# the weak key keeps addresses from being reused by another VAE while the entry lives.
 _KEYS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _version(t: torch.Tensor):
+    """The tensor's in-place version counter; None for an inference tensor (ComfyUI loads under
+    torch.inference_mode), which has none: its storage address alone then names it."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 def _prepare(vae, cfg) -> tuple:
@@ -46,7 +55,7 @@ def _prepare(vae, cfg) -> tuple:
     state = model.state_dict()
     info = inspect_vae(state)  # CheckpointError for anything but a Wan 2.1 / 2.2 VAE
     dtype = _DTYPE_NAMES.get(getattr(vae, "vae_dtype", torch.float32), "fp32")
-    fingerprint = (dtype, tuple((k, t.data_ptr(), t._version) for k, t in state.items()))
+    fingerprint = (dtype, tuple((k, t.data_ptr(), _version(t)) for k, t in state.items()))
     cached = _KEYS.get(model)
     if cached is not None and cached[0] == fingerprint:
         key = cached[1]
