@@ -7,15 +7,16 @@ at most one, so any height >= world works); at a scale ``s`` times finer it hold
 ``s``. diffusers' modules run unchanged on the band; four kinds of layer would see past its edges,
 and each is given exactly what the single-process layer sees:
 
-* ``WanCausalConv3d`` with a spatial kernel (3x3x3): its height padding is switched off and a
-  forward pre-hook puts ``p`` halo rows from each neighbour above and below the input (and the
-  causal cache it is given), zeros at the image's true top and bottom, which is the padding the conv
-  would have added there. Width and time padding stay the module's own.
-* The 2D convs of ``WanResample``: the upsampling conv (3x3, padding 1) the same way, after the
-  nearest-exact x2 upsample (row-local); the downsampling ``ZeroPad2d((0, 1, 0, 1))`` + stride-2 conv
-  gets one halo row from below (the zero row at the true bottom). Bands start on even rows and hold
-  an even number of rows at every scale the encoder halves (they are latent rows times 2, 4, 8), so
-  the stride-2 grid is the global one.
+* ``WanCausalConv3d`` with a spatial kernel (3x3x3): its forward builds the padded input as
+  diffusers' does (cache frames, zero frames before them, zero columns), in one buffer whose ``p``
+  rows above and below hold the neighbours' rows (zeros at the image's true top and bottom: the
+  conv's own padding there).
+* The 2D convs of ``WanResample``: the upsampling conv (3x3, padding 1, after the row-local
+  nearest-exact x2 upsample) runs as it is, then its first and last output rows are recomputed
+  from three rows with the neighbour's row in place of the zero padding; the downsampling
+  ``ZeroPad2d((0, 1, 0, 1))`` takes its bottom row from the rank below (zeros at the true bottom).
+  Bands start on even rows and hold an even number of rows at every scale the encoder halves
+  (latent rows times 2, 4, 8), so the stride-2 grid is the global one.
 * ``WanAttentionBlock`` (mid-block: per-frame self-attention over every position): its input is
   all-gathered over the rows, the block runs on the whole frame, each rank keeps its band. It runs at
   the latent resolution, where a frame is small.
@@ -66,27 +67,37 @@ class RowHalo:
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
 
-    def exchange(self, x: torch.Tensor, top: int, bottom: int) -> torch.Tensor:
-        """`x` with `top` rows of the rank above prepended and `bottom` rows of the rank below
-        appended; zero rows where there is no neighbour (the image's border)."""
-        if not (top or bottom):
-            return x
+    def swap(self, first: torch.Tensor, last: torch.Tensor, top: int, bottom: int
+             ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Send `first` (this band's first `bottom` rows) up and `last` (its last `top` rows) down;
+        returns (the `top` rows of the rank above, the `bottom` rows of the rank below), None where
+        there is no neighbour (the image's border)."""
         up, down = self.rank - 1, self.rank + 1
-        above = x.new_zeros(*x.shape[:-2], top, x.shape[-1]) if top else None
-        below = x.new_zeros(*x.shape[:-2], bottom, x.shape[-1]) if bottom else None
+        above = torch.empty_like(last) if top and up >= 0 else None
+        below = torch.empty_like(first) if bottom and down < self.world else None
         ops = []
-        if top and up >= 0:
+        if above is not None:
             ops.append(dist.P2POp(dist.irecv, above, up))
         if top and down < self.world:
-            ops.append(dist.P2POp(dist.isend, x[..., -top:, :].contiguous(), down))
-        if bottom and down < self.world:
+            ops.append(dist.P2POp(dist.isend, last.contiguous(), down))
+        if below is not None:
             ops.append(dist.P2POp(dist.irecv, below, down))
         if bottom and up >= 0:
-            ops.append(dist.P2POp(dist.isend, x[..., :bottom, :].contiguous(), up))
+            ops.append(dist.P2POp(dist.isend, first.contiguous(), up))
         if ops:
             for req in dist.batch_isend_irecv(ops):
                 req.wait()
-        return torch.cat([t for t in (above, x, below) if t is not None], dim=-2)
+        return above, below
+
+    def fill(self, buf: torch.Tensor, top: int, bottom: int):
+        """In place: `buf`'s first `top` and last `bottom` rows (zeros on entry) become the
+        neighbours' rows next to this band, which is `buf`'s rows [top, len - bottom)."""
+        end = buf.shape[-2] - bottom
+        above, below = self.swap(buf[..., top:top + bottom, :], buf[..., end - top:end, :], top, bottom)
+        if above is not None:
+            buf[..., :top, :] = above
+        if below is not None:
+            buf[..., end:, :] = below
 
     def gather(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Every rank's rows (dim -2) in rank order; `counts`: each rank's row count (uneven is fine)."""
@@ -103,8 +114,10 @@ class RowHalo:
 class SequenceParallelVAE:
     """diffusers' ``AutoencoderKLWan`` on this rank's band of rows (see the module docstring).
 
-    Installs the halo hooks on `vae` (in place: this instance then only runs split); with one rank
-    the halos are the zero padding and the result is the plain decode."""
+    Changes `vae` in place (this instance then only runs split); with one rank the halos are the
+    zero padding and the result is the plain decode. No layer holds more activation memory than in
+    one process: the padded input a 3D conv builds is built once, halos included; the upsampling
+    conv runs as it is and only its first and last output rows are recomputed from a few rows."""
 
     def __init__(self, vae: torch.nn.Module):
         from diffusers.models.autoencoders.autoencoder_kl_wan import (
@@ -119,39 +132,77 @@ class SequenceParallelVAE:
         self.spatial = cfg.scale_factor_spatial or 8
         for m in vae.modules():
             if isinstance(m, WanCausalConv3d) and m._padding[2]:
-                p = m._padding[2]
-                m._padding = (m._padding[0], m._padding[1], 0, 0, m._padding[4], m._padding[5])
-                m.register_forward_pre_hook(self._conv3d_hook(p), with_kwargs=True)
+                m.forward = self._causal_conv3d(m)
             elif isinstance(m, WanResample) and m.mode in ("upsample2d", "upsample3d"):
                 conv = m.resample[1]
-                p = conv.padding[0]
-                conv.padding = (0, conv.padding[1])
-                conv.register_forward_pre_hook(self._rows_hook(p, p))
+                conv.forward = self._edge_rows_conv2d(conv)
             elif isinstance(m, WanResample) and m.mode in ("downsample2d", "downsample3d"):
                 pad = m.resample[0]  # ZeroPad2d((left, right, top, bottom)) = (0, 1, 0, 1)
-                left, right, top, bottom = pad.padding
-                pad.padding = (left, right, 0, 0)
-                pad.register_forward_pre_hook(self._rows_hook(top, bottom))
+                pad.forward = self._zero_pad2d(pad)
             elif isinstance(m, WanAttentionBlock):
                 m.forward = self._whole_frame(m.forward)
 
-    # ---- hooks -------------------------------------------------------------------------------------
-    def _conv3d_hook(self, p: int):
-        def hook(module, args, kwargs):
-            x, *rest = args
-            cache = rest[0] if rest else kwargs.get("cache_x")
-            x = self.halo.exchange(x, p, p)
-            if cache is not None:
-                cache = self.halo.exchange(cache.to(x.device), p, p)
-            return (x, cache), {}
+    # ---- layer replacements -------------------------------------------------------------------------
+    def _causal_conv3d(self, m):
+        """diffusers' WanCausalConv3d.forward (cache frames first, zero frames before them, zero
+        columns left and right), with the padded input built in one buffer whose height padding
+        holds the neighbours' rows (of the cache frames too)."""
+        wl, wr, p, _, tpad, tafter = m._padding
+        assert tafter == 0 and p == m._padding[3], m._padding
 
-        return hook
+        def forward(x, cache_x=None):
+            parts = [x]
+            front = tpad
+            if cache_x is not None and tpad > 0:
+                parts = [cache_x.to(x.device), x]
+                front = tpad - cache_x.shape[2]
+            b, c, _, h, w = x.shape
+            frames = front + sum(q.shape[2] for q in parts)
+            buf = x.new_zeros(b, c, frames, h + 2 * p, wl + w + wr)
+            t = front
+            for q in parts:
+                buf[:, :, t:t + q.shape[2], p:p + h, wl:wl + w] = q
+                t += q.shape[2]
+            self.halo.fill(buf[..., wl:wl + w], p, p)
+            return torch.nn.Conv3d.forward(m, buf)
 
-    def _rows_hook(self, top: int, bottom: int):
-        def hook(module, args):
-            return (self.halo.exchange(args[0], top, bottom),)
+        return forward
 
-        return hook
+    def _edge_rows_conv2d(self, conv):
+        """The upsampling 3x3 conv (padding 1) as it is, then its first and last output rows
+        recomputed with the neighbours' rows in place of the zero padding."""
+        p, pw = conv.padding
+
+        def forward(x):
+            out = torch.nn.Conv2d.forward(conv, x)
+            if self.halo.world == 1:
+                return out
+            h = x.shape[-2]
+            assert h >= 2 * p, f"a band of {h} rows is too thin for a halo of {p}"
+            above, below = self.halo.swap(x[..., :p, :], x[..., -p:, :], p, p)
+            edge = lambda rows: torch.nn.functional.conv2d(  # noqa: E731
+                rows, conv.weight, conv.bias, conv.stride, (0, pw), conv.dilation, conv.groups)
+            if above is not None:
+                out[..., :p, :] = edge(torch.cat([above, x[..., :2 * p, :]], dim=-2))
+            if below is not None:
+                out[..., h - p:, :] = edge(torch.cat([x[..., h - 2 * p:, :], below], dim=-2))
+            return out
+
+        return forward
+
+    def _zero_pad2d(self, pad):
+        """ZeroPad2d before the stride-2 conv, its bottom rows taken from the rank below."""
+        left, right, top, bottom = pad.padding
+        assert top == 0, pad.padding
+
+        def forward(x):
+            h, w = x.shape[-2:]
+            buf = x.new_zeros(*x.shape[:-2], h + bottom, left + w + right)
+            buf[..., :h, left:left + w] = x
+            self.halo.fill(buf[..., left:left + w], 0, bottom)
+            return buf
+
+        return forward
 
     def _whole_frame(self, forward):
         def run(x):
