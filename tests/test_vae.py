@@ -6,15 +6,18 @@ sides). Against ComfyUI's own VAE code: tests/test_vae_comfyui.py.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import time
 
 import pytest
 import torch
 
 from comfyui_xdit_usp import wan_to_xdit_mapping as M
-from comfyui_xdit_usp.parallel import WorkerGroup, XDitUSPConfig, tiny
+from comfyui_xdit_usp.parallel import WorkerError, WorkerGroup, XDitUSPConfig, tiny
 from comfyui_xdit_usp.parallel.launcher import vae_key
 from comfyui_xdit_usp.parallel.sp_vae import split_rows
+from procs import shm_segments, wait_gone
 from workflow_utils import CLI
 
 TOL = 1e-5
@@ -128,6 +131,22 @@ def test_bad_inputs_are_refused_before_any_rank_runs(group, vaes):
     with pytest.raises(KeyError, match="not loaded"):
         group.vae_decode("vae-nothing", torch.zeros(1, 16, 2, 5, 6))
     assert group.alive
+
+
+def test_a_rank_failing_mid_decode_fails_the_call_in_seconds(vaes):
+    """Rank 1 raises before its decode while rank 0 waits for its halo rows: the call fails naming
+    rank 1 within seconds (not at the timeout), and the group, its processes and its shared memory
+    are gone."""
+    group = WorkerGroup(cpu_config(2), env={"XDIT_USP_FAULT": "vae_raise@1"})
+    key = group.vae_load(tiny.vae_comfy_state_dict(vaes["2.1"], "2.1"), "fp32")
+    log_dir, arena = group.log_dir, group.arena.name
+    t0 = time.monotonic()
+    with pytest.raises(WorkerError) as e:
+        group.vae_decode(key, torch.zeros(1, 16, *LATENT))
+    assert time.monotonic() - t0 < 15
+    assert e.value.rank == 1 and str(e.value).startswith("rank 1 failed in 'vaedecode': RuntimeError: injected fault")
+    assert group.proc is None and wait_gone(log_dir) == []
+    assert arena not in shm_segments(os.getpid())
 
 
 # ---- the command line ------------------------------------------------------------------------------------
