@@ -67,7 +67,8 @@ def single_gpu(vae, z, device, dtype, reps, tiled=False):
 
     def run():
         with torch.no_grad():
-            return vae.decode(z.to(device, dtype), return_dict=False)[0].float().cpu()
+            # as ComfyUI's VAE.decode: .to(output_device, dtype=intermediate dtype, copy=True)
+            return vae.decode(z.to(device, dtype), return_dict=False)[0].to("cpu", torch.float32)
 
     if cuda:
         torch.cuda.empty_cache()
@@ -102,7 +103,7 @@ def comfy_decode(version, config, state, z, device, dtype, reps):
 
     def run():
         with torch.no_grad():
-            return m.decode(z.to(device, dtype)).float().clamp(-1, 1).cpu()
+            return m.decode(z.to(device, dtype)).to("cpu", torch.float32).clamp_(-1, 1)
 
     if cuda:
         torch.cuda.empty_cache()

@@ -281,7 +281,9 @@ class VaeRunner:
     def run(self, key: str, encode: bool, full_input: torch.Tensor) -> tuple[slice, torch.Tensor]:
         """This rank's share of a decode (`full_input`: the whole latent) or an encode (the whole
         video), read from `full_input` (a view of the arena is fine). Returns (the output rows this
-        rank computed, as a slice of the full output's dim -2; those rows, fp32 on the CPU)."""
+        rank computed, as a slice of the full output's dim -2; those rows, on the rank's device in
+        the VAE's dtype: the caller's copy into the fp32 arena converts them, with no fp32 copy
+        on the GPU)."""
         sp = self._vae(key)
         dtype = next(sp.vae.parameters()).dtype
         s = sp.spatial
@@ -291,4 +293,4 @@ class VaeRunner:
         x = full_input[..., rows, :].to(self.device, dtype)
         out = sp.encode(x, latent_h) if encode else sp.decode(x, latent_h)
         out_rows = slice(start, start + n) if encode else slice(start * s, (start + n) * s)
-        return out_rows, out.float()
+        return out_rows, out

@@ -177,8 +177,9 @@ class Worker:
             torch.cuda.synchronize()
         ms = (time.perf_counter() - t0) * 1e3
         peak = torch.cuda.max_memory_allocated(self.device) if cuda else None
-        transport.view(buf, req.out)[..., rows, :].copy_(out)
+        transport.view(buf, req.out)[..., rows, :].copy_(out)  # converts to the arena's fp32
         del out
+        self.runner.trim()  # the decode's activations go back to the GPU, for the transformer and others
         return P.VaeDone(ms=ms, rows=[rows.start, rows.stop], peak_bytes=peak,
                          peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, memory=self.memory_stats())
 
