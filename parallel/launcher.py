@@ -657,9 +657,9 @@ def vae_key(tensors: dict, dtype: str) -> str:
 def vae_output_shape(info, shape: tuple, encode: bool, world: int) -> tuple:
     """The output shape of a decode (`shape`: the latent's) or an encode (`shape`: the video's)
     with the VAE `info` (wan_to_xdit_mapping.VaeInfo); ValueError for an input it cannot take."""
-    s, z = info.spatial, info.z_dim
-    patch = info.diffusers_config.get("patch_size") or 1
-    channels = info.diffusers_config["in_channels"] // (patch * patch)  # pixel channels (2.2 patchifies 2x2)
+    s, z, cfg = info.spatial, info.z_dim, info.diffusers_config
+    patch = cfg.get("patch_size") or 1
+    channels = cfg["in_channels" if encode else "out_channels"] // (patch * patch)  # pixels (2.2 patchifies 2x2)
     what = "video [B, C, frames, height, width]" if encode else "latent [B, z, frames, height, width]"
     if len(shape) != 5:
         raise ValueError(f"the VAE takes a {what}, got shape {shape}")
