@@ -73,8 +73,9 @@ class RowHalo:
         returns (the `top` rows of the rank above, the `bottom` rows of the rank below), None where
         there is no neighbour (the image's border)."""
         up, down = self.rank - 1, self.rank + 1
-        above = torch.empty_like(last) if top and up >= 0 else None
-        below = torch.empty_like(first) if bottom and down < self.world else None
+        new = lambda t: torch.empty(t.shape, dtype=t.dtype, device=t.device)  # noqa: E731 (contiguous, for NCCL)
+        above = new(last) if top and up >= 0 else None
+        below = new(first) if bottom and down < self.world else None
         ops = []
         if above is not None:
             ops.append(dist.P2POp(dist.irecv, above, up))
