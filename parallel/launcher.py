@@ -650,7 +650,7 @@ def vae_key(tensors: dict, dtype: str) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        h.update(t.reshape(-1).contiguous().cpu().view(torch.uint8).numpy())  # the buffer, not a copy of it
     return "vae-" + h.hexdigest()
 
 
