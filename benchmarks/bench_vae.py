@@ -110,7 +110,7 @@ def comfy_decode(version, config, state, z, device, dtype, reps):
         torch.cuda.reset_peak_memory_stats(device)
     s, out = timed(run, reps, cuda)
     peak = torch.cuda.max_memory_allocated(device) if cuda else None
-    del m
+    m.cpu()
     return s, peak, out
 
 
