@@ -81,18 +81,19 @@ def single_gpu(vae, z, device, dtype, reps, tiled=False):
 
 def comfy_decode(version, config, state, z, device, dtype, reps):
     """ComfyUI's own Wan VAE module (what VAEDecode runs), or None when ComfyUI is not importable."""
+    argv = sys.argv
     try:
-        if "comfy" not in sys.modules:
-            sys.argv, argv = ["x"], sys.argv
-            import comfy.options
+        sys.argv = ["main.py"] + (["--cpu"] if device.type == "cpu" else [])  # ComfyUI parses its own args at import
+        import comfy.options
 
-            comfy.options.enable_args_parsing()
-            sys.argv = argv
+        comfy.options.enable_args_parsing()
         import comfy.ldm.wan.vae as v21
         import comfy.ldm.wan.vae2_2 as v22
     except Exception as e:  # noqa: BLE001
         print(f"# --comfy: ComfyUI not importable ({type(e).__name__}: {e}); skipped", flush=True)
         return None
+    finally:
+        sys.argv = argv
     cfg = config
     common = dict(dim=cfg["base_dim"], z_dim=cfg["z_dim"], dim_mult=cfg["dim_mult"], num_res_blocks=2,
                   attn_scales=[], temperal_downsample=cfg["temperal_downsample"], dropout=0.0)
