@@ -12,13 +12,17 @@ parallel/tiny.real_vae_config), a random latent of --frames (81) video frames at
     see below), latent moved in and the video moved out to the CPU as VAEDecode does;
   - `tiled`: the same with diffusers' tiled decode (enable_tiling, 256 px tiles, 192 px stride: the
     analogue of ComfyUI's VAEDecodeTiled, blended seams, not exact);
-  - `comfy` (only with --comfy and ComfyUI importable, e.g. COMFYUI_DIR or the .comfy bundle on
-    sys.path): ComfyUI's own comfy.ldm.wan.vae / vae2_2 WanVAE.decode with the same weights.
+  - with --comfy (ComfyUI from COMFYUI_DIR or the .comfy bundle, booted as bench_comfyui.py does):
+    ComfyUI's own VAEDecode and VAEDecodeTiled nodes (its defaults) on the VAE comfy.sd.VAE builds
+    from the same weights, as VAELoader does (ComfyUI picks its dtype; its peak includes its
+    weights). ComfyUI's VAE wrapper only recognises the real 2.2 VAE width, so --res tiny
+    --vae wan2.2 --comfy fails there.
 Then for each N in --gpus a worker group of N ranks (NCCL) decodes the same latent split by rows
 (`ours`): owner-side seconds (latent into the arena, decode, video out of it) and in-worker
 seconds, median of --reps after a warm-up; per-GPU peak = torch.cuda.max_memory_allocated on every
-rank (weights included) against the baselines' in this process (weights included); rel_l2 and
-max_rel_err against `native`'s output (bf16: both round; fp32 agrees to ~1e-6).
+rank (weights included) against the baselines' in this process (weights included); speed and peak
+ratios against VAEDecode when --comfy measured it, else against `native`; rel_l2 and max_rel_err
+against `native`'s output (bf16: both round; fp32 agrees to ~1e-6).
 Results go to $OUT/bench_vae_<vae>_<res>.json after every row; a Markdown table is printed.
 """
 from __future__ import annotations
@@ -79,40 +83,48 @@ def single_gpu(vae, z, device, dtype, reps, tiled=False):
     return s, peak, out
 
 
-def comfy_decode(version, config, state, z, device, dtype, reps):
-    """ComfyUI's own Wan VAE module (what VAEDecode runs), or None when ComfyUI is not importable."""
-    argv = sys.argv
+def comfy_nodes(device):
+    """ComfyUI's `nodes` module (booted as bench_comfyui.py boots it: COMFYUI_DIR or the .comfy
+    bundle, PyAV stubbed), or None when there is no ComfyUI to import."""
+    import bench_comfyui as BC
+
     try:
-        sys.argv = ["main.py"] + (["--cpu"] if device.type == "cpu" else [])  # ComfyUI parses its own args at import
-        import comfy.options
-
-        comfy.options.enable_args_parsing()
-        import comfy.ldm.wan.vae as v21
-        import comfy.ldm.wan.vae2_2 as v22
-    except Exception as e:  # noqa: BLE001
-        print(f"# --comfy: ComfyUI not importable ({type(e).__name__}: {e}); skipped", flush=True)
+        directory = BC.comfy_dir(None)
+    except SystemExit as e:
+        print(f"# --comfy: {e}; skipped", flush=True)
         return None
-    finally:
-        sys.argv = argv
-    cfg = config
-    common = dict(dim=cfg["base_dim"], z_dim=cfg["z_dim"], dim_mult=cfg["dim_mult"], num_res_blocks=2,
-                  attn_scales=[], temperal_downsample=cfg["temperal_downsample"], dropout=0.0)
-    m = v22.WanVAE(dec_dim=cfg["decoder_base_dim"], **common) if version == "2.2" else v21.WanVAE(**common)
-    m.load_state_dict(state)
-    m.to(device, dtype).eval()
-    cuda = device.type == "cuda"
+    BC._stub_av()
+    return BC.boot(directory, cpu=device.type == "cpu")
 
-    def run():
-        with torch.no_grad():
-            return m.decode(z.to(device, dtype)).to("cpu", torch.float32).clamp_(-1, 1)
+
+def comfy_decode(nodes, state, z, device, reps, tiled: bool):
+    """ComfyUI's own VAEDecode (or VAEDecodeTiled with its defaults: 512 px tiles, 64 px overlap,
+    64 frames, 8 overlap) on the VAE built from `state` by comfy.sd.VAE, as VAELoader does: its own
+    dtype choice, memory management and output layout ([frames, H, W, 3] in [0, 1], on the CPU)."""
+    import comfy.model_management as mm
+    import comfy.sd
+
+    vae = comfy.sd.VAE(sd=state)
+    samples = {"samples": z}
+    cuda = device.type == "cuda"
+    node = nodes.VAEDecodeTiled() if tiled else nodes.VAEDecode()
+
+    def run():  # under inference mode, as ComfyUI's executor runs nodes
+        with torch.inference_mode():
+            if tiled:
+                return node.decode(vae, samples, tile_size=512, overlap=64, temporal_size=64, temporal_overlap=8)[0]
+            return node.decode(vae, samples)[0]
 
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     s, out = timed(run, reps, cuda)
     peak = torch.cuda.max_memory_allocated(device) if cuda else None
-    m.cpu()
-    return s, peak, out
+    dtype = str(vae.vae_dtype).replace("torch.", "")
+    mm.unload_all_models()
+    mm.soft_empty_cache()
+    # back to the workers' layout: [1, 3, frames, H, W] in [-1, 1]
+    return s, peak, out.clone().movedim(-1, 0).unsqueeze(0).float() * 2 - 1, dtype
 
 
 def main():
@@ -125,7 +137,8 @@ def main():
     p.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"), help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--no-tiled", action="store_true", help="skip the tiled one-GPU baseline")
-    p.add_argument("--comfy", action="store_true", help="also time ComfyUI's own WanVAE module (needs ComfyUI importable)")
+    p.add_argument("--comfy", action="store_true",
+                   help="also time ComfyUI's own VAEDecode and VAEDecodeTiled nodes (COMFYUI_DIR or the .comfy bundle)")
     a = p.parse_args()
     version = a.vae.removeprefix("wan")
     dtype_name = a.dtype or ("bf16" if a.device == "cuda" else "fp32")
@@ -134,6 +147,7 @@ def main():
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    nodes = comfy_nodes(device) if a.comfy else None
     real = all(r != "tiny" for r in a.res.split(","))
     config = tiny.real_vae_config(version) if real else tiny.tiny_vae_config(version)
     vae = tiny.build_vae(version, seed=0, config=config)
@@ -166,12 +180,12 @@ def main():
             sec, peak, out = single_gpu(vae, z, device, dtype, a.reps, tiled=True)
             emit({"what": "tiled", "gpus": 1, "s": round(sec, 3), "peak_gb": peak and round(peak / GB, 2),
                   "rel_l2": tiny.rel_l2(out, ref)})
-        if a.comfy:
-            r = comfy_decode(version, config, state, z, device, dtype, a.reps)
-            if r is not None:
-                emit({"what": "comfy", "gpus": 1, "s": round(r[0], 3), "peak_gb": r[1] and round(r[1] / GB, 2),
-                      "rel_l2": tiny.rel_l2(r[2], ref)})
-        native = rows[0]
+        if nodes is not None:
+            for tiled in (False, True) if not a.no_tiled else (False,):
+                r = comfy_decode(nodes, state, z, device, a.reps, tiled)
+                emit({"what": "VAEDecodeTiled" if tiled else "VAEDecode", "gpus": 1, "s": round(r[0], 3),
+                      "peak_gb": r[1] and round(r[1] / GB, 2), "rel_l2": tiny.rel_l2(r[2], ref), "comfy_dtype": r[3]})
+        native = next((r for r in rows if r["what"] == "VAEDecode"), rows[0])  # ComfyUI's own when measured
         vae.cpu()
         gc.collect()
         if cuda:
@@ -199,6 +213,7 @@ def main():
                    "peak_gb_per_gpu": None if None in peaks else [round(b / GB, 2) for b in peaks],
                    "rows_per_rank": [b - a_ for a_, b in stats["rows"]],
                    "rel_l2": tiny.rel_l2(out, ref), "max_rel_err": tiny.rel_err(out, ref)}
+            row["baseline"] = native["what"]
             row["speedup_vs_native"] = round(native["s"] / row["s"], 2)
             if native["peak_gb"] and row["peak_gb_per_gpu"]:
                 row["peak_ratio_vs_native"] = round(max(row["peak_gb_per_gpu"]) / native["peak_gb"], 3)
@@ -210,8 +225,8 @@ def main():
     print("|---|---|---|---|---|---|---|")
     for r in results["runs"]:
         peak = r.get("peak_gb") or (max(r["peak_gb_per_gpu"]) if r.get("peak_gb_per_gpu") else None)
-        vs = "" if r["what"] == "native" else (f"{r['speedup_vs_native']}x, mem {r.get('peak_ratio_vs_native', '-')}"
-                                               if r["what"] == "ours" else "")
+        vs = (f"{r['speedup_vs_native']}x, peak {r.get('peak_ratio_vs_native', '-')} of {r['baseline']}"
+              if r["what"] == "ours" else "")
         print(f"| {r['res']} | {r['what']} | {r['gpus']} | {r['s']} | {peak if peak is not None else '-'} | {vs} | "
               f"{r.get('rel_l2', 0.0):.1e} |")
 
