@@ -70,6 +70,21 @@ def test_key_table_round_trip(vaes, version):
         {k: v for k, v in cfg.items() if k not in ("latents_mean", "latents_std")}
 
 
+@pytest.mark.parametrize("version", VERSIONS)
+def test_one_rank_in_process_is_the_plain_vae(vaes, cases, version):
+    """No process group: the layer replacements alone (the halos are the zero padding) change
+    nothing: the path of a one-GPU config."""
+    import copy
+
+    from comfyui_xdit_usp.parallel.sp_vae import SequenceParallelVAE
+
+    sp = SequenceParallelVAE(copy.deepcopy(vaes[version]))
+    for encode in (False, True):
+        x, ref = cases[version, encode]
+        out = sp.encode(x, LATENT[1]) if encode else sp.decode(x, LATENT[1])
+        assert tiny.rel_err(out, ref) <= 1e-6
+
+
 def test_not_a_wan_vae_fails_before_anything_starts(vaes):
     group = WorkerGroup(cpu_config(2))
     with pytest.raises(M.CheckpointError, match="not a Wan VAE"):
