@@ -179,7 +179,7 @@ class MemoryStats:
     device: int
     allocated: int  # torch.cuda.memory_allocated: bytes in live tensors
     reserved: int  # torch.cuda.memory_reserved: what the caching allocator holds (what nvidia-smi shows, less the context)
-    param_bytes: int = 0  # parameter bytes of every model this rank holds
+    param_bytes: int = 0  # parameter bytes of every model this rank holds (the VAE's included)
     trims: int = 0  # how often this rank has trimmed its cache (after loads, unloads, LoRA sets, Memory(trim=True))
 
 
