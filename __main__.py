@@ -1,6 +1,7 @@
 """Command line: run a Wan transformer on N workers without ComfyUI and check it.
 
     python -m comfyui_xdit_usp run --gpus 2 --device cpu            # embedded tiny model
+    python -m comfyui_xdit_usp vae --gpus 2 --device cpu --vae wan2.2   # the parallel VAE, tiny
     python -m comfyui_xdit_usp run --gpus 4 --checkpoint wan2.1_t2v_1.3B_bf16.safetensors \
         --frames 81 --height 480 --width 832 --steps 5 --parity
 
@@ -109,6 +110,29 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--parity", action=argparse.BooleanOptionalAction, default=None,
                    help="compare with a single-process forward (omitted: on for the tiny model, off for checkpoints)")
     r.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+
+    v = sub.add_parser("vae", help="decode (or encode) one video with the Wan VAE split over N workers, print parity and timing",
+                       formatter_class=_Help)
+    v.add_argument("--gpus", type=_int_at_least(1), default=2, help="number of workers (GPUs, or CPU ranks with --device cpu)")
+    v.add_argument("--vae", choices=("wan2.1", "wan2.2"), default="wan2.1",
+                   help="embedded tiny VAE when no checkpoint (2.1: z 16, 8x; 2.2: z 48, 16x)")
+    v.add_argument("--checkpoint", help="a Wan VAE .safetensors file (ComfyUI's vae folder; omitted: the embedded tiny VAE)")
+    v.add_argument("--encode", action="store_true", help="encode a random video instead of decoding a random latent")
+    v.add_argument("--frames", type=_int_at_least(1), default=5, help="video frames, 4k+1 (latent frames = (F-1)/4+1)")
+    v.add_argument("--height", type=_int_at_least(8), default=None,
+                   help="video height in pixels, a multiple of 8 (2.1) or 16 (2.2); omitted: 11 latent rows, which "
+                        "no N in 2..8 divides")
+    v.add_argument("--width", type=_int_at_least(8), default=None,
+                   help="video width in pixels; omitted: 12 latent columns")
+    v.add_argument("--batch", type=_int_at_least(1), default=1, help="videos per call")
+    v.add_argument("--repeat", type=_int_at_least(1), default=1, help="timed calls (after one warm-up)")
+    v.add_argument("--device", choices=("cuda", "cpu"), default=None, help="omitted: cuda if available, else cpu")
+    v.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="omitted: fp32 on cpu, bf16 on cuda")
+    v.add_argument("--timeout", type=_positive_seconds, default=XDitUSPConfig.forward_timeout_s,
+                   help="seconds one VAE call may take before the group is declared stuck")
+    v.add_argument("--parity", action=argparse.BooleanOptionalAction, default=None,
+                   help="compare with the single-process diffusers VAE (omitted: on for the tiny VAE, off for checkpoints)")
+    v.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     return p
 
 
@@ -239,6 +263,93 @@ def _parity(out, path, info, inputs, config) -> dict:
     return r
 
 
+def run_vae(args) -> dict:
+    """The `vae` command: one decode (or encode) on N workers, against the single-process diffusers VAE."""
+    import torch
+
+    from .parallel import tiny
+    from .wan_to_xdit_mapping import inspect_vae, vae_to_diffusers
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("fp32" if device == "cpu" else "bf16")
+    config = parallel.XDitUSPConfig(world_size=args.gpus, dtype=dtype, device=device,
+                                    forward_timeout_s=args.timeout).validate()
+    version = args.vae.removeprefix("wan")
+
+    def size(s: int) -> tuple[int, int, tuple]:  # every size error before anything is built or read
+        height, width = args.height or 11 * s, args.width or 12 * s
+        for name, value in (("height", height), ("width", width)):
+            if value % s:
+                raise _UsageError(f"argument --{name}: must be a multiple of {s} for the Wan {version} VAE, got {value}")
+        latent = ((args.frames - 1) // 4 + 1, height // s, width // s)
+        if latent[1] < args.gpus:
+            raise _UsageError(f"--height {height} is {latent[1]} latent rows: fewer than --gpus {args.gpus}")
+        return height, width, latent
+
+    if args.checkpoint:
+        from safetensors.torch import load_file
+
+        if not os.path.exists(args.checkpoint):
+            raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file")
+        state = load_file(args.checkpoint)
+        state = {k[len("vae."):] if k.startswith("vae.") else k: v for k, v in state.items()}
+        info = inspect_vae(state)
+        version = info.version
+        height, width, latent = size(info.spatial)
+        vae = None
+    else:
+        height, width, latent = size(16 if version == "2.2" else 8)
+        vae = tiny.build_vae(version)
+        state = tiny.vae_comfy_state_dict(vae, version)
+        info = inspect_vae(state)
+    g = torch.Generator().manual_seed(0)
+    if args.encode:
+        channels = info.diffusers_config["in_channels"] // (info.diffusers_config.get("patch_size") or 1) ** 2
+        x = torch.rand(args.batch, channels, args.frames, height, width, generator=g) * 2 - 1
+    else:
+        x = torch.randn(args.batch, info.z_dim, *latent, generator=g)
+
+    from .parallel.sp_vae import split_rows
+
+    with parallel.WorkerGroup(config) as group:
+        t0 = time.perf_counter()
+        key = group.vae_load(state, dtype)
+        load_s = time.perf_counter() - t0
+        run = group.vae_encode if args.encode else group.vae_decode
+        stats, times, worker_ms = {}, [], []
+        out = run(key, x, stats=stats)  # warm-up
+        for _ in range(args.repeat):
+            out = run(key, x, stats=stats)
+            times.append(stats["owner_ms"])
+            worker_ms.append(stats["worker_ms"])
+
+    parity = None
+    if args.parity if args.parity is not None else not args.checkpoint:
+        import diffusers
+
+        if vae is None:
+            tensors, _ = vae_to_diffusers(state, info)
+            vae = diffusers.AutoencoderKLWan(**info.diffusers_config)
+            vae.load_state_dict({k: t.float() for k, t in tensors.items()})
+        ref_device = "cuda" if device == "cuda" else "cpu"
+        ref = tiny.vae_reference(vae.float().to(ref_device).eval(), x.to(ref_device), args.encode).cpu()
+        parity = tiny.rel_err(out, ref)
+    peak = stats["peak_bytes"] if None not in stats["peak_bytes"] else None
+    return {
+        "command": "vae", "vae": f"wan{info.version}", "checkpoint": args.checkpoint or "embedded tiny VAE",
+        "mode": "encode" if args.encode else "decode", "world_size": args.gpus, "device": device, "dtype": dtype,
+        "video": [args.batch, args.frames, height, width], "latent": list(latent),
+        "latent_rows_per_rank": [n for _, n in split_rows(latent[1], args.gpus)],
+        "layout": f"rows split {'/'.join(str(n) for _, n in split_rows(latent[1], args.gpus))} (latent rows per rank)",
+        "max_rel_err": parity, "ms": statistics.median(times), "worker_ms": statistics.median(worker_ms),
+        "load_s": load_s, "peak_bytes_per_rank": peak, "peak_rss_per_rank": stats["peak_rss"], "key": key,
+    }
+
+
+class _UsageError(ValueError):
+    """A bad command-line value found after parsing (exit 2, one line)."""
+
+
 def main(argv=None) -> int:
     """Exit 0 on success, 1 when the workers fail, 2 on a user error (one line), 130 on Ctrl-C."""
     try:
@@ -246,18 +357,25 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
         if (args.frames - 1) % 4:
             parser.error(f"argument --frames: must be 4k+1 (1, 5, ..., 81: Wan's VAE), got {args.frames}")
-        for name in ("height", "width"):
+        for name in ("height", "width") if args.command == "run" else ():
             if getattr(args, name) % 16:
                 parser.error(f"argument --{name}: must be a multiple of 16 (VAE x patch size), got {getattr(args, name)}")
         from .parallel.config import ConfigError
         from .wan_to_xdit_mapping import CheckpointError
 
         try:
-            r = run(args)
+            r = run_vae(args) if args.command == "vae" else run(args)
+        except _UsageError as e:
+            parser.error(str(e))
         except ConfigError as e:
             print(f"error: {e.render(CLI_LABELS)}", file=sys.stderr)
             return 2
         except (CheckpointError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except ValueError as e:  # the VAE's input checks (launcher.vae_output_shape)
+            if args.command != "vae":
+                raise
             print(f"error: {e}", file=sys.stderr)
             return 2
         except parallel.WorkerError as e:
@@ -266,6 +384,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # the group (if any) was killed on the way out; nothing to report
         print("interrupted", file=sys.stderr)
         return 130
+    if args.command == "vae":
+        _print_vae(r, args.json)
     if args.command == "run":
         err = "n/a" if r["max_rel_err"] is None else f"{r['max_rel_err']:.2e}"
         print(f"model      {r['checkpoint']} ({r['variant']}), latent {r['latent']} = {r['tokens']} tokens, batch {r['batch']}")
@@ -290,6 +410,22 @@ def main(argv=None) -> int:
         if args.json:
             print(json.dumps(r))
     return 0
+
+
+def _print_vae(r: dict, as_json: bool):
+    mb = lambda b: f"{b / 2**20:.0f} MiB"  # noqa: E731
+    print(f"vae        {r['checkpoint']} ({r['vae']}), {r['mode']} of {r['video'][0]} x {r['video'][1]} frames "
+          f"{r['video'][2]}x{r['video'][3]} (latent {r['latent']})")
+    print(f"layout     {r['layout']} on {r['world_size']} {r['device']} worker(s), {r['dtype']}")
+    print("parity     " + ("not computed (--parity computes it)" if r["max_rel_err"] is None else
+                           f"vs single-process diffusers VAE in fp32: max relative error {r['max_rel_err']:.2e}"))
+    print(f"time       {r['ms']:.1f} ms (in workers {r['worker_ms']:.1f} ms), start + weights {r['load_s']:.1f} s")
+    if r["peak_bytes_per_rank"] is not None:
+        print("memory     peak allocated per GPU: " + ", ".join(mb(b) for b in r["peak_bytes_per_rank"]))
+    else:
+        print("memory     peak RSS per rank (whole process): " + ", ".join(mb(b) for b in r["peak_rss_per_rank"]))
+    if as_json:
+        print(json.dumps(r))
 
 
 def cli():

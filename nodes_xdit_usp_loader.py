@@ -165,4 +165,6 @@ def _node_words():
 class XDitUSPExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [XDitUSPConfigNode, XDitUSPWanVideoModelLoader]
+        from .nodes_xdit_usp_vae import NODES as VAE_NODES
+
+        return [XDitUSPConfigNode, XDitUSPWanVideoModelLoader, *VAE_NODES]

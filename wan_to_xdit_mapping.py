@@ -698,3 +698,179 @@ def lora_delta(entry: dict[str, Any], strength: float = 1.0) -> torch.Tensor:
     if down.ndim > 2:
         delta = delta.reshape(up.shape[0], *down.shape[1:])
     return delta * scale
+
+
+# --------------------------------------------------------------------------------------------------
+# The Wan VAE: ComfyUI's (= the original Wan repo's) state dict -> diffusers ``AutoencoderKLWan``.
+#
+# ComfyUI builds ``comfy.ldm.wan.vae.WanVAE`` (2.1) or ``vae2_2.WanVAE`` (2.2) from the state dict
+# with fixed ``dim_mult [1, 2, 4, 4]``, ``num_res_blocks 2``, no attention outside the mid-blocks;
+# so does this table. Conversion is rename-only (every tensor keeps its shape); ``vae_to_diffusers``
+# checks names and shapes against the diffusers class built on the meta device.
+VAE_DIM_MULT = (1, 2, 4, 4)
+VAE_NUM_RES_BLOCKS = 2
+
+# Whole prefixes that rename as they are.
+VAE_PREFIX_RULES = [
+    ("conv1.", "quant_conv."),
+    ("conv2.", "post_quant_conv."),
+    ("encoder.conv1.", "encoder.conv_in."),
+    ("decoder.conv1.", "decoder.conv_in."),
+    ("encoder.head.0.", "encoder.norm_out."),
+    ("encoder.head.2.", "encoder.conv_out."),
+    ("decoder.head.0.", "decoder.norm_out."),
+    ("decoder.head.2.", "decoder.conv_out."),
+    ("encoder.middle.0.", "encoder.mid_block.resnets.0."),
+    ("encoder.middle.1.", "encoder.mid_block.attentions.0."),  # norm, to_qkv, proj: same names
+    ("encoder.middle.2.", "encoder.mid_block.resnets.1."),
+    ("decoder.middle.0.", "decoder.mid_block.resnets.0."),
+    ("decoder.middle.1.", "decoder.mid_block.attentions.0."),
+    ("decoder.middle.2.", "decoder.mid_block.resnets.1."),
+]
+# Inside a residual block (ComfyUI's nn.Sequential indices -> diffusers' attributes). Resample
+# blocks keep their names (``resample.1``, ``time_conv``).
+VAE_RESBLOCK_RULES = [
+    ("residual.0.", "norm1."), ("residual.2.", "conv1."), ("residual.3.", "norm2."), ("residual.6.", "conv2."),
+    ("shortcut.", "conv_shortcut."),
+]
+# Where the down/up-sampling blocks go, per VAE ("2.1": flat lists; "2.2": one residual block per
+# level), as (ComfyUI prefix template, diffusers prefix template, kind): {i} level, {k} block within
+# it, {j} flat index. Kind says which blocks a level has: "res" (k < num_res_blocks [+1 in the
+# decoder]) or "resample" (the last one, on every level but the last).
+VAE_BLOCK_LAYOUT = {
+    "2.1": {
+        "encoder": ("encoder.downsamples.{j}.", {"res": "encoder.down_blocks.{j}.", "resample": "encoder.down_blocks.{j}."}),
+        "decoder": ("decoder.upsamples.{j}.", {"res": "decoder.up_blocks.{i}.resnets.{k}.",
+                                              "resample": "decoder.up_blocks.{i}.upsamplers.0."}),
+    },
+    "2.2": {
+        "encoder": ("encoder.downsamples.{i}.downsamples.{k}.", {"res": "encoder.down_blocks.{i}.resnets.{k}.",
+                                                                 "resample": "encoder.down_blocks.{i}.downsampler."}),
+        "decoder": ("decoder.upsamples.{i}.upsamples.{k}.", {"res": "decoder.up_blocks.{i}.resnets.{k}.",
+                                                             "resample": "decoder.up_blocks.{i}.upsampler."}),
+    },
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class VaeInfo:
+    """What a Wan VAE state dict is: ``version`` "2.1" (z 16, 8x) or "2.2" (z 48, 16x with the 2x2
+    patchify), and the diffusers ``AutoencoderKLWan`` config that holds it."""
+
+    version: str
+    diffusers_config: dict
+    z_dim: int
+    spatial: int  # pixels per latent row/column: 8 (2.1) or 16 (2.2)
+    temporal: int = 4  # frames per latent frame after the first
+
+
+def _vae_prefixes(version: str) -> list[tuple[str, str]]:
+    """(ComfyUI prefix, diffusers prefix) of every down/up-sampling block of a ``version`` VAE."""
+    levels = len(VAE_DIM_MULT)
+    out = []
+    for part, extra in (("encoder", 0), ("decoder", 1)):  # the decoder has one more res block per level
+        src, dst = VAE_BLOCK_LAYOUT[version][part]
+        j = 0
+        for i in range(levels):
+            kinds = ["res"] * (VAE_NUM_RES_BLOCKS + extra) + (["resample"] if i != levels - 1 else [])
+            for k, kind in enumerate(kinds):
+                out.append((src.format(i=i, k=k, j=j), dst[kind].format(i=i, k=k, j=j)))
+                j += 1
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _vae_table(version: str) -> list[tuple[str, str]]:
+    return sorted(VAE_PREFIX_RULES + _vae_prefixes(version), key=lambda r: -len(r[0]))  # longest prefix first
+
+
+def vae_key_to_diffusers(key: str, version: str) -> str | None:
+    for src, dst in _vae_table(version):
+        if key.startswith(src):
+            rest = key[len(src):]
+            for a, b in VAE_RESBLOCK_RULES:
+                if rest.startswith(a):
+                    rest = b + rest[len(a):]
+                    break
+            return dst + rest
+    return None
+
+
+def _vae_shape(sd, key: str) -> tuple:
+    v = sd[key]
+    return tuple(v.shape if hasattr(v, "shape") else v)
+
+
+def inspect_vae(state_dict: dict) -> VaeInfo:
+    """The Wan VAE ``state_dict`` (ComfyUI's names; tensors or shapes) holds, by ComfyUI's own rules
+    (comfy/sd.py: a Wan VAE has ``decoder.middle.0.residual.0.gamma``; 2.2 has nested up-blocks).
+    Raises CheckpointError for anything else."""
+    if "decoder.middle.0.residual.0.gamma" not in state_dict or "encoder.conv1.weight" not in state_dict:
+        raise CheckpointError("not a Wan VAE (no decoder.middle.0.residual.0.gamma / encoder.conv1.weight): the "
+                              "XDit+USP VAE nodes take the Wan 2.1 or Wan 2.2 VAE")
+    version = "2.2" if "decoder.upsamples.0.upsamples.0.residual.2.weight" in state_dict else "2.1"
+    enc_in = _vae_shape(state_dict, "encoder.conv1.weight")  # [base_dim, in_channels, 3, 3, 3]
+    z_dim = _vae_shape(state_dict, "decoder.conv1.weight")[1]
+    cfg = dict(base_dim=enc_in[0], decoder_base_dim=_vae_shape(state_dict, "decoder.head.0.gamma")[0],
+               z_dim=z_dim, dim_mult=list(VAE_DIM_MULT), num_res_blocks=VAE_NUM_RES_BLOCKS, attn_scales=[],
+               temperal_downsample=[False, True, True], in_channels=enc_in[1],
+               out_channels=_vae_shape(state_dict, "decoder.head.2.weight")[0])
+    if version == "2.2":
+        cfg.update(is_residual=True, patch_size=2, scale_factor_spatial=16,
+                   latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim)  # not used by encode/decode
+    else:
+        cfg.update(latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim)
+    return VaeInfo(version, cfg, z_dim, 16 if version == "2.2" else 8)
+
+
+@functools.lru_cache(maxsize=8)
+def _vae_expected(cfg_json: str) -> dict[str, tuple]:
+    import diffusers
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        m = diffusers.AutoencoderKLWan(**json.loads(cfg_json))
+    return {k: tuple(v.shape) for k, v in m.state_dict().items()}
+
+
+def vae_to_diffusers(state_dict: dict, info: VaeInfo | None = None) -> tuple[dict, VaeInfo]:
+    """ComfyUI's Wan VAE state dict -> ({diffusers name: the same tensor}, VaeInfo), every name and
+    shape checked against ``AutoencoderKLWan`` (CheckpointError naming what does not fit)."""
+    info = info or inspect_vae(state_dict)
+    expected = _vae_expected(json.dumps(info.diffusers_config, sort_keys=True))
+    out, unknown, bad = {}, [], {}
+    for k, v in state_dict.items():
+        name = vae_key_to_diffusers(k, info.version)
+        if name is None or name not in expected:
+            unknown.append(k)
+        elif tuple(v.shape) != expected[name]:
+            bad[name] = f"{k} is {tuple(v.shape)}, expected {expected[name]}"
+        else:
+            out[name] = v
+    missing = sorted(set(expected) - set(out) - set(bad))
+    if unknown or bad or missing:
+        shapes = sorted(bad.values())
+        raise CheckpointError(
+            f"Wan {info.version} VAE state dict does not match diffusers' AutoencoderKLWan: "
+            + "; ".join(p for p in (unknown and f"unknown keys {_first(unknown)}",
+                                    bad and "shapes: " + ", ".join(shapes[:5]) + (" ..." if len(shapes) > 5 else ""),
+                                    missing and f"missing {_first(missing)}") if p))
+    return out, info
+
+
+def vae_key_to_original(name: str, version: str) -> str | None:
+    """The inverse of ``vae_key_to_diffusers`` (diffusers name -> ComfyUI's)."""
+    for src, dst in sorted(_vae_table(version), key=lambda r: -len(r[1])):
+        if name.startswith(dst):
+            rest = name[len(dst):]
+            for a, b in VAE_RESBLOCK_RULES:
+                if rest.startswith(b):
+                    rest = a + rest[len(b):]
+                    break
+            return src + rest
+    return None
+
+
+def vae_to_original(state_dict: dict, version: str) -> dict:
+    """diffusers ``AutoencoderKLWan`` state dict -> ComfyUI's names (what a Wan VAE file holds)."""
+    return {vae_key_to_original(k, version): v for k, v in state_dict.items()}

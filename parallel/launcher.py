@@ -178,6 +178,7 @@ class WorkerGroup:
         # unknown or stale (after an unload). The owner's figures: reading them costs no round trip.
         self.memory_stats: Optional[list[P.MemoryStats]] = None
         self.forward_peaks: dict[str, list] = {}  # key -> each rank's peak_bytes in its last forward
+        self.vae: Optional[tuple] = None  # (key, VaeInfo, VaeLoaded) of the VAE the ranks hold (one at a time)
         self.log_dir: Optional[str] = None
         self.arena = transport.ShmArena()
         self.launches = 0
@@ -317,6 +318,7 @@ class WorkerGroup:
             self.conns, self.pids, self.models = [], [], {}
             self._infos, self._sizes_checked = {}, set()
             self.memory_stats, self.forward_peaks = None, {}
+            self.vae = None
             self.arena.close()
             if self.log_dir and not keep_logs and proc is not None:
                 shutil.rmtree(self.log_dir, ignore_errors=True)
@@ -548,6 +550,63 @@ class WorkerGroup:
                 )
             return out
 
+    # ---- the VAE (parallel/sp_vae.py) ------------------------------------------------------------
+    def vae_load(self, state_dict: dict, dtype: str, key: Optional[str] = None) -> str:
+        """Hold the Wan VAE `state_dict` (ComfyUI's key names, as `VAE.first_stage_model` holds
+        them; any device) on every rank, computing in `dtype` ("bf16", "fp16", "fp32"); returns
+        its key. The weights cross once: when the ranks hold this key already, nothing is sent.
+        `key`: `vae_key` of the same weights, when the caller has it (it costs a pass over them).
+        A state dict that is not a Wan VAE raises CheckpointError before anything starts."""
+        from ..wan_to_xdit_mapping import vae_to_diffusers
+        from .sp_vae import TORCH_DTYPES
+
+        with self._lock:
+            if dtype not in TORCH_DTYPES:
+                raise ValueError(f"VAE dtype must be one of {tuple(TORCH_DTYPES)}, got {dtype!r}")
+            tensors, info = vae_to_diffusers(state_dict)
+            key = key or vae_key(tensors, dtype)
+            if self.vae is not None and self.vae[0] == key and self.alive:
+                return key
+            self.start()
+            wire = TORCH_DTYPES[dtype]
+            specs, _ = self.arena.pack(tensors, {}, {k: wire for k in tensors})
+            replies: list[P.VaeLoaded] = self._call(
+                P.VaeLoad(key, self.arena.name, specs, info.diffusers_config, dtype), self.config.load_timeout_s)
+            self.vae = (key, info, replies[0])
+            self._note_memory([r.memory for r in replies])
+            return key
+
+    def vae_decode(self, key: str, latent: torch.Tensor, stats: Optional[dict] = None) -> torch.Tensor:
+        """Decode `latent` [B, z, T, H, W] (ComfyUI's LATENT samples, unscaled) with the VAE `key`
+        on every rank, split by latent rows (H >= world size; any H). Returns the video
+        [B, C, 1 + 4(T-1), H*s, W*s] in [-1, 1], fp32 on the CPU: the single-process decode."""
+        return self._vae_run(key, latent, encode=False, stats=stats)
+
+    def vae_encode(self, key: str, pixels: torch.Tensor, stats: Optional[dict] = None) -> torch.Tensor:
+        """Encode `pixels` [B, C, F, H, W] in [-1, 1] (H, W multiples of the VAE's 8 or 16; H/s >=
+        world size). Returns the posterior mean [B, z, 1 + (F-1)//4, H/s, W/s], fp32 on the CPU, as
+        ComfyUI's Wan VAE encode does (extra frames past 1 + 4k are dropped, as there)."""
+        return self._vae_run(key, pixels, encode=True, stats=stats)
+
+    def _vae_run(self, key: str, x: torch.Tensor, encode: bool, stats: Optional[dict]) -> torch.Tensor:
+        with self._lock:
+            if self.vae is None or self.vae[0] != key:
+                raise KeyError(f"VAE {key!r} is not loaded on this group (vae_load it first)")
+            info = self.vae[1]
+            out_shape = vae_output_shape(info, tuple(x.shape), encode, self.config.world_size)
+            t0 = time.perf_counter()
+            specs, reserved = self.arena.pack({"input": x}, {"out": (out_shape, torch.float32)},
+                                              {"input": torch.float32})
+            request = (P.VaeEncode if encode else P.VaeDecode)(key, self.arena.name, specs["input"], reserved["out"])
+            replies: list[P.VaeDone] = self._call(request, self.config.forward_timeout_s)
+            out = self.arena.read(reserved["out"])
+            self._note_memory([r.memory for r in replies])
+            if stats is not None:
+                stats.update(owner_ms=(time.perf_counter() - t0) * 1e3, worker_ms=max(r.ms for r in replies),
+                             rows=[r.rows for r in replies], peak_bytes=[r.peak_bytes for r in replies],
+                             peak_rss=[r.peak_rss for r in replies])
+            return out
+
     def _check_memory(self, key: str, inputs: P.ForwardInputs):
         """Before the first forward at a video size: refuse one the memory plan says will not fit
         (as a clear error, not an out-of-memory failure that takes the group down)."""
@@ -586,6 +645,49 @@ class WorkerGroup:
             raise ValueError(f"encoder_hidden_states must be [B, tokens, dim] with B={x.shape[0]}, got {tuple(ctx.shape)}")
         if t.ndim > 2:
             raise ValueError(f"timestep must be [B], [B, frames] or [B, tokens], got {tuple(t.shape)}")
+
+
+def vae_key(tensors: dict, dtype: str) -> str:
+    """The content key of a VAE's weights (any names, any device) in compute dtype `dtype`: a
+    BLAKE2 hash of every tensor's name, dtype, shape and bytes, in name order."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    h.update(dtype.encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).contiguous().cpu().view(torch.uint8).numpy())  # the buffer, not a copy of it
+    return "vae-" + h.hexdigest()
+
+
+def vae_output_shape(info, shape: tuple, encode: bool, world: int) -> tuple:
+    """The output shape of a decode (`shape`: the latent's) or an encode (`shape`: the video's)
+    with the VAE `info` (wan_to_xdit_mapping.VaeInfo); ValueError for an input it cannot take."""
+    s, z, cfg = info.spatial, info.z_dim, info.diffusers_config
+    patch = cfg.get("patch_size") or 1
+    channels = cfg["in_channels" if encode else "out_channels"] // (patch * patch)  # pixels (2.2 patchifies 2x2)
+    what = "video [B, C, frames, height, width]" if encode else "latent [B, z, frames, height, width]"
+    if len(shape) != 5:
+        raise ValueError(f"the VAE takes a {what}, got shape {shape}")
+    b, c, t, h, w = shape
+    if encode:
+        if c != channels:
+            raise ValueError(f"the Wan {info.version} VAE encodes {channels}-channel video, got {c} channels")
+        if h % s or w % s:
+            raise ValueError(f"video height and width must be multiples of {s} for the Wan {info.version} VAE, "
+                             f"got {h}x{w}")
+        h, w = h // s, w // s
+    elif c != z:
+        raise ValueError(f"the Wan {info.version} VAE decodes {z}-channel latents, got {c} channels")
+    if h < world:
+        raise ValueError(f"a latent {h} rows high cannot be split over {world} ranks (one row each at least): "
+                         "use fewer GPUs for this VAE")
+    if b < 1 or t < 1 or w < 1:
+        raise ValueError(f"empty {what}: {shape}")
+    if encode:
+        return (b, z, 1 + (t - 1) // 4, h, w)
+    return (b, channels, 1 + 4 * (t - 1), h * s, w * s)
 
 
 # ---- the registry the ComfyUI nodes use: one warm group per set of devices --------------------
@@ -654,6 +756,29 @@ def load_model(config: XDitUSPConfig, key: str, path: str, on_evict=None) -> dic
             if not group.models:
                 close_group(group)
             raise
+
+
+def vae_group(config: XDitUSPConfig, on_evict=None) -> WorkerGroup:
+    """The group a VAE run of `config` uses: a running registered group on the same devices with
+    the same number of ranks (the VAE needs nothing else of a config: the loader's group with its
+    own weight_dtype serves, and is not replaced), else the registered group of `config`, after the
+    other groups on these devices are closed as `load_model` does (`on_evict(group)` called first
+    for each running one). It is started by its first request."""
+    with _groups_lock:
+        same = lambda g: (g.config.device == config.device and g.config.world_size == config.world_size  # noqa: E731
+                          and (config.device == "cpu" or g.config.visible_device_ids() == config.visible_device_ids()))
+        running = [g for g in _groups.values() if g.alive and same(g)]
+        exact = _groups.get(config.to_json())
+        if exact is not None and exact in running:
+            return exact
+        if running:
+            return running[0]
+        group = get_group(config)
+        for other in [g for g in _groups.values() if g is not group and shares_devices(g.config, config)]:
+            if on_evict is not None and other.alive:
+                on_evict(other)
+            close_group(other)
+        return group
 
 
 def close_idle_groups() -> list[WorkerGroup]:

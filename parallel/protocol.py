@@ -165,6 +165,40 @@ class SetWeightPatches:
     patches: dict[str, list[WeightPatch]]
 
 
+@dataclass
+class VaeLoad:
+    """Hold this Wan VAE (diffusers AutoencoderKLWan kwargs `config`, weights in the arena under
+    diffusers' names) under `key` in `dtype`, replacing any VAE held before (one per group)."""
+
+    key: str  # launcher.vae_key: the weights' content and the dtype
+    arena: str
+    tensors: dict[str, TensorSpec]
+    config: dict
+    dtype: str  # "bf16" | "fp16" | "fp32"
+
+
+@dataclass
+class VaeDecode:
+    """Decode the latent `input` [B, z, T, H, W] (whole, fp32) split by rows (parallel/sp_vae.py);
+    every rank writes its pixel rows of `out` [B, C, 1 + 4(T-1), H*s, W*s] (fp32, [-1, 1])."""
+
+    key: str
+    arena: str
+    input: TensorSpec
+    out: TensorSpec
+
+
+@dataclass
+class VaeEncode:
+    """Encode the video `input` [B, C, F, H, W] (whole, fp32, [-1, 1]) split by rows; every rank
+    writes its latent rows of the posterior mean `out` [B, z, 1 + (F-1)//4, H/s, W/s] (fp32)."""
+
+    key: str
+    arena: str
+    input: TensorSpec
+    out: TensorSpec
+
+
 # ---- replies ----------------------------------------------------------------------------------------
 @dataclass
 class MemoryStats:
@@ -178,7 +212,7 @@ class MemoryStats:
     device: int
     allocated: int  # torch.cuda.memory_allocated: bytes in live tensors
     reserved: int  # torch.cuda.memory_reserved: what the caching allocator holds (what nvidia-smi shows, less the context)
-    param_bytes: int = 0  # parameter bytes of every model this rank holds
+    param_bytes: int = 0  # parameter bytes of every model this rank holds (the VAE's included)
     trims: int = 0  # how often this rank has trimmed its cache (after loads, unloads, LoRA sets, Memory(trim=True))
 
 
@@ -229,6 +263,22 @@ class WeightsPatched:
 
 
 @dataclass
+class VaeLoaded:
+    load_s: float
+    param_bytes: int
+    memory: Optional[MemoryStats] = None
+
+
+@dataclass
+class VaeDone:
+    ms: float  # the VAE on this rank
+    rows: list  # [start, stop) of the output rows this rank wrote
+    peak_bytes: Optional[int]  # torch.cuda.max_memory_allocated in the run (None on the CPU)
+    peak_rss: int = 0  # the process's peak resident set (bytes; on the CPU the only peak there is)
+    memory: Optional[MemoryStats] = None
+
+
+@dataclass
 class Failed:
     """A request raised on a rank. `time` is CLOCK_MONOTONIC (one clock for every process), so the
     owner blames the rank that failed first whatever order the replies arrive in."""
@@ -248,7 +298,7 @@ class Done:
 MESSAGES = {cls.__name__: cls for cls in (
     Ping, Shutdown, Load, Unload, Forward, Memory, SetWeightPatches, Pong, MemoryStats, Loaded, ForwardDone, WeightsPatched,
     Failed,
-    Done,
+    Done, VaeLoad, VaeDecode, VaeEncode, VaeLoaded, VaeDone,
 )}
 
 

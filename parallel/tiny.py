@@ -173,3 +173,61 @@ def reference_from_checkpoint(path, info, inputs: ForwardInputs, device="cpu", d
         del model
         if str(device).startswith("cuda"):
             torch.cuda.empty_cache()
+
+
+# ---- the embedded tiny Wan VAE ------------------------------------------------------------------------
+VAE_VERSIONS = ("2.1", "2.2")
+
+
+def tiny_vae_config(version: str = "2.1") -> dict:
+    """diffusers ``AutoencoderKLWan`` kwargs of a tiny VAE with the real structure: Wan 2.1 (z 16,
+    8x) or Wan 2.2 (z 48, residual up/down blocks, 2x2 patchify: 16x), few channels."""
+    from ..wan_to_xdit_mapping import VAE_DIM_MULT, VAE_NUM_RES_BLOCKS
+
+    cfg = dict(base_dim=8, z_dim=16, dim_mult=list(VAE_DIM_MULT), num_res_blocks=VAE_NUM_RES_BLOCKS,
+               attn_scales=[], temperal_downsample=[False, True, True], latents_mean=[0.0] * 16,
+               latents_std=[1.0] * 16)
+    if version == "2.2":
+        cfg.update(decoder_base_dim=12, z_dim=48, is_residual=True, in_channels=12, out_channels=12, patch_size=2,
+                   scale_factor_spatial=16, latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
+    elif version != "2.1":
+        raise ValueError(f"unknown Wan VAE version {version!r}; choose from {VAE_VERSIONS}")
+    return cfg
+
+
+def real_vae_config(version: str = "2.1") -> dict:
+    """The real Wan 2.1 (base_dim 96, z 16) / Wan 2.2 (160 / decoder 256, z 48) VAE config."""
+    cfg = tiny_vae_config(version)
+    cfg.update(base_dim=96) if version == "2.1" else cfg.update(base_dim=160, decoder_base_dim=256)
+    return cfg
+
+
+@torch.no_grad()
+def build_vae(version: str = "2.1", seed: int = 0, config: dict | None = None):
+    """A diffusers ``AutoencoderKLWan`` (fp32, eval) with diffusers' own random init under `seed`
+    and random RMS-norm gains, so nothing is the identity."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    vae = diffusers.AutoencoderKLWan(**(config or tiny_vae_config(version)))
+    g = torch.Generator().manual_seed(seed)
+    for name, p in vae.named_parameters():
+        if name.endswith("gamma"):
+            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+    return vae.eval()
+
+
+def vae_comfy_state_dict(vae, version: str) -> dict:
+    """The VAE's weights under ComfyUI's (the original Wan repo's) names, as ComfyUI's VAE holds them."""
+    from ..wan_to_xdit_mapping import vae_to_original
+
+    return vae_to_original(vae.state_dict(), version)
+
+
+@torch.no_grad()
+def vae_reference(vae, x: torch.Tensor, encode: bool) -> torch.Tensor:
+    """The single-process diffusers decode (latent -> pixels in [-1, 1]) or encode (pixels ->
+    posterior mean), fp32 on the CPU."""
+    if encode:
+        return vae.encode(x, return_dict=False)[0].mode().float()
+    return vae.decode(x, return_dict=False)[0].float()

@@ -25,6 +25,7 @@ from . import protocol as P
 from . import transport
 from .config import XDitUSPConfig
 from .runner import ModelRunner
+from .sp_vae import TORCH_DTYPES, VaeRunner
 
 
 class Worker:
@@ -43,9 +44,11 @@ class Worker:
         else:
             self.device = torch.device("cpu")
         self.runner = ModelRunner(self.config, self.device)
+        self.vae = VaeRunner(self.device)
         self.handlers = {
             P.Ping: self.ping, P.Load: self.load, P.Unload: self.unload, P.Forward: self.forward,
             P.SetWeightPatches: self.set_weight_patches, P.Memory: self.memory,
+            P.VaeLoad: self.vae_load, P.VaeDecode: self.vae_run, P.VaeEncode: self.vae_run,
         }
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -152,6 +155,36 @@ class Worker:
                              peak_bytes=torch.cuda.max_memory_allocated(self.device) if cuda else None,
                              memory=self.memory_stats(), compiled=compiled)
 
+    def vae_load(self, req: P.VaeLoad) -> P.VaeLoaded:
+        self._faults("vae_load")
+        buf = self.shm.buf(req.arena)
+        tensors = {name: transport.view(buf, spec) for name, spec in req.tensors.items()}
+        load_s = self.vae.load(req.key, req.config, tensors, TORCH_DTYPES[req.dtype])
+        del tensors
+        self.runner.trim()
+        return P.VaeLoaded(load_s=load_s, param_bytes=self.vae.param_bytes, memory=self.memory_stats())
+
+    def vae_run(self, req) -> P.VaeDone:
+        import resource
+
+        cuda = self.device.type == "cuda"
+        buf = self.shm.buf(req.arena, pin=cuda)
+        self._faults("vae")
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t0 = time.perf_counter()
+        rows, out = self.vae.run(req.key, isinstance(req, P.VaeEncode), transport.view(buf, req.input))
+        if cuda:
+            torch.cuda.synchronize()
+        ms = (time.perf_counter() - t0) * 1e3
+        peak = torch.cuda.max_memory_allocated(self.device) if cuda else None
+        transport.view(buf, req.out)[..., rows, :].copy_(out)  # converts to the arena's fp32
+        del out
+        self.runner.trim()  # the decode's activations go back to the GPU, for the transformer and others
+        return P.VaeDone(ms=ms, rows=[rows.start, rows.stop], peak_bytes=peak,
+                         peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, memory=self.memory_stats())
+
     def memory(self, req: P.Memory) -> P.MemoryStats:
         if req.trim:
             self.runner.trim()
@@ -164,7 +197,7 @@ class Worker:
             rank=self.rank, device=self.device.index if cuda else -1,
             allocated=torch.cuda.memory_allocated(self.device) if cuda else 0,
             reserved=torch.cuda.memory_reserved(self.device) if cuda else 0,
-            param_bytes=self.runner.param_bytes(), trims=self.runner.trims)
+            param_bytes=self.runner.param_bytes() + self.vae.param_bytes, trims=self.runner.trims)
 
     def set_weight_patches(self, req: P.SetWeightPatches) -> P.WeightsPatched:
         buf = self.shm.buf(req.arena) if req.arena else None

@@ -3,7 +3,7 @@
 `example_workflows/xdit_usp_example.json` is converted UI -> API with workflow_utils.ui_to_api and run
 through ComfyUI's own PromptExecutor (tests/comfy_harness.py): CLIPLoader(type "wan") -> CLIPTextEncode x2,
 XDit+USP Config -> XDit+USP WanVideo Model Loader (2 gloo ranks on the CPU, fp32), ModelSamplingSD3,
-KSampler, EmptyHunyuanLatentVideo, VAELoader -> VAEDecode -> CreateVideo -> SaveVideo. Only these widget
+KSampler, EmptyHunyuanLatentVideo, VAELoader -> XDit+USP VAE Decode -> CreateVideo -> SaveVideo. Only these widget
 values are changed: config device "cpu", dtype "fp32", gpus 2; the three file names; latent 64x64x5;
 KSampler steps 2. SaveVideo writes into a temporary output directory.
 
@@ -198,10 +198,13 @@ def example_prompt(workflow, ours: bool) -> dict:
     api[by_type["EmptyHunyuanLatentVideo"][0]]["inputs"].update(SIZE)
     ks = by_type["KSampler"][0]
     api[ks]["inputs"]["steps"] = STEPS
-    if not ours:  # the native graph: UNETLoader in place of Config + Loader, same file, weight_dtype default
-        del api[cfg]
+    if not ours:  # the native graph: UNETLoader in place of Config + Loader, same file, weight_dtype default,
+        del api[cfg]  # and native VAEDecode in place of XDit+USP VAE Decode
         api[loader] = {"class_type": "UNETLoader",
                        "inputs": {"unet_name": FILES["diffusion_models"], "weight_dtype": "default"}}
+        dec = by_type["XDitUSPVAEDecode"][0]
+        api[dec] = {"class_type": "VAEDecode", "inputs": {k: v for k, v in api[dec]["inputs"].items()
+                                                          if k != "xdit_usp_config"}}
     api["capture"] = {"class_type": "XDitE2ECaptureLatent", "inputs": {"samples": [ks, 0], "key": "ks"}}
     return api
 

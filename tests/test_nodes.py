@@ -36,13 +36,15 @@ def nodes():
 
 
 def test_registered_through_comfy_entrypoint(nodes):
-    for name in W.OUR_TYPES:
+    for name in W.ALL_OUR_TYPES:
         assert nodes.NODE_CLASS_MAPPINGS[name].GET_SCHEMA().node_id == name
     assert nodes.NODE_DISPLAY_NAME_MAPPINGS["XDitUSPConfigNode"] == "XDit+USP Config"
     assert nodes.NODE_DISPLAY_NAME_MAPPINGS["XDitUSPWanVideoModelLoader"] == "XDit+USP WanVideo Model Loader"
+    assert nodes.NODE_DISPLAY_NAME_MAPPINGS["XDitUSPVAEDecode"] == "XDit+USP VAE Decode"
+    assert nodes.NODE_DISPLAY_NAME_MAPPINGS["XDitUSPVAEEncode"] == "XDit+USP VAE Encode"
 
 
-@pytest.mark.parametrize("name", sorted(W.OUR_TYPES))
+@pytest.mark.parametrize("name", sorted(W.ALL_OUR_TYPES))
 def test_node_schema(nodes, name):
     import inspect
 
@@ -68,10 +70,12 @@ SAVED_INTERFACE = {
     "XDitUSPConfigNode": (["gpus", "ulysses_degree", "ring_degree", "cfg_degree", "dtype", "attention_backend",
                            "gpu_memory_fraction", "device"], ["weight_sharding"], ["XDIT_USP_CONFIG"], ["xdit_usp_config"]),
     "XDitUSPWanVideoModelLoader": (["unet_name", "weight_dtype", "xdit_usp_config"], [], ["MODEL"], ["MODEL"]),
+    "XDitUSPVAEDecode": (["samples", "vae", "xdit_usp_config"], [], ["IMAGE"], ["IMAGE"]),
+    "XDitUSPVAEEncode": (["pixels", "vae", "xdit_usp_config"], [], ["LATENT"], ["LATENT"]),
 }
 
 
-@pytest.mark.parametrize("name", sorted(W.OUR_TYPES))
+@pytest.mark.parametrize("name", sorted(W.ALL_OUR_TYPES))
 def test_saved_workflow_interface_unchanged(nodes, name):
     cls = nodes.NODE_CLASS_MAPPINGS[name]
     info = cls.GET_NODE_INFO_V1()

@@ -18,9 +18,12 @@ CLI = [sys.executable, "-c", BIND_PACK + "; from comfyui_xdit_usp.__main__ impor
 # Native ComfyUI node types the example workflow may use (checked against ComfyUI when available).
 NATIVE_TYPES = {
     "CLIPLoader", "CLIPTextEncode", "EmptyHunyuanLatentVideo", "ModelSamplingSD3", "KSampler",
-    "VAELoader", "VAEDecode", "CreateVideo", "SaveVideo",
+    "VAELoader", "CreateVideo", "SaveVideo",
 }
-OUR_TYPES = {"XDitUSPConfigNode", "XDitUSPWanVideoModelLoader"}
+# Our node types the example workflow uses (it decodes with XDit+USP VAE Decode; native VAEDecode
+# works in its place), and every node type the pack registers.
+OUR_TYPES = {"XDitUSPConfigNode", "XDitUSPWanVideoModelLoader", "XDitUSPVAEDecode"}
+ALL_OUR_TYPES = OUR_TYPES | {"XDitUSPVAEEncode"}
 # Frontend-only nodes (the UI marks them isVirtualNode and leaves them out of the API prompt).
 UI_ONLY_TYPES = {"Note", "MarkdownNote"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
