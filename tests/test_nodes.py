@@ -68,7 +68,8 @@ def test_node_schema(nodes, name):
 # later are optional, at the end, so a workflow saved before them still runs (with their default).
 SAVED_INTERFACE = {
     "XDitUSPConfigNode": (["gpus", "ulysses_degree", "ring_degree", "cfg_degree", "dtype", "attention_backend",
-                           "gpu_memory_fraction", "device"], ["weight_sharding"], ["XDIT_USP_CONFIG"], ["xdit_usp_config"]),
+                           "gpu_memory_fraction", "device"], ["weight_sharding", "compile"], ["XDIT_USP_CONFIG"],
+                          ["xdit_usp_config"]),
     "XDitUSPWanVideoModelLoader": (["unet_name", "weight_dtype", "xdit_usp_config"], [], ["MODEL"], ["MODEL"]),
     "XDitUSPVAEDecode": (["samples", "vae", "xdit_usp_config"], [], ["IMAGE"], ["IMAGE"]),
     "XDitUSPVAEEncode": (["pixels", "vae", "xdit_usp_config"], [], ["LATENT"], ["LATENT"]),
@@ -97,6 +98,10 @@ def test_config_node_builds_and_validates(nodes):
     (cfg,) = create(gpus=2, ulysses_degree=0, ring_degree=0, cfg_degree=0, dtype="fp32",
                     attention_backend="auto", gpu_memory_fraction=1.0, device="cpu", weight_sharding="fsdp")
     assert cfg.weight_sharding == "fsdp"
+    assert cfg.compile is False  # a workflow saved before the input existed
+    (cfg,) = create(gpus=2, ulysses_degree=0, ring_degree=0, cfg_degree=0, dtype="fp32",
+                    attention_backend="auto", gpu_memory_fraction=1.0, device="cpu", compile=True)
+    assert cfg.compile is True
     assert str(cfg.resolve(2)) == "cfg2xulysses1xring1"
     with pytest.raises(ValueError, match="Degrees that multiply to 4") as e:
         create(gpus=4, ulysses_degree=3, ring_degree=0, cfg_degree=0, dtype="bf16",
