@@ -235,7 +235,7 @@ def _run(args, config, layout, path, info, variant, latent) -> dict:
         "floor_rel_l2": parity.get("floor_rel_l2"),
         "parity_ratio": parity.get("parity_ratio"),
         "compiled": loaded.compiled,
-        "fp8_matmul": loaded.fp8_matmul,
+        "fp8_matmul": loaded.fp8_matmul, "fp8_input_scaling": loaded.fp8_input_scaling,
         "first_step_ms": first_ms,
         "step_ms": statistics.median(times),
         "worker_ms": statistics.median(worker_ms),

@@ -21,6 +21,10 @@ state dict). The graphs (--graphs):
     a1  native, cfg 1 (batch 1)
     d   ours, gpus=2, cfg_degree 1, ulysses 2, cfg 1   -> compared with a1
 
+Any graph takes modifiers joined by "+" (MODIFIERS): `ec` EasyCache, `lc` LazyCache, `tc`
+TorchCompileModel, `fp8` the loader's fp8_e4m3fn_fast, e.g. `--graphs a,a+ec,b,b+tc+fp8+ec` (issue 14:
+sampling totals with the speed options and native caches, ours next to native with the same nodes).
+
 Per graph: seconds per step (median of the per-step callback intervals, first step apart), the
 sampling time (CFGGuider.inner_sample, after the models are loaded), the KSampler node time (with
 the model load), the VAE decode node time, end to end (PromptExecutor.execute), peak memory:
@@ -72,8 +76,31 @@ GRAPHS = {
     "a1": dict(ours=False, cfg=1.0, ref=None, desc="native UNETLoader, 1 GPU, cfg 1"),
     "d": dict(ours=True, gpus=2, cfg=1.0, cfg_degree=1, ulysses=2, ref="a1", desc="ours gpus=2 cfg1 x ulysses2"),
 }
+# Modifiers, joined to a graph's name with "+" (e.g. a+ec, c+tc+fp8+ec): native nodes inserted into
+# the same graph, the way a user adds them. The latent is compared with the base graph's reference
+# (the quality the modifier costs) and with the native graph of the same modifiers when it ran (our
+# MODEL through the node vs native through the node).
+MODIFIERS = {
+    "ec": "EasyCache (defaults: reuse_threshold 0.2, start 0.15, end 0.95)",
+    "lc": "LazyCache (defaults: reuse_threshold 0.2, start 0.15, end 0.95)",
+    "tc": "TorchCompileModel (inductor); on our MODEL it turns on the workers' compile",
+    "fp8": "weight_dtype fp8_e4m3fn_fast (fp8 matmuls)",
+}
 SEED = 7
 GB = 2**30
+
+
+def graph_spec(name: str) -> dict:
+    """The spec of a graph name: a base graph of GRAPHS and its modifiers."""
+    base, *mods = name.split("+")
+    if base not in GRAPHS or any(m not in MODIFIERS for m in mods):
+        raise KeyError(name)
+    spec = dict(GRAPHS[base], base=base, mods=mods)
+    if mods:
+        spec["desc"] = spec["desc"] + " + " + " + ".join(mods)
+        spec["ref"] = spec["ref"] or base  # a native graph with modifiers: against the plain native one
+        spec["ref_same"] = "+".join([spec["ref"]] + mods) if spec["ours"] else None
+    return spec
 
 
 # ----------------------------------------------------------------------------------- ComfyUI boot
@@ -203,6 +230,7 @@ class Probe:
         self.worker_ms = []
         self.owner_ms = []
         self.layouts = set()
+        self.native_forwards = 0  # calls of native Wan's forward (ComfyUI's own model)
 
     def sync(self):
         if self.cuda:
@@ -240,6 +268,17 @@ class Probe:
                 probe.inner.append((t0, time.perf_counter()))
 
         guider.outer_sample, guider.inner_sample = outer_sample, inner_sample
+
+        import comfy.ldm.wan.model
+
+        wan = comfy.ldm.wan.model.WanModel
+        native_forward = wan._forward  # inside the DIFFUSION_MODEL wrappers: a step a cache skips does not call it
+
+        def counted_forward(self, *a, **k):  # our MODEL's proxy is not a WanModel: native graphs only
+            probe.native_forwards += 1
+            return native_forward(self, *a, **k)
+
+        wan._forward = counted_forward
 
         wg = launcher.WorkerGroup
         forward = wg.forward
@@ -368,15 +407,25 @@ def build_graph(spec: dict, a, unet: str, vae: str) -> dict:
         "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["ks", 0], "vae": ["vae", 0]}},
         "out": {"class_type": "XDitBenchCapture", "inputs": {"samples": ["ks", 0], "images": ["decode", 0]}},
     }
+    mods = spec.get("mods", ())
+    weight_dtype = "fp8_e4m3fn_fast" if "fp8" in mods else "default"
+    model = ["model", 0]
+    for m, node in (("tc", "TorchCompileModel"), ("ec", "EasyCache"), ("lc", "LazyCache")):
+        if m in mods:  # in the order a user chains them: compile, then the cache
+            extra = ({"backend": "inductor"} if m == "tc" else
+                     {"reuse_threshold": 0.2, "start_percent": 0.15, "end_percent": 0.95, "verbose": False})
+            p[m] = {"class_type": node, "inputs": {"model": model, **extra}}
+            model = [m, 0]
+    p["ms"]["inputs"]["model"] = model
     if spec["ours"]:
         p["cfg"] = {"class_type": "XDitUSPConfigNode", "inputs": dict(
             gpus=spec["gpus"], ulysses_degree=spec.get("ulysses", 0), ring_degree=0,
             cfg_degree=spec.get("cfg_degree", 0), dtype=a.dtype, attention_backend="auto", gpu_memory_fraction=1.0,
             device=a.device, weight_sharding="auto")}
         p["model"] = {"class_type": "XDitUSPWanVideoModelLoader",
-                      "inputs": {"unet_name": unet, "weight_dtype": "default", "xdit_usp_config": ["cfg", 0]}}
+                      "inputs": {"unet_name": unet, "weight_dtype": weight_dtype, "xdit_usp_config": ["cfg", 0]}}
     else:
-        p["model"] = {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": "default"}}
+        p["model"] = {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": weight_dtype}}
     return p
 
 
@@ -407,7 +456,7 @@ def free_all(pack, cuda: bool):
 def run_graph(name: str, a, unet: str, vae: str, probe: Probe, pack) -> tuple[dict, torch.Tensor, torch.Tensor]:
     import execution
 
-    spec = GRAPHS[name]
+    spec = graph_spec(name)
     prompt = build_graph(spec, a, unet, vae)
     cuda = a.device == "cuda"
     devices = list(range(torch.cuda.device_count())) if cuda else []
@@ -447,7 +496,7 @@ def run_graph(name: str, a, unet: str, vae: str, probe: Probe, pack) -> tuple[di
         "model_load_s": (nt.get("model") or 0.0) + (i0 - o0), "ksampler_node_s": nt.get("ks"),
         "loader_node_s": nt.get("model"), "vae_decode_s": nt.get("decode"), "vae_load_s": nt.get("vae"),
         "end_to_end_s": t1 - t0,
-        "forwards": len(probe.worker_ms) if spec["ours"] else None,
+        "forwards": len(probe.worker_ms) if spec["ours"] else probe.native_forwards,
         "worker_forward_ms_median": statistics.median(probe.worker_ms) if probe.worker_ms else None,
         "owner_forward_ms_median": statistics.median(probe.owner_ms) if probe.owner_ms else None,
         "comfy_peak_gb": {d: torch.cuda.max_memory_allocated(d) / GB for d in devices},
@@ -482,18 +531,21 @@ def _gb(d: dict) -> str:
 
 def table(rows: list[dict]) -> str:
     lines = ["| graph | loader | layout | cfg | s/step | sampling s | model load s | VAE decode s | end-to-end s | "
-             "ComfyUI peak GB (per GPU) | worker peak GB (per GPU) | nvidia-smi peak GB (per GPU) | latent rel L2 vs ref |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "ComfyUI peak GB (per GPU) | worker peak GB (per GPU) | nvidia-smi peak GB (per GPU) | latent rel L2 vs ref | "
+             "forwards | vs native with the same nodes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['graph']} | {r['desc']} | error: {r['error'][:80]} |" + " |" * 10)
+            lines.append(f"| {r['graph']} | {r['desc']} | error: {r['error'][:80]} |" + " |" * 12)
             continue
         ref = (f"{r['latent_rel_l2']:.2e} (vs {r['ref']})" if r.get("latent_rel_l2") is not None
                else ("reference" if r.get("ref") is None else "no reference"))
         lines.append(
             f"| {r['graph']} | {r['desc']} | {r['layout'] or '-'} | {r['cfg']:g} | {r['step_s']:.3f} | "
             f"{r['sampling_s']:.1f} | {r['model_load_s']:.1f} | {r['vae_decode_s']:.1f} | {r['end_to_end_s']:.1f} | "
-            f"{_gb(r['comfy_peak_gb'])} | {_gb(r['worker_peak_gb'])} | {_gb(r['smi_peak_gb'])} | {ref} |")
+            f"{_gb(r['comfy_peak_gb'])} | {_gb(r['worker_peak_gb'])} | {_gb(r['smi_peak_gb'])} | {ref} | "
+            f"{r.get('forwards') if r.get('forwards') is not None else '-'} | "
+            + (f"{r['latent_rel_l2_vs_same']:.2e} (vs {r['ref_same']})" if "latent_rel_l2_vs_same" in r else "-") + " |")
     return "\n".join(lines)
 
 
@@ -513,13 +565,17 @@ def main():
     a.dtype = a.dtype or ("fp32" if a.device == "cpu" else "bf16")
     a.size = tuple(int(v) for v in a.size.split("x")) if a.size else SIZES[a.model]
     names = [g for g in a.graphs.split(",") if g]
-    unknown = [g for g in names if g not in GRAPHS]
-    if unknown:
-        raise SystemExit(f"unknown graphs {unknown}; choose from {list(GRAPHS)}")
+    specs = {}
+    for g in names:
+        try:
+            specs[g] = graph_spec(g)
+        except KeyError:
+            raise SystemExit(f"unknown graph {g!r}: a base graph of {list(GRAPHS)}, optionally with modifiers "
+                             f"joined by + from {list(MODIFIERS)} (e.g. c+tc+fp8+ec)") from None
     cuda = a.device == "cuda"
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda needs a GPU (use --device cpu to check on the CPU)")
-    if cuda and any(GRAPHS[g].get("gpus", 1) > torch.cuda.device_count() for g in names):
+    if cuda and any(specs[g].get("gpus", 1) > torch.cuda.device_count() for g in names):
         raise SystemExit(f"graphs {names} need 2 GPUs; {torch.cuda.device_count()} visible")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -569,7 +625,7 @@ def main():
     w, h, f = a.size
     tag = f"{a.model}_{w}x{h}x{f}_s{a.steps}_{a.device}_{a.dtype}"
     for name in names:
-        spec = GRAPHS[name]
+        spec = specs[name]
         print(f"\n=== graph {name}: {spec['desc']} (cfg {spec['cfg']:g}) ===", flush=True)
         try:
             row, latent, image = run_graph(name, a, os.path.basename(unet_path), os.path.basename(vae_path), probe,
@@ -583,6 +639,10 @@ def main():
             torch.save(latent, os.path.join(a.ckpt_dir, f"latent_{tag}_{name}.pt"))
             ref = spec["ref"]
             row["ref"] = ref
+            same = spec.get("ref_same")
+            if same is not None and same in latents:  # ours through the node vs native through the node
+                row["ref_same"] = same
+                row["latent_rel_l2_vs_same"] = rel_l2(latent, latents[same])
             if ref is not None:
                 ref_latent, row["ref_source"] = latents.get(ref), "this run"
                 ref_file = os.path.join(a.ckpt_dir, f"latent_{tag}_{ref}.pt")

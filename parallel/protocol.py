@@ -237,6 +237,7 @@ class Loaded:
     placement: str = "replicated"
     compiled: bool = False  # the blocks' per-token work runs through torch.compile (config.compile)
     fp8_matmul: bool = False  # the blocks' Linear layers multiply in fp8 (config.fp8_matmul)
+    fp8_input_scaling: str = ""  # with fp8_matmul: "token" (row-wise _scaled_mm) or "tensor" (where it has no row-wise scales)
     param_bytes: int = 0  # parameter bytes this rank holds between forwards
     param_bytes_total: int = 0  # the whole model's, as held (storage dtypes)
     param_bytes_per_rank: list = field(default_factory=list)  # every rank's param_bytes (set by the owner)

@@ -133,24 +133,67 @@ class CastLinear(torch.nn.Linear):
 
 
 class Fp8MatmulLinear(CastLinear):
-    """A Linear that multiplies in fp8 (config.fp8_matmul, ComfyUI's "fp8_e4m3fn_fast"): the e4m3
-    weight as it is held (its scale, or 1, for every output row), the input quantised to e4m3 per
-    token (row scale = the row's max |x| / 448), one `torch._scaled_mm` with fp32 accumulation into
-    the input's dtype, then the bias. Not exact: the input's rounding to 3 mantissa bits is the cost
-    of the faster matmul (measured in BENCHMARKS.md). In compiled blocks the quantisation fuses with
-    the operation before it."""
+    """A Linear that multiplies in fp8 (config.fp8_matmul, ComfyUI's "fp8_e4m3fn_fast").
+
+    The weight is held as e4m3 with one fp32 scale per output row (`row_scale`, a parameter beside
+    the weight, so a sharded placement splits it with the weight's rows): row r is stored as
+    W[r] / row_scale[r], row_scale[r] = max |W[r]| / 448, so every row uses e4m3's whole range (an
+    unscaled cast, as ComfyUI's fp8 storage does, leaves Wan's small weights in e4m3's subnormals).
+    The input is quantised to e4m3 per token (scale = the token's max |x| / 448) and one
+    `torch._scaled_mm` multiplies with fp32 accumulation, both scales applied in its epilogue.
+    Where row-wise scales are not supported by `_scaled_mm` (`rowwise` False: probed at load, e.g.
+    older torch on the CPU), the input gets one scale for the whole tensor and the row scales are
+    applied to the fp32 product. Not exact: the rounding of weights and inputs to 3 mantissa bits is
+    the cost of the faster matmul (measured in BENCHMARKS.md). In compiled blocks the quantisation
+    fuses with the operation before it."""
+
+    row_scale: torch.nn.Parameter
+    rowwise: bool = True
 
     def forward(self, x):
         fmax = torch.finfo(torch.float8_e4m3fn).max
+        tiny = torch.finfo(torch.float32).tiny
         x2 = x.reshape(-1, x.shape[-1])
-        scale_a = (x2.abs().amax(dim=1, keepdim=True).float() / fmax).clamp(min=torch.finfo(torch.float32).tiny)
+        w_scale = self.row_scale.reshape(1, -1)
+        if self.rowwise:
+            scale_a = (x2.abs().amax(dim=1, keepdim=True).float() / fmax).clamp(min=tiny)
+        else:
+            scale_a = (x2.abs().amax().float() / fmax).clamp(min=tiny)
         xq = (x2.float() / scale_a).clamp(-fmax, fmax).to(torch.float8_e4m3fn)
-        w_scale = self.weight_scale.float() if self.weight_scale is not None else x2.new_ones((), dtype=torch.float32)
-        scale_b = w_scale.reshape(1, 1).expand(1, self.out_features).contiguous()
-        out = torch._scaled_mm(xq, self.weight.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=x.dtype)
+        if self.rowwise:
+            out = torch._scaled_mm(xq, self.weight.t(), scale_a=scale_a, scale_b=w_scale, out_dtype=x.dtype)
+        else:
+            one = scale_a.new_ones(())
+            out = (torch._scaled_mm(xq, self.weight.t(), scale_a=scale_a, scale_b=one, out_dtype=torch.float32)
+                   * w_scale).to(x.dtype)
         if self.bias is not None:
             out = out + self.bias.to(x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 weight, fp32 row scales) of a 2-D fp32 weight: Fp8MatmulLinear's storage."""
+    fmax = torch.finfo(torch.float8_e4m3fn).max
+    scale = (w.abs().amax(dim=1) / fmax).clamp(min=torch.finfo(torch.float32).tiny)
+    return (w / scale[:, None]).clamp(-fmax, fmax).to(torch.float8_e4m3fn), scale
+
+
+_ROWWISE: dict[str, bool] = {}
+
+
+def rowwise_scaled_mm(device: torch.device) -> bool:
+    """Whether `torch._scaled_mm` takes row-wise scales on `device` (cuBLASLt/CUTLASS on Hopper and
+    Ada with a recent torch; the CPU from torch 2.10 or so): probed once per device type."""
+    key = str(device)
+    if key not in _ROWWISE:
+        a = torch.zeros(16, 16, device=device).to(torch.float8_e4m3fn)
+        try:
+            torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1, device=device), scale_b=torch.ones(1, 16, device=device),
+                             out_dtype=torch.bfloat16)
+            _ROWWISE[key] = True
+        except (RuntimeError, NotImplementedError):
+            _ROWWISE[key] = False
+    return _ROWWISE[key]
 
 
 _FP8 = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
@@ -195,8 +238,13 @@ def _set_storage(model: torch.nn.Module, dtypes: dict[str, torch.dtype], scaled:
             setattr(owner, attr, torch.nn.Parameter(torch.empty_like(p, dtype=dtype, device="meta"), requires_grad=False))
         if attr == "weight" and isinstance(owner, torch.nn.Linear) and dtype.itemsize == 1:
             in_block = name.split(".")[0] in ("blocks", "vace_blocks")
-            owner.__class__ = Fp8MatmulLinear if fp8_matmul and in_block and dtype == torch.float8_e4m3fn else CastLinear
-            owner.register_buffer("weight_scale", torch.ones(()) if name in scaled else None)
+            if fp8_matmul and in_block and dtype == torch.float8_e4m3fn:
+                owner.__class__ = Fp8MatmulLinear  # a file's scale, if any, goes into its row scales
+                owner.register_buffer("weight_scale", None)
+                owner.row_scale = torch.nn.Parameter(torch.empty(p.shape[0], device="meta"), requires_grad=False)
+            else:
+                owner.__class__ = CastLinear
+                owner.register_buffer("weight_scale", torch.ones(()) if name in scaled else None)
 
 
 # ---- models -----------------------------------------------------------------------------------------
@@ -266,7 +314,12 @@ class ModelRunner:
         local = place.local_parameters(module)
         _, weights = iter_weights(path, info=info, rows=place.rows)
         for name, w, scale in weights:
-            self._fill(module, local[name], name, w, scale, name in scaled)
+            self._fill(module, local, name, w, scale, name in scaled)
+        rowwise = self.config.fp8_matmul and rowwise_scaled_mm(self.device)
+        if self.config.fp8_matmul:
+            for mod in module.modules():
+                if isinstance(mod, Fp8MatmulLinear):
+                    mod.rowwise = rowwise
         for lay in (layout, fallback):
             self.group(lay)
         param_bytes = _nbytes(local.values())
@@ -283,15 +336,30 @@ class ModelRunner:
             patch_size=list(c.patch_size), memory_bytes=torch.cuda.memory_allocated(self.device) if cuda else None,
             placement=place.name, param_bytes=param_bytes, compiled=self.config.compile,
             fp8_matmul=self.config.fp8_matmul,
+            fp8_input_scaling=("token" if rowwise else "tensor") if self.config.fp8_matmul else "",
             param_bytes_total=sum(p.numel() * p.element_size() for p in module.parameters()),
         )
 
-    def _fill(self, module, local: torch.Tensor, name: str, w: torch.Tensor, scale, keep_scaled: bool):
-        """Copy one stored tensor (this rank's rows of it) into the parameter storage `local`
-        (any dequantising or fp8 rounding happens on the device, after the copy of the stored bytes)."""
+    def _fill(self, module, params: dict[str, torch.Tensor], name: str, w: torch.Tensor, scale, keep_scaled: bool):
+        """Copy one stored tensor (this rank's rows of it) into its parameter storage `params[name]`
+        (any dequantising or fp8 rounding happens on the device, after the copy of the stored bytes).
+        An Fp8MatmulLinear's weight is quantised with its row scales, written into `row_scale`."""
+        local = params[name]
         w = w.to(local.device)
-        if keep_scaled:  # the file's fp8 bytes as they are, and the scale next to them
-            module.get_submodule(name.rpartition(".")[0]).weight_scale.copy_(scale.reshape(()))
+        owner_name = name.rpartition(".")[0]
+        owner = module.get_submodule(owner_name)
+        if isinstance(owner, Fp8MatmulLinear) and name.endswith(".weight"):
+            row_scale = params[f"{owner_name}.row_scale"]
+            if keep_scaled:  # the file's fp8 bytes as they are, its one scale for every row
+                row_scale.copy_(scale.reshape(()).to(row_scale.device).expand_as(row_scale))
+            else:
+                if scale is not None:
+                    scale = scale.to(local.device, torch.float32)
+                    w = w.float() * (scale.reshape(-1, 1) if scale.numel() > 1 else scale)
+                w, s = quantize_rows(w.float())
+                row_scale.copy_(s)
+        elif keep_scaled:  # the file's fp8 bytes as they are, and the scale next to them
+            owner.weight_scale.copy_(scale.reshape(()))
         elif scale is not None or (w.dtype.itemsize == 1) != (local.dtype.itemsize == 1):
             scale = None if scale is None else scale.to(local.device, torch.float32)
             w = w.float() if scale is None else w.float() * (scale.reshape(-1, *[1] * (w.ndim - 1))
@@ -375,21 +443,30 @@ class ModelRunner:
         if m.patched:
             _, originals = iter_weights(m.path, only=m.patched, info=m.info, rows=m.placement.rows)
             for name, w, scale in originals:
-                self._fill(m.module, params[name], name, w, scale, name in m.scaled)
+                self._fill(m.module, params, name, w, scale, name in m.scaled)
             m.patched = set()
         for name, items in patches.items():
             m.patched.add(name)  # first: a patch that fails half-way is still restored by the next call
             p = params[name]
             full_shape = tuple(m.module.get_parameter(name).shape)
             part = m.placement.rows(name, full_shape) or slice(None)
-            scale = m.module.get_submodule(name.rpartition(".")[0]).weight_scale if name in m.scaled else None
-            w = p.float() if scale is None else p.float() * scale
+            owner_name = name.rpartition(".")[0]
+            row_scale = params.get(f"{owner_name}.row_scale") if name.endswith(".weight") else None
+            scale = m.module.get_submodule(owner_name).weight_scale if name in m.scaled and row_scale is None else None
+            if row_scale is not None:  # Fp8MatmulLinear: dequantise by rows, patch, quantise with new row scales
+                w = p.float() * row_scale[:, None]
+            else:
+                w = p.float() if scale is None else p.float() * scale
             # a merged-in weight is held as this one is (ComfyUI holds both models in its dtype)
             w = self._patched(w, items, name, full_shape, part, p.dtype if p.dtype.itemsize > 1 else torch.float32)
-            if scale is not None:
-                w = w / scale
-            if p.dtype.itemsize == 1:
-                w = w.clamp(-torch.finfo(p.dtype).max, torch.finfo(p.dtype).max)
+            if row_scale is not None:
+                w, s = quantize_rows(w)
+                row_scale.copy_(s)
+            else:
+                if scale is not None:
+                    w = w / scale
+                if p.dtype.itemsize == 1:
+                    w = w.clamp(-torch.finfo(p.dtype).max, torch.finfo(p.dtype).max)
             p.copy_(w.to(p.dtype))
         return len(patches)
 

@@ -186,20 +186,36 @@ def test_fp8_matmul_multiplies_in_fp8(checkpoints, references):
     """fp8_matmul (ComfyUI's fp8_e4m3fn_fast): the blocks' Linears run torch._scaled_mm on e4m3
     weights and per-token e4m3 inputs. Not exact by design: against the fp32 reference its error is
     that of fp8 weights plus the inputs' rounding, and it differs from fp8 storage upcast to bf16."""
-    path, _ = checkpoints["t2v"]
+    path, model = checkpoints["t2v"]
     kw, ref = references["t2v", "padded"]
+    name = "blocks.1.ffn.net.0.proj.weight"
+    g = torch.Generator().manual_seed(5)
+    up, down = torch.randn(512, 4, generator=g) * 0.5, torch.randn(4, 256, generator=g) * 0.5
+    patched = tiny.build_model("t2v", seed=0)
+    patched.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        dict(patched.named_parameters())[name].add_(up @ down)
     outs = {}
     for fast in (False, True):
-        config = cpu_config(world=2, dtype="bf16", weight_dtype="fp8_e4m3fn", fp8_matmul=fast)
+        # fp8 matmuls with FSDP: the row scales are split with the weights' rows
+        config = cpu_config(world=2, dtype="bf16", weight_dtype="fp8_e4m3fn", fp8_matmul=fast,
+                            weight_sharding="fsdp" if fast else "none")
         with WorkerGroup(config) as group:
             info = group.load("m", path)
-            assert info.fp8_matmul == fast
+            assert info.fp8_matmul == fast and info.fp8_input_scaling == ("token" if fast else "")
             outs[fast] = group.forward("m", kw).float()
+            if fast:  # a LoRA on a row-scaled fp8 weight: dequantised, patched, quantised with new scales
+                group.set_weight_patches("m", {name: [WeightPatch("lora", [up, down], 1.0)]})
+                lora_err = tiny.rel_l2(group.forward("m", kw).float(), tiny.reference_forward(patched, kw))
+                group.set_weight_patches("m", {})
+                restored = group.forward("m", kw).float()
     err = {fast: tiny.rel_l2(out, ref) for fast, out in outs.items()}
     print(f"fp8 storage vs fp32: {err[False]:.2e}; with fp8 matmuls: {err[True]:.2e}; "
-          f"between them {tiny.rel_l2(outs[True], outs[False]):.2e}")
+          f"between them {tiny.rel_l2(outs[True], outs[False]):.2e}; with a LoRA {lora_err:.2e}")
     assert not torch.equal(outs[True], outs[False])  # the matmuls really ran in fp8
     assert err[True] < 0.1 and tiny.rel_l2(outs[True], outs[False]) < 0.05
+    assert lora_err < 0.1
+    assert torch.equal(restored, outs[True])  # the file's weights and row scales back, bit for bit
 
 
 def test_config_errors_say_what_works():
