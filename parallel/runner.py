@@ -308,7 +308,7 @@ class ModelRunner:
                                         stored_tensors(path, info))
         _set_storage(module, dtypes, scaled, fp8_matmul=self.config.fp8_matmul)
         layout, fallback, backend = self.config.plan(info.num_heads)
-        root = SequenceParallelWan(module, backend, compile=self.config.compile).eval()
+        root = SequenceParallelWan(module, backend).eval()
         place = self.placement(placement)
         place.place(root, _units(module), self.device)
         local = place.local_parameters(module)

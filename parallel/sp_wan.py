@@ -181,11 +181,10 @@ class SequenceParallelWan(torch.nn.Module):
     forward as one root module: FSDP gathers the parameters the forward uses outside any block
     (patch embedding, output head, modulation table) in this module's pre-forward hook."""
 
-    def __init__(self, model: torch.nn.Module, backend: AttentionBackend, compile: bool = False):
+    def __init__(self, model: torch.nn.Module, backend: AttentionBackend):
         super().__init__()
         self.model = model
         self.backend = backend
-        self.compile = compile
         self.ctx = _StepContext(backend=backend)
         self.is_vace = hasattr(model, "vace_blocks")
         blocks = list(model.blocks) + (list(model.vace_blocks) if self.is_vace else [])
@@ -245,7 +244,7 @@ class SequenceParallelWan(torch.nn.Module):
             context = torch.cat([image_context, context], dim=1)
 
         self.ctx.group, self.ctx.valid_len, self.ctx.image_context_len = group, seq, n_img
-        self.ctx.stages = Stages.compiled() if self.compile or inputs.compile else Stages.eager()
+        self.ctx.stages = Stages.compiled() if inputs.compile else _EAGER
         rotary = (cos, sin)
 
         hints = []
@@ -430,6 +429,7 @@ class Stages:
 _STAGE_FNS = (_modulated_norm, _projected_residual, _norm_project, _add_projected, _ffn_residual, _project,
               _project_rope)
 _COMPILED: list = []
+_EAGER = Stages.eager()
 
 
 def _block_forward(self: WanTransformerBlock, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,

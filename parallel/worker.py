@@ -135,7 +135,8 @@ class Worker:
         buf = self.shm.buf(req.arena, pin=cuda)
         inputs = P.ForwardInputs(**{name: transport.view(buf, spec) for name, spec in req.inputs.items()},
                                  control_hidden_states_scale=req.control_scale, skip_blocks=req.skip_blocks,
-                                 rope_options=req.rope_options, compile=req.compile)
+                                 rope_options=req.rope_options,
+                                 compile=req.compile or self.config.compile)  # the one place this is decided
         self._faults("forward")
         sync = torch.cuda.synchronize if cuda else (lambda: None)
         sync()
@@ -143,7 +144,6 @@ class Worker:
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
         rows, result, layout = self.runner.forward(req.key, inputs)
-        compiled = self.config.compile or inputs.compile
         sync()
         t1 = time.perf_counter()
         if result is not None:  # group leader: write this batch slice into the owner's output
@@ -153,7 +153,7 @@ class Worker:
         return P.ForwardDone(ms=(t1 - t0) * 1e3, in_ms=(t0 - t_start) * 1e3, out_ms=(t2 - t1) * 1e3,
                              layout=layout, pinned=self.shm.pinned,
                              peak_bytes=torch.cuda.max_memory_allocated(self.device) if cuda else None,
-                             memory=self.memory_stats(), compiled=compiled)
+                             memory=self.memory_stats(), compiled=inputs.compile)
 
     def vae_load(self, req: P.VaeLoad) -> P.VaeLoaded:
         self._faults("vae_load")
