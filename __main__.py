@@ -236,6 +236,10 @@ def _run(args, config, layout, path, info, variant, latent) -> dict:
         "parity_ratio": parity.get("parity_ratio"),
         "compiled": loaded.compiled,
         "fp8_matmul": loaded.fp8_matmul,
+        "comm_overlap": config.comm_overlap,
+        "comm_dtype": config.comm_dtype,
+        "link": loaded.link,
+        "layout_choice": loaded.layout_choice,
         "first_step_ms": first_ms,
         "step_ms": statistics.median(times),
         "worker_ms": statistics.median(worker_ms),
@@ -391,6 +395,12 @@ def main(argv=None) -> int:
         print(f"model      {r['checkpoint']} ({r['variant']}), latent {r['latent']} = {r['tokens']} tokens, batch {r['batch']}")
         print(f"layout     {r['layout']} on {r['world_size']} {r['device']} worker(s), {r['dtype']}")
         print(f"attention  {r['backend']}")
+        link = r["link"] or {}
+        if link.get("world", 1) > 1:
+            print(f"link       all-to-all {link['a2a_gbps']:.1f} GB/s, ring P2P {link['p2p_gbps']:.1f} GB/s, latency "
+                  f"{link['latency_us']:.0f} us, {100 * link['overlap']:.0f}% hidden behind attention; layout "
+                  f"{r['layout_choice']['rule']}" + (", exchange overlapped" if r["comm_overlap"] else "")
+                  + (", fp8 wire" if r["comm_dtype"] == "fp8" else ""))
         peak = "" if r["peak_bytes_per_rank"] is None else f", peak {r['peak_bytes_per_rank'] / 1e9:.2f} GB per GPU in a forward"
         print(f"weights    {r['placement']}: {r['param_bytes_per_rank'] / 1e9:.3f} GB on the largest rank of "
               f"{r['param_bytes_total'] / 1e9:.3f} GB{peak}")
