@@ -98,7 +98,8 @@ def probe(device, dtype, backend) -> LinkProbe:
             for w in dist.batch_isend_irecv(ops):
                 w.wait()
         times["p2p"] = _timed(ring, sync, reps)
-        z = torch.empty_like(x)
+        del y
+    z = torch.empty_like(x)
     times["copy"] = _timed(lambda: z.copy_(x), sync, reps)
     del z
     m = 4096 if cuda else 256
@@ -130,16 +131,19 @@ def probe(device, dtype, backend) -> LinkProbe:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         times = {k: -v if k == "hidden" else v for k, v in zip(keys, t.tolist())}
     sent = n * (world - 1) / world
+
+    def sig(x: float) -> float:  # four significant digits
+        return float(f"{x:.4g}")
     return LinkProbe(
         world=world,
-        a2a_gbps=round(sent / times["a2a"] / 1e9, 3) if world > 1 else 0.0,
-        p2p_gbps=round(n / times["p2p"] / 1e9, 3) if world > 1 else 0.0,
-        latency_us=round(times["lat"] * 1e6, 1) if world > 1 else 0.0,
+        a2a_gbps=sig(sent / times["a2a"] / 1e9) if world > 1 else 0.0,
+        p2p_gbps=sig(n / times["p2p"] / 1e9) if world > 1 else 0.0,
+        latency_us=sig(times["lat"] * 1e6) if world > 1 else 0.0,
         overlap=round(min(1.0, times["hidden"]), 3) if world > 1 else 0.0,
-        copy_gbps=round(2 * n / times["copy"] / 1e9, 3),
-        matmul_tflops=round(2 * m ** 3 / times["mm"] / 1e12, 3),
-        attn_tflops=round(4 * h * s * s * d / times["attn"] / 1e12, 3),
-        ms=round((time.perf_counter() - t_start) * 1e3, 1),
+        copy_gbps=sig(2 * n / times["copy"] / 1e9),
+        matmul_tflops=sig(2 * m ** 3 / times["mm"] / 1e12),
+        attn_tflops=sig(4 * h * s * s * d / times["attn"] / 1e12),
+        ms=sig((time.perf_counter() - t_start) * 1e3),
     )
 
 

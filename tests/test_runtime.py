@@ -84,6 +84,10 @@ def test_parity_every_variant(layout, checkpoints, wide, references):
             info = group.load(v, path)
             assert info.variant == v
         assert info.layout == Layout(c, u, r)
+        assert info.layout_choice == {"rule": "configured"}
+        link = info.link  # the link probe, measured at the first load
+        assert link["world"] == u * r * c and link["ms"] > 0 and link["matmul_tflops"] > 0
+        assert (link["a2a_gbps"] > 0 and link["p2p_gbps"] > 0 and 0 <= link["overlap"] <= 1) == (link["world"] > 1)
         assert group.load("wide", wide[0]).num_heads == 4
         errors = {}
         for (v, size_name), (kw, ref) in references.items():
@@ -445,3 +449,40 @@ def test_overlapped_exchange_is_the_blocking_one_and_fp8_wire_is_close(tmp_path)
     for u in (1, 2):
         assert rows[u, "blocking"][0] <= TOL and rows[u, "overlap"][1], rows
         assert 1e-3 < rows[u, "fp8"][0] < 0.08, rows
+
+
+# The cost model behind `auto` on GPUs: pure functions of a link probe and the model's shape.
+def _probe(world, gbps, overlap):
+    from comfyui_xdit_usp.parallel.linkprobe import LinkProbe
+    return LinkProbe(world=world, a2a_gbps=gbps, p2p_gbps=gbps, latency_us=30, overlap=overlap, copy_gbps=3000,
+                     matmul_tflops=700, attn_tflops=450, ms=50)
+
+
+def test_cost_model_choices():
+    from comfyui_xdit_usp.parallel.linkprobe import ModelShape, candidates, choose, predict
+    s13, s14 = ModelShape(1536, 12, 8960, 30), ModelShape(5120, 40, 13824, 40)
+    t480, t720 = 21 * 30 * 52, 21 * 45 * 80
+    fast, host = _probe(2, 150, 1.0), _probe(2, 20, 0.0)  # NVLink-like; P2P off, transfers not hidden
+    assert candidates(2, 12, 1) == [Layout(1, 2, 1), Layout(1, 1, 2)]
+    assert candidates(2, 12, 1, ring_ok=False) == [Layout(1, 2, 1)]
+    assert candidates(4, 12, 2)[0] == Layout(2, 2, 1) and Layout(1, 1, 4) in candidates(4, 12, 2)
+    for shape, tokens in ((s13, t480), (s14, t720)):
+        for probe in (fast, host):
+            # batch 2: the CFG split exchanges nothing
+            assert choose(shape, probe, 2, tokens)[0] == Layout(2, 1, 1)
+            # batch 1 without a log-sum-exp kernel: Ulysses
+            assert choose(shape, probe, 1, tokens, ring_ok=False)[0] == Layout(1, 2, 1)
+            # where transfers hide, overlap predicts faster than the blocking exchange (where none hides, the
+            # pipeline's extra calls only add their latency: under 1%)
+            for lay in candidates(2, shape.heads, 1):
+                ovl, blk = (predict(lay, shape, probe, 1, tokens, overlap=o) for o in (True, False))
+                assert ovl <= blk + 1e-9 if probe is fast else ovl < 1.01 * blk
+    # a link whose transfers hide: ring 2's exchange hides behind attention, Ulysses' first and last groups cannot
+    assert choose(s13, fast, 1, t480)[0] == Layout(1, 1, 2)
+    # through host memory with nothing hidden, 4 GPUs: ring 4 sends twice Ulysses 4's bytes (measured 2.50x vs 1.57x)
+    slow4 = _probe(4, 20, 0.0)
+    layout, costs = choose(s13, slow4, 1, t480)
+    assert layout.ring < 4 and costs["cfg1xulysses4xring1"] < costs["cfg1xulysses1xring4"]
+    # a slower link costs more; fp32 moves twice the bytes
+    assert predict(Layout(1, 2, 1), s13, _probe(2, 10, 0.0), 1, t480) > predict(Layout(1, 2, 1), s13, host, 1, t480)
+    assert predict(Layout(1, 2, 1), s13, host, 1, t480, itemsize=4) > predict(Layout(1, 2, 1), s13, host, 1, t480)
