@@ -450,10 +450,10 @@ def _ring_pipelined(q, k, v, group: SPGroup, backend: AttentionBackend, valid_le
     fp8 = group.comm.wire == "fp8"
     hs = [slice(g * hg, (g + 1) * hg) for g in range(G)]
 
-    def exchange(buf):
+    def exchange(buf):  # -> (receive buffer, works, the buffer sent: alive until the works are waited on)
         recv = torch.empty_like(buf)
         ops = [dist.P2POp(dist.isend, buf, send_to, group=pg), dist.P2POp(dist.irecv, recv, recv_from, group=pg)]
-        return recv, dist.batch_isend_irecv(ops)
+        return recv, dist.batch_isend_irecv(ops), buf
 
     # this rank's own blocks, one buffer per group: [2, B, S, hg, D] (k, v), or its fp8 bytes
     payload = [torch.stack([k[:, :, h], v[:, :, h]]) for h in hs]
@@ -474,10 +474,10 @@ def _ring_pipelined(q, k, v, group: SPGroup, backend: AttentionBackend, valid_le
     del k, v
     for step in range(1, R):
         for g in range(G):
-            recv, works = pending[g]
+            recv, works, _sent = pending[g]
             for w in works:
                 w.wait()
-            payload[g] = None
+            payload[g] = _sent = None
             if step + 1 < R:
                 pending[g] = exchange(recv)
             kv = decode_fp8(recv, dtype) if fp8 else recv
