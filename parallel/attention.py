@@ -474,10 +474,11 @@ def _ring_pipelined(q, k, v, group: SPGroup, backend: AttentionBackend, valid_le
     del k, v
     for step in range(1, R):
         for g in range(G):
-            recv, works, _sent = pending[g]
+            recv, works, sent = pending[g]
             for w in works:
                 w.wait()
-            payload[g] = _sent = None
+            payload[g] = None
+            del sent
             if step + 1 < R:
                 pending[g] = exchange(recv)
             kv = decode_fp8(recv, dtype) if fp8 else recv

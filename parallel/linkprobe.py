@@ -19,11 +19,11 @@ leaves exposed:
   Ulysses u  C_u = 4 Q (u-1)/u / a2a_rate + 2 G latency (q/k/v in, output back);
              exposed C_u - eta (G-1)/G min(C_u, A) with overlap (head-group pipeline: all but the
              first group's input and the last group's output can hide), C_u without;
-             + 16 Q / copy_rate (packing)
+             + PACK_PASSES Q / copy_rate (packing)
   ring r     per step C_r = 2 Q / p2p_rate + latency (a ring block's k and v are Q each);
              exposed per step C_r - eta min(C_r, A/r); with overlap (pure ring) step 1's transfer
              also hides behind the other head groups' step-1 attention: A/r (2G-1)/G;
-             + merges: (r-1) * 6 * fp32 output bytes / copy_rate
+             + merges: (r-1) MERGE_PASSES fp32 output bytes / copy_rate
   cfg        no exchange at all (each CFG group computes its own rows)
 
 `choose` takes the fastest candidate (ties within 1% go to the larger CFG split, then the larger
@@ -40,6 +40,9 @@ from .config import Layout, divisors
 PROBE_BYTES = {"cuda": 32 << 20, "cpu": 1 << 20}  # per rank: a 480p 1.3B q shard is ~50 MB
 LATENCY_BYTES = 16 << 10
 TIE = 0.01  # relative: predictions this close count as equal
+# Memory passes over a q-sized tensor that the exchange adds per block, at the probe's copy rate:
+PACK_PASSES = 16  # Ulysses: q/k/v packed and unpacked, the output packed and landed (read + write each)
+MERGE_PASSES = 6  # ring: one fp32 merge of a partial output (read out, block out, lse; write out, lse)
 
 
 @dataclass(frozen=True)
@@ -86,8 +89,8 @@ def probe(device, dtype, backend) -> LinkProbe:
     n = n // item // world * world * item  # all-to-all chunks of equal size
     x = torch.ones(n // item, dtype=dtype, device=device)
     times = {}
+    y = torch.empty_like(x)  # the probe's buffers are freed when it returns
     if world > 1:
-        y = torch.empty_like(x)
         times["a2a"] = _timed(lambda: dist.all_to_all_single(y, x), sync, reps)
         m_small = LATENCY_BYTES // item // world * world
         small, small_out = x[:m_small], torch.empty(m_small, dtype=dtype, device=device)
@@ -98,10 +101,7 @@ def probe(device, dtype, backend) -> LinkProbe:
             for w in dist.batch_isend_irecv(ops):
                 w.wait()
         times["p2p"] = _timed(ring, sync, reps)
-        del y
-    z = torch.empty_like(x)
-    times["copy"] = _timed(lambda: z.copy_(x), sync, reps)
-    del z
+    times["copy"] = _timed(lambda: y.copy_(x), sync, reps)
     m = 4096 if cuda else 256
     a = torch.randn(m, m, dtype=dtype, device=device)
     times["mm"] = _timed(lambda: a @ a, sync, reps)
@@ -112,7 +112,6 @@ def probe(device, dtype, backend) -> LinkProbe:
         # The all-to-all started asynchronously, then as many attention kernels as take about as long
         # (the pipelined exchange's situation): how much of the shorter of the two disappears.
         n_attn = max(1, round(times["a2a"] / times["attn"]))
-        y = torch.empty_like(x)
 
         def both():
             work = dist.all_to_all_single(y, x, async_op=True)
@@ -122,8 +121,6 @@ def probe(device, dtype, backend) -> LinkProbe:
         t_both = _timed(both, sync, reps)
         alone = times["a2a"], n_attn * times["attn"]
         times["hidden"] = max(0.0, sum(alone) - t_both) / min(alone)
-        del y
-    del a, q, x
     keys = sorted(times)
     if world > 1:  # every rank takes the slowest rank's figures (the least overlap): the same choices everywhere
         t = torch.tensor([-times[k] if k == "hidden" else times[k] for k in keys], dtype=torch.float64,
@@ -208,12 +205,12 @@ def predict(layout: Layout, shape: ModelShape, probe: LinkProbe, batch: int, tok
             block += step - eta * min(step, a_step * (2 * G - 1) / G) + (r - 2) * (step - eta * min(step, a_step))
         else:
             block += (r - 1) * (step - eta * min(step, a_step))
-        block += (r - 1) * 6 * rows * per_rank * dim * 4 / copy  # merging fp32 partial outputs
+        block += (r - 1) * MERGE_PASSES * rows * per_rank * dim * 4 / copy  # merging fp32 partial outputs
     if u > 1:
         G = groups(shape.heads // u)
         c = 4 * q_bytes * (u - 1) / u / (probe.a2a_gbps * 1e9) + (2 * G if overlap else 4) * lat
         block += c - (eta * min(c, A) * (G - 1) / G if overlap else 0.0)
-        block += 16 * q_bytes / copy  # packing and unpacking
+        block += PACK_PASSES * q_bytes / copy  # packing and unpacking
     return compute + shape.layers * block
 
 
