@@ -25,11 +25,11 @@ random-weight checkpoint of the real shape and reports:
 --options runs each layout once per speed option (issue 14): eager, compile (torch.compile of the
 blocks' per-token work), fp8 (fp8 matmuls), sage (SageAttention), or several joined by +; issue 13's
 nooverlap (the blocking exchange: "before") and fp8wire (the fp8 wire; its rel_l2_vs_eager is the
-error against the exact wire at the same GPU count). Each row also records the group's link probe
+error against the exact wire of the same layout). Each row also records the group's link probe
 and how `auto` chose (`link`, `layout_choice`). Each
 row then also reports the warm-up forward's time (`first_s`: compilation included) and
-`rel_l2_vs_eager`, its output against the eager run's at the same GPU count (what an inexact
-option costs).
+`rel_l2_vs_eager`, its output against the eager run's of the same layout and GPU count (what an
+inexact option costs; list eager first).
 --p2p-off starts the workers with NCCL_P2P_DISABLE=1 (collectives through host memory, as on PCIe
 cards without peer-to-peer). Results go to $OUT/bench_scaling_<model>_<res>[_p2poff][_TAG].json after
 every run; a Markdown table is printed at the end.
@@ -243,7 +243,7 @@ def sample(group, inputs: ForwardInputs, steps: int, shift: float = 5.0) -> torc
 def run_one(config, path, latent, inputs, parity_in, ref, reps, row, one_gpu, sample_steps=0):
     """One configuration: load, then per batch a warm-up forward (with compile: compilation, its
     time in first_s) and `reps` timed ones; then the parity forward against the fp32 reference, the
-    1-GPU eager output (parity_ratio) and the eager output of the same GPU count (rel_l2_vs_eager,
+    1-GPU eager output (parity_ratio) and the eager output of the same layout and GPU count (rel_l2_vs_eager,
     the cost of an inexact option)."""
     with WorkerGroup(config) as group:
         t0 = time.perf_counter()
@@ -279,15 +279,15 @@ def run_one(config, path, latent, inputs, parity_in, ref, reps, row, one_gpu, sa
             if "out" in one_gpu:
                 row["rel_err_vs_1gpu"] = tiny.rel_err(out, one_gpu["out"])
             if eager:
-                one_gpu.setdefault("eager", {})[config.world_size, row["shard"]] = out
-            base = one_gpu.get("eager", {}).get((config.world_size, row["shard"]))
+                one_gpu.setdefault("eager", {})[config.world_size, row["shard"], row["layout_name"]] = out
+            base = one_gpu.get("eager", {}).get((config.world_size, row["shard"], row["layout_name"]))
             if base is not None:
                 row["rel_l2_vs_eager"] = tiny.rel_l2(out, base)
         if sample_steps:
             t0 = time.perf_counter()
             x = sample(group, next(iter(inputs.values())), sample_steps)
             row["sample_s"] = round(time.perf_counter() - t0, 2)
-            key = (config.world_size, row["shard"])
+            key = (config.world_size, row["shard"], row["layout_name"])
             if row["options"] == "eager":
                 one_gpu.setdefault("sampled", {})[key] = x
             base = one_gpu.get("sampled", {}).get(key)
