@@ -178,7 +178,7 @@ def resolve_backend(name: str, device: str, ring_degree: int) -> AttentionBacken
 # At most this many head groups per exchange (overlap): more groups hide more of the exchange (all
 # but about 1/G of it is behind attention) but make smaller kernels and more collective calls.
 # XDIT_USP_HEAD_GROUPS overrides it (tuning, benchmarks).
-MAX_HEAD_GROUPS = 4
+MAX_HEAD_GROUPS = 8
 WIRES = ("default", "fp8")
 
 

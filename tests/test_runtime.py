@@ -416,7 +416,7 @@ def rank_main(rank, port, q, k, v, valid, results):
 
 if __name__ == "__main__":
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 24, 8, 16, generator=g) for _ in range(3))  # B, S, H, D: 4 head groups of 1 or 2
+    q, k, v = (torch.randn(2, 24, 8, 16, generator=g) for _ in range(3))  # B, S, H, D: 4 head groups at Ulysses 2, 8 at ring 2
     valid = 19  # five padded keys
     ref = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(1, 2), k[:, :valid].transpose(1, 2), v[:, :valid].transpose(1, 2)).transpose(1, 2)
@@ -432,7 +432,7 @@ if __name__ == "__main__":
 
 def test_overlapped_exchange_is_the_blocking_one_and_fp8_wire_is_close(tmp_path):
     """The pipelined exchanges on 2 gloo ranks, without a model: Ulysses 2 (4 head groups of 1) and
-    ring 2 (4 groups of 2) give the blocking path's output bit for bit; the fp8 wire (allowed here
+    ring 2 (8 groups of 1) give the blocking path's output bit for bit; the fp8 wire (allowed here
     below the config, which refuses it on the CPU) stays within e4m3's rounding."""
     script = tmp_path / "exchange.py"
     script.write_text(BIND_PACK + "\n" + _EXCHANGE_SCRIPT)
