@@ -23,10 +23,13 @@ random-weight checkpoint of the real shape and reports:
     The reference is computed once (on GPU 0 before any group starts) and cached next to the
     checkpoint, so a second invocation on the same machine reuses it.
 --options runs each layout once per speed option (issue 14): eager, compile (torch.compile of the
-blocks' per-token work), fp8 (fp8 matmuls), sage (SageAttention), or several joined by +. Each
+blocks' per-token work), fp8 (fp8 matmuls), sage (SageAttention), or several joined by +; issue 13's
+nooverlap (the blocking exchange: "before") and fp8wire (the fp8 wire; its rel_l2_vs_eager is the
+error against the exact wire of the same layout). Each row also records the group's link probe
+and how `auto` chose (`link`, `layout_choice`). Each
 row then also reports the warm-up forward's time (`first_s`: compilation included) and
-`rel_l2_vs_eager`, its output against the eager run's at the same GPU count (what an inexact
-option costs).
+`rel_l2_vs_eager`, its output against the eager run's of the same layout and GPU count (what an
+inexact option costs; list eager first).
 --p2p-off starts the workers with NCCL_P2P_DISABLE=1 (collectives through host memory, as on PCIe
 cards without peer-to-peer). Results go to $OUT/bench_scaling_<model>_<res>[_p2poff][_TAG].json after
 every run; a Markdown table is printed at the end.
@@ -125,11 +128,19 @@ def main():
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--options", default="eager",
                     help="comma list of speed options per layout: eager, compile, fp8 (fp8 matmuls), fp8w (fp8 "
-                         "weights upcast per layer, for comparison), sage (SageAttention), joined by + (e.g. "
-                         "eager,compile,compile+fp8,compile+sage)")
+                         "weights upcast per layer, for comparison), sage (SageAttention), nooverlap (the blocking "
+                         "exchange, as before issue 13), fp8wire (q/k/v and the output sent as fp8), joined by + "
+                         "(e.g. eager,compile,compile+fp8,compile+sage,nooverlap,fp8wire)")
     ap.add_argument("--sample-steps", type=int, default=0,
                     help="also sample this many Euler steps (batch 1, cfg 1, shift 5) from fixed noise at the timed "
                          "size and report the final latent's rel L2 against the eager run's (sampled_rel_l2_vs_eager)")
+    ap.add_argument("--runs", default="",
+                    help="instead of the --gpus x --layouts x --options product, these runs: GPUS:LAYOUT:OPTIONS:BATCHES "
+                         "separated by ';' or spaces, options alternatives by '/', batches by '+' (e.g. "
+                         "'1:auto:eager:2+1;2:ulysses:eager/nooverlap/fp8wire:1'); weights none")
+    ap.add_argument("--baseline", default="",
+                    help="a results file of an earlier invocation (same machine) whose 1-GPU eager run gives the "
+                         "speed-ups and parity ratios of this one's (e.g. the --p2p-off half of a run)")
     ap.add_argument("--tag", default="", help="suffix of the results file")
     ap.add_argument("--ckpt-dir", default=tempfile.gettempdir())
     a = ap.parse_args()
@@ -140,6 +151,9 @@ def main():
     path = write_checkpoint(a.model, a.ckpt_dir)
     c, f, h, w = latent_shape(a.res)
     batches = [int(b) for b in a.batches.split(",")]
+    if a.runs:
+        batches = sorted({int(b) for item in a.runs.replace(";", " ").split() for b in item.split(":")[3].split("+")},
+                         reverse=True)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(max(batches), c, f, h, w, generator=g)
     ctx = torch.randn(max(batches), 512, text_dim, generator=g)
@@ -155,35 +169,61 @@ def main():
     name = f"bench_scaling_{a.model}_{a.res}{'_p2poff' if a.p2p_off else ''}{'_' + a.tag if a.tag else ''}.json"
     out_path = os.path.join(os.environ.get("OUT", "."), name)
     one_gpu = {}  # the 1-GPU run's parity output and error: the floor every N is held to
+    if a.baseline:
+        with open(a.baseline) as fh:
+            base_row = next(r for r in json.load(fh)["runs"] if r["gpus"] == 1 and r.get("options") == "eager"
+                            and "error" not in r and "skipped" not in r)
+        results["baseline"] = {"file": a.baseline, **{k: base_row[k] for k in base_row if k in ("b1", "b2", "rel_l2")}}
+        if "rel_l2" in base_row:
+            one_gpu["rel_l2"] = base_row["rel_l2"]
+    for n, lname, shard, opts, run_batches in plan_runs(a, heads, batches):
+        u, r, cfg = layouts_for(n, heads)[lname]
+        row = {"gpus": n, "layout_name": lname, "shard": shard, "options": opts}
+        if n > visible:
+            row["skipped"] = f"only {visible} GPU(s) visible"
+            results["runs"].append(row)
+            continue
+        flags = set(opts.split("+")) - {"eager"}
+        if flags - {"compile", "fp8", "fp8w", "sage", "nooverlap", "fp8wire"}:
+            raise SystemExit(f"--options: unknown option in {opts!r}")
+        config = XDitUSPConfig(world_size=n, ulysses_degree=u, ring_degree=r, cfg_degree=cfg,
+                               device=a.device, dtype="bf16", weight_sharding=shard, extra_env=env,
+                               compile="compile" in flags, fp8_matmul="fp8" in flags,
+                               weight_dtype="fp8_e4m3fn" if "fp8w" in flags else "default",
+                               attention_backend="sage" if "sage" in flags else "auto",
+                               comm_overlap="nooverlap" not in flags,
+                               comm_dtype="fp8" if "fp8wire" in flags else "default")
+        try:
+            run_one(config, path, (f, h, w), {b: inputs[b] for b in run_batches}, parity_in, ref, a.reps, row,
+                    one_gpu, a.sample_steps)
+        except Exception as e:  # noqa: BLE001 - a layout that fails is a result to report
+            row["error"] = f"{type(e).__name__}: {e}"[:800]
+        results["runs"].append(row)
+        print(json.dumps(row), flush=True)
+        with open(out_path, "w") as fh:
+            json.dump(results, fh, indent=1)
+    print_table(results, batches)
+
+
+def plan_runs(a, heads: int, batches: list[int]):
+    """(gpus, layout name, weights, options, batches) of every run: --runs when given, else every
+    --gpus x layout (--layouts) x --shard x --options, each timing --batches."""
+    if a.runs:
+        for item in a.runs.replace(";", " ").split():
+            n, lname, opts, bs = item.split(":")
+            if lname not in layouts_for(int(n), heads):
+                raise SystemExit(f"--runs {item}: {int(n)} GPU(s) have no layout {lname!r}")
+            for o in opts.split("/"):
+                yield int(n), lname, "none", o, [int(b) for b in bs.split("+")]
+        return
     for n in [int(v) for v in a.gpus.split(",")]:
-        for lname, (u, r, cfg) in layouts_for(n, heads).items():
+        for lname in layouts_for(n, heads):
             if a.layouts and lname not in a.layouts.split(","):
                 continue
             for shard, opts in itertools.product(a.shard.split(","), a.options.split(",")):
                 if shard == "fsdp" and (n == 1 or (a.fsdp_layouts and lname not in a.fsdp_layouts.split(","))):
                     continue
-                row = {"gpus": n, "layout_name": lname, "shard": shard, "options": opts}
-                if n > visible:
-                    row["skipped"] = f"only {visible} GPU(s) visible"
-                    results["runs"].append(row)
-                    continue
-                flags = set(opts.split("+")) - {"eager"}
-                if flags - {"compile", "fp8", "fp8w", "sage"}:
-                    raise SystemExit(f"--options: unknown option in {opts!r}")
-                config = XDitUSPConfig(world_size=n, ulysses_degree=u, ring_degree=r, cfg_degree=cfg,
-                                       device=a.device, dtype="bf16", weight_sharding=shard, extra_env=env,
-                                       compile="compile" in flags, fp8_matmul="fp8" in flags,
-                                       weight_dtype="fp8_e4m3fn" if "fp8w" in flags else "default",
-                                       attention_backend="sage" if "sage" in flags else "auto")
-                try:
-                    run_one(config, path, (f, h, w), inputs, parity_in, ref, a.reps, row, one_gpu, a.sample_steps)
-                except Exception as e:  # noqa: BLE001 - a layout that fails is a result to report
-                    row["error"] = f"{type(e).__name__}: {e}"[:800]
-                results["runs"].append(row)
-                print(json.dumps(row), flush=True)
-                with open(out_path, "w") as fh:
-                    json.dump(results, fh, indent=1)
-    print_table(results, batches)
+                yield n, lname, shard, opts, batches
 
 
 def sample(group, inputs: ForwardInputs, steps: int, shift: float = 5.0) -> torch.Tensor:
@@ -203,13 +243,14 @@ def sample(group, inputs: ForwardInputs, steps: int, shift: float = 5.0) -> torc
 def run_one(config, path, latent, inputs, parity_in, ref, reps, row, one_gpu, sample_steps=0):
     """One configuration: load, then per batch a warm-up forward (with compile: compilation, its
     time in first_s) and `reps` timed ones; then the parity forward against the fp32 reference, the
-    1-GPU eager output (parity_ratio) and the eager output of the same GPU count (rel_l2_vs_eager,
+    1-GPU eager output (parity_ratio) and the eager output of the same layout and GPU count (rel_l2_vs_eager,
     the cost of an inexact option)."""
     with WorkerGroup(config) as group:
         t0 = time.perf_counter()
         info = group.load("m", path, latent=latent, batch=max(inputs))
         row.update(load_s=round(time.perf_counter() - t0, 2), backend=info.backend, placement=info.placement,
-                   param_gb_per_rank=[round(b / GB, 3) for b in info.param_bytes_per_rank])
+                   param_gb_per_rank=[round(b / GB, 3) for b in info.param_bytes_per_rank],
+                   link=info.link, layout_choice=info.layout_choice)
         for b, inp in sorted(inputs.items(), reverse=True):
             stats, times = {}, []
             t_first = time.perf_counter()
@@ -233,19 +274,20 @@ def run_one(config, path, latent, inputs, parity_in, ref, reps, row, one_gpu, sa
             eager = row["options"] == "eager"
             if config.world_size == 1 and eager and "out" not in one_gpu:
                 one_gpu.update(out=out, rel_l2=row["rel_l2"])
-            if "out" in one_gpu:
+            if "rel_l2" in one_gpu:
                 row["parity_ratio"] = row["rel_l2"] / one_gpu["rel_l2"]
+            if "out" in one_gpu:
                 row["rel_err_vs_1gpu"] = tiny.rel_err(out, one_gpu["out"])
             if eager:
-                one_gpu.setdefault("eager", {})[config.world_size, row["shard"]] = out
-            base = one_gpu.get("eager", {}).get((config.world_size, row["shard"]))
+                one_gpu.setdefault("eager", {})[config.world_size, row["shard"], row["layout_name"]] = out
+            base = one_gpu.get("eager", {}).get((config.world_size, row["shard"], row["layout_name"]))
             if base is not None:
                 row["rel_l2_vs_eager"] = tiny.rel_l2(out, base)
         if sample_steps:
             t0 = time.perf_counter()
             x = sample(group, next(iter(inputs.values())), sample_steps)
             row["sample_s"] = round(time.perf_counter() - t0, 2)
-            key = (config.world_size, row["shard"])
+            key = (config.world_size, row["shard"], row["layout_name"])
             if row["options"] == "eager":
                 one_gpu.setdefault("sampled", {})[key] = x
             base = one_gpu.get("sampled", {}).get(key)
@@ -255,8 +297,9 @@ def run_one(config, path, latent, inputs, parity_in, ref, reps, row, one_gpu, sa
 
 def print_table(results, batches):
     runs = [r for r in results["runs"] if "b2" in r or "b1" in r]
-    base = {b: next((r[f"b{b}"]["forward_s"] for r in runs if r["gpus"] == 1 and f"b{b}" in r), None)
-            for b in batches}
+    earlier = results.get("baseline", {})
+    base = {b: next((r[f"b{b}"]["forward_s"] for r in runs if r["gpus"] == 1 and f"b{b}" in r),
+                    earlier.get(f"b{b}", {}).get("forward_s")) for b in batches}
     print(f"\n{results['device']} x{results['visible_gpus']}, {results['model']} {results['res']}x81, bf16"
           f"{', NCCL_P2P_DISABLE=1' if results['p2p_off'] else ''}, {results['date']}")
     cols = "".join(f" batch {b}: forward (layout) | speed-up |" for b in batches)
@@ -282,6 +325,20 @@ def print_table(results, batches):
               f"{cells} {max(peaks):.1f} | {r.get('cfg50_total_s', float('nan')):.0f} s | {first:.1f} s | "
               f"{r.get('rel_l2', float('nan')):.2e} | {r.get('parity_ratio', float('nan')):.2f} | "
               f"{r.get('rel_l2_vs_eager', float('nan')):.2e} |")
+    link = next((r["link"] for r in runs if r["gpus"] > 1 and r.get("link")), None)
+    if link:
+        print(f"\nlink probe: {json.dumps(link)}")
+    for n in sorted({r["gpus"] for r in runs if r["gpus"] > 1}):
+        for opts in sorted({r["options"] for r in runs}):
+            same = [r for r in runs if r["gpus"] == n and r["options"] == opts and r["shard"] == "none"]
+            auto = next((r for r in same if r["layout_name"] == "auto"), None)
+            for b in batches:
+                timed = [(r[f"b{b}"]["forward_s"], r[f"b{b}"]["layout"]) for r in same if f"b{b}" in r]
+                if auto and f"b{b}" in auto and len(timed) > 1:
+                    best = min(timed)
+                    mine = auto[f"b{b}"]["forward_s"]
+                    print(f"{n} GPUs, {opts}, batch {b}: fastest {best[1]} {best[0]:.3f} s; auto chose "
+                          f"{auto[f'b{b}']['layout']} {mine:.3f} s ({mine / best[0]:.3f}x the fastest)")
     if results["model"] == "14b" and results["res"] == "720p":
         print("\nWan2.1 official, 14B 720p 50 steps, whole generation (H800/H100): "
               + ", ".join(f"{n} GPU(s) {s} s" for n, s in OFFICIAL_14B_720P.items()))

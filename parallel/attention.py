@@ -7,11 +7,25 @@ every kernel call sees only the real keys of the block it attends to. Results th
 depend on the number of ranks (the Wan2.1 reference implementation lets padded keys leak in).
 
 Layout convention: q, k, v and the output are [batch, tokens, heads, head_dim] (yunchang's).
+
+Overlap (`CommOptions.overlap`, on by default): attention is independent per head, so the heads a
+rank attends to are split into G head groups and the exchange of one group runs while another
+group's attention computes (`_ulysses_pipelined`: the all-to-all in of group g+1 and the
+all-to-all out of group g-1 during the attention of group g; `_ring_pipelined`: every group's
+first key/value exchange during the step-0 attention of all groups, then each group's next step as
+soon as its own blocks have arrived). The collectives are torch.distributed's async ones (NCCL
+runs them on its own stream, gloo on its own thread); each kernel sees exactly the tensors it saw
+before, so the result is the same. With overlap off the exchange is yunchang's, as before.
+
+Wire (`CommOptions.wire`, opt-in "fp8"): the all-to-alls (and the pure ring's key/value exchange)
+carry e4m3 values with one fp32 scale per token and head (`encode_fp8` / `decode_fp8`): about
+0.53x the bytes of bf16, not exact.
 """
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -161,6 +175,40 @@ def resolve_backend(name: str, device: str, ring_degree: int) -> AttentionBacken
 
 # Process groups ------------------------------------------------------------------------------
 
+# At most this many head groups per exchange (overlap): more groups hide more of the exchange (all
+# but about 1/G of it is behind attention) but make smaller kernels and more collective calls.
+# XDIT_USP_HEAD_GROUPS overrides it (tuning, benchmarks).
+MAX_HEAD_GROUPS = 8
+WIRES = ("default", "fp8")
+
+
+@dataclass(frozen=True)
+class CommOptions:
+    """How a sequence-parallel group exchanges q, k, v and the attention output.
+
+    overlap      pipeline the exchange with attention by head groups (exact); off: yunchang's
+                 blocking all-to-alls and ring loop, as before.
+    wire         "default": the compute dtype; "fp8": e4m3 with a per-token, per-head fp32 scale
+                 (opt-in, not exact; CUDA with bf16/fp16 only, checked by the config).
+    head_groups  the number of head groups (0: the largest divisor of the heads a rank attends
+                 to that is <= MAX_HEAD_GROUPS, or XDIT_USP_HEAD_GROUPS when set)."""
+
+    overlap: bool = True
+    wire: str = "default"
+    head_groups: int = 0
+
+    @classmethod
+    def from_config(cls, config) -> "CommOptions":
+        return cls(overlap=config.comm_overlap, wire=config.comm_dtype)
+
+    def groups(self, heads: int) -> int:
+        """The number of head groups for `heads` heads (1 without overlap)."""
+        if not self.overlap:
+            return 1
+        cap = self.head_groups or int(os.environ.get("XDIT_USP_HEAD_GROUPS", "0") or 0) or MAX_HEAD_GROUPS
+        return max(d for d in range(1, heads + 1) if heads % d == 0 and d <= cap)
+
+
 
 @dataclass
 class SPGroup:
@@ -174,6 +222,7 @@ class SPGroup:
     sp_pg: Optional[dist.ProcessGroup]  # all ranks working on the same batch slice
     sp_ranks: list[int]  # global ranks of sp_pg, in sequence order
     cfg_index: int  # which batch slice this rank's group computes
+    comm: "CommOptions" = field(default_factory=lambda: CommOptions())
 
     @property
     def sp(self) -> int:
@@ -188,7 +237,7 @@ class SPGroup:
         return self.sp_rank == 0
 
 
-def build_sp_group(cfg: int, ulysses: int, ring: int) -> SPGroup:
+def build_sp_group(cfg: int, ulysses: int, ring: int, comm: Optional["CommOptions"] = None) -> SPGroup:
     """Create the process groups of one layout on every rank (a collective call).
 
     Uses yunchang's `set_seq_parallel_pg` (Ulysses ranks adjacent, the cfg split outermost) and
@@ -218,6 +267,7 @@ def build_sp_group(cfg: int, ulysses: int, ring: int) -> SPGroup:
         sp_pg=sp_pg,
         sp_ranks=my_ranks,
         cfg_index=rank // sp,
+        comm=comm or CommOptions(),
     )
 
 
@@ -243,9 +293,20 @@ def usp_attention(
 
 def usp_attention_consuming(qkv: list, group: SPGroup, backend: AttentionBackend, valid_len: int,
                             scale: float) -> torch.Tensor:
-    """`usp_attention` of the list [q, k, v], which it empties: each tensor is dropped as soon as its
-    all-to-all has replaced it, so with no other reference held by the caller at most four q-sized
-    tensors are alive during the exchange instead of six."""
+    """`usp_attention` of the list [q, k, v], which it empties: each tensor is dropped as soon as it
+    has been packed for (or replaced by) its exchange, so with no other reference held by the caller
+    about four q-sized tensors are alive during the exchange instead of six.
+
+    With `group.comm.overlap` (or the fp8 wire) the exchange is pipelined by head groups
+    (`_ulysses_pipelined`, `_ring_pipelined`); otherwise it is yunchang's blocking path."""
+    comm = group.comm
+    if comm.overlap or comm.wire != "default":
+        if group.ulysses > 1:
+            return _ulysses_pipelined(qkv, group, backend, valid_len, scale)
+        if group.ring > 1:
+            q, k, v = qkv
+            qkv.clear()
+            return _ring_pipelined(q, k, v, group, backend, valid_len, scale)
     if group.ulysses > 1:
         from yunchang.comm.all_to_all import SeqAllToAll4D
 
@@ -267,6 +328,163 @@ def usp_attention_consuming(qkv: list, group: SPGroup, backend: AttentionBackend
 
         out = SeqAllToAll4D.apply(group.ulysses_pg, out.contiguous(), 1, 2, False)
     return out
+
+
+# The fp8 wire -----------------------------------------------------------------------------------
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def encode_fp8(x: torch.Tensor) -> torch.Tensor:
+    """[..., D] -> [..., D + 4] bytes: the e4m3 values of each row (a token's head) scaled by the
+    row's max |x| / 448, followed by that scale's four fp32 bytes. One buffer, one collective."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float()
+    scale = (amax / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    q = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return torch.cat([q.view(torch.uint8), scale.view(torch.uint8)], dim=-1)
+
+
+def decode_fp8(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`encode_fp8`'s inverse, [..., D + 4] bytes -> [..., D] in `dtype`."""
+    d = b.shape[-1] - 4
+    scale = b[..., d:].contiguous().view(torch.float32)
+    return (b[..., :d].view(torch.float8_e4m3fn).float() * scale).to(dtype)
+
+
+# Overlapped exchanges ----------------------------------------------------------------------------
+def _a2a(send: torch.Tensor, pg) -> tuple[torch.Tensor, object]:
+    """All-to-all over dim 0 (chunk p goes to rank p of `pg`), started asynchronously:
+    (receive buffer, work). The caller keeps `send` alive until work.wait()."""
+    recv = torch.empty_like(send)
+    return recv, dist.all_to_all_single(recv, send, group=pg, async_op=True)
+
+
+def _ulysses_pipelined(qkv: list, group: SPGroup, backend: AttentionBackend, valid_len: int,
+                       scale: float) -> torch.Tensor:
+    """Ulysses (and hybrid Ulysses x ring) attention with the all-to-alls pipelined by head groups.
+
+    After the all-to-all a rank attends to H/u heads; they are split into G groups of hg heads
+    (group g: heads g*hg .. of every rank's slice). q, k and v of one group travel in one
+    all-to-all, [u, 3, B, S, hg, D] (dim 0: the destination rank). On the collective stream the
+    order is in(0), in(1), out(0), in(2), out(1), ...: while group g's attention computes, group
+    g-1's output goes back and group g+1's inputs arrive. Only in(0) and out(G-1) are exposed.
+    Attention is per head, so each head's result is what the blocking path computes."""
+    q, k, v = qkv
+    qkv.clear()
+    B, S, H, D = q.shape
+    u, dtype, pg = group.ulysses, q.dtype, group.ulysses_pg
+    G = group.comm.groups(H // u)
+    hg = H // u // G
+    fp8 = group.comm.wire == "fp8"
+    sends = [q.new_empty(u, 3, B, S, hg, D) for _ in range(G)]
+    tensors = [q, k, v]
+    del q, k, v
+    for i in range(3):  # each of q, k, v is freed once packed: at most five q-sized tensors at once
+        heads = tensors[i].view(B, S, u, G, hg, D)
+        tensors[i] = None
+        for g in range(G):
+            sends[g][:, i].copy_(heads[:, :, :, g].permute(2, 0, 1, 3, 4))
+        del heads
+    if fp8:
+        sends = [encode_fp8(s) for s in sends]
+
+    if group.ring == 1:
+        def attend(qg, kg, vg):
+            return backend.plain(qg, kg[:, :valid_len], vg[:, :valid_len], scale)
+    else:
+        def attend(qg, kg, vg):
+            return _ring_attention(qg, kg, vg, group, backend, valid_len, qg.shape[1], scale)
+
+    out = torch.empty(B, S, H, D, dtype=dtype, device=sends[0].device)
+    heads_out = out.view(B, S, u, G, hg, D)
+
+    def land(g, recv, work, sent):  # group g's output is back (`sent` lived until now): into its heads of `out`
+        work.wait()
+        if fp8:
+            recv = decode_fp8(recv, dtype)
+        heads_out[:, :, :, g].copy_(recv.permute(1, 2, 0, 3, 4))
+
+    incoming = {0: _a2a(sends[0], pg)}
+    outgoing = None
+    for g in range(G):
+        if g + 1 < G:
+            incoming[g + 1] = _a2a(sends[g + 1], pg)
+        recv, work = incoming.pop(g)
+        work.wait()
+        sends[g] = None
+        if fp8:
+            recv = decode_fp8(recv, dtype)
+        # [u, B, S, hg, D] per tensor -> [B, u*S, hg, D]: the whole ring block, sources in rank order
+        qg, kg, vg = (recv[:, i].transpose(0, 1).reshape(B, u * S, hg, D) for i in range(3))
+        del recv
+        og = attend(qg, kg, vg).to(dtype)
+        del qg, kg, vg
+        back = og.unflatten(1, (u, S)).transpose(0, 1).contiguous()  # [u, B, S, hg, D]: tokens to their rank
+        del og
+        if fp8:
+            back = encode_fp8(back)
+        recv_out, work_out = _a2a(back, pg)
+        if outgoing is not None:
+            land(*outgoing)
+        outgoing = (g, recv_out, work_out, back)
+        del back
+    land(*outgoing)
+    return out
+
+
+def _ring_pipelined(q, k, v, group: SPGroup, backend: AttentionBackend, valid_len: int, scale: float):
+    """Ring attention (no Ulysses) with the key/value exchange split by head groups.
+
+    Step 0 starts every group's exchange, then attends to the rank's own keys for all heads, so the
+    transfer runs behind a whole step of attention; at each later step group g attends as soon as
+    its own blocks have arrived (and passes them on first when more steps follow), so group g's
+    compute overlaps the transfer of groups > g. The blocks and the merge (yunchang's
+    `update_out_and_lse`, per head) are the blocking loop's."""
+    from yunchang.ring.utils import update_out_and_lse
+
+    B, S, H, D = q.shape
+    pg, dtype = group.ring_pg, q.dtype
+    R, rank = dist.get_world_size(pg), dist.get_rank(pg)
+    send_to, recv_from = dist.get_global_rank(pg, (rank + 1) % R), dist.get_global_rank(pg, (rank - 1) % R)
+    G = group.comm.groups(H)
+    hg = H // G
+    fp8 = group.comm.wire == "fp8"
+    hs = [slice(g * hg, (g + 1) * hg) for g in range(G)]
+
+    def exchange(buf):  # -> (receive buffer, works, the buffer sent: alive until the works are waited on)
+        recv = torch.empty_like(buf)
+        ops = [dist.P2POp(dist.isend, buf, send_to, group=pg), dist.P2POp(dist.irecv, recv, recv_from, group=pg)]
+        return recv, dist.batch_isend_irecv(ops), buf
+
+    # this rank's own blocks, one buffer per group: [2, B, S, hg, D] (k, v), or its fp8 bytes
+    payload = [torch.stack([k[:, :, h], v[:, :, h]]) for h in hs]
+    if fp8:
+        payload = [encode_fp8(p) for p in payload]
+    pending = [exchange(p) for p in payload] if R > 1 else []
+    out, lse = [None] * G, [None] * G
+
+    def attend(g, step, kg, vg):
+        source = (rank - step) % R  # ring rank whose keys these are
+        n_valid = min(max(valid_len - source * S, 0), S)
+        if n_valid > 0:
+            block_out, block_lse = backend.lse(q[:, :, hs[g]], kg[:, :n_valid], vg[:, :n_valid], scale)
+            out[g], lse[g] = update_out_and_lse(out[g], lse[g], block_out, block_lse)
+
+    for g in range(G):  # step 0: the own keys, exact (not through the wire)
+        attend(g, 0, k[:, :, hs[g]], v[:, :, hs[g]])
+    del k, v
+    for step in range(1, R):
+        for g in range(G):
+            recv, works, sent = pending[g]
+            for w in works:
+                w.wait()
+            payload[g] = None
+            del sent
+            if step + 1 < R:
+                pending[g] = exchange(recv)
+            kv = decode_fp8(recv, dtype) if fp8 else recv
+            attend(g, step, kv[0], kv[1])
+            del kv, recv
+    return torch.cat([o.to(dtype) for o in out], dim=2)
 
 
 def _ring_attention(q, k, v, group: SPGroup, backend: AttentionBackend, valid_len: int, block: int, scale: float):

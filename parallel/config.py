@@ -44,6 +44,9 @@ WEIGHT_SHARDING = ("none", "fsdp", "auto")
 # the compute dtype when its layer runs (half the memory of bf16; not exact against bf16 weights).
 WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e5m2")
 DEVICES = ("cuda", "cpu")
+# What q/k/v and the attention output travel as between ranks (parallel/attention.py): the compute
+# dtype, or e4m3 with a per-token, per-head scale (opt-in, not exact).
+COMM_DTYPES = ("default", "fp8")
 # Names accepted for `attention_backend`; see parallel/attention.py for what each runs.
 ATTENTION_BACKENDS = ("auto", "sdpa", "cudnn", "flash", "efficient", "math", "cpu_flash", "flash_attn", "fa3", "sage")
 
@@ -102,6 +105,10 @@ class XDitUSPConfig:
     fp8_matmul      the blocks' Linear layers multiply in fp8 (torch._scaled_mm: e4m3 weights, activations
                     quantised per token), ComfyUI's "fp8_e4m3fn_fast"; weights are then held as
                     fp8_e4m3fn (weight_dtype default means that). Opt-in, not exact.
+    comm_overlap    pipeline the sequence-parallel exchange with attention by head groups (exact;
+                    off: the blocking all-to-alls and ring loop, for comparison).
+    comm_dtype      default | fp8: what q/k/v and the attention output travel as; fp8 (e4m3, one scale
+                    per token and head) halves the bytes on the wire. Opt-in, not exact; CUDA, bf16/fp16.
     gpu_memory_fraction  per-process cap on the CUDA caching allocator, (0, 1]; the memory plan checks
                     a model fits under it before anything is loaded.
     launch_timeout_s / forward_timeout_s / load_timeout_s  every wait on the workers is bounded.
@@ -120,6 +127,8 @@ class XDitUSPConfig:
     weight_dtype: str = "default"
     compile: bool = False
     fp8_matmul: bool = False
+    comm_overlap: bool = True
+    comm_dtype: str = "default"
     device_ids: Optional[list[int]] = None
     gpu_memory_fraction: float = 1.0
     launch_timeout_s: float = 300.0
@@ -183,7 +192,13 @@ class XDitUSPConfig:
             errors.append(f"weight_sharding must be one of {WEIGHT_SHARDING}, got {self.weight_sharding!r}")
         if self.weight_dtype not in WEIGHT_DTYPES:
             errors.append(f"weight_dtype must be one of {WEIGHT_DTYPES}, got {self.weight_dtype!r}")
-        for name in ("compile", "fp8_matmul"):
+        if self.comm_dtype not in COMM_DTYPES:
+            errors.append(f"comm_dtype must be one of {COMM_DTYPES}, got {self.comm_dtype!r}")
+        elif self.comm_dtype == "fp8" and (self.device != "cuda" or self.dtype == "fp32"):
+            errors.append(f"comm_dtype='fp8' sends bf16/fp16 activations as fp8 between GPUs; it needs device='cuda' "
+                          f"and dtype bf16 or fp16 (got device={self.device!r}, dtype={self.dtype!r}); use "
+                          "comm_dtype='default'")
+        for name in ("compile", "fp8_matmul", "comm_overlap"):
             if not isinstance(getattr(self, name), bool):
                 errors.append(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.fp8_matmul and self.weight_dtype == "fp8_e5m2":

@@ -244,6 +244,10 @@ class Loaded:
     memory_plan: Optional[dict] = None  # the owner's estimate (parallel/memory.py), set by the owner
     peak_estimate: int = 0  # this model's per-rank peak at the planned size, or the model's standard size (set by the owner)
     memory: Optional[MemoryStats] = None  # the rank's memory after the load (the owner keeps it in WorkerGroup.memory_stats)
+    link: Optional[dict] = None  # the group's link probe (linkprobe.LinkProbe.as_dict), measured at its first load
+    # How `layout` and `fallback_layout` were chosen: {"rule": "cost model" | "static" | "configured",
+    # "size": the video size predicted for, "predicted_s": {batch: {layout: seconds}}} (cost model only)
+    layout_choice: Optional[dict] = None
 
 
 @dataclass

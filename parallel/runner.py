@@ -24,8 +24,8 @@ from typing import Optional
 
 import torch
 
-from . import protocol
-from .attention import SPGroup, build_sp_group
+from . import linkprobe, protocol
+from .attention import CommOptions, SPGroup, build_sp_group
 from .config import Layout, XDitUSPConfig
 from .sp_wan import SequenceParallelWan
 from ..wan_to_xdit_mapping import fp32_predicate
@@ -256,6 +256,9 @@ class _Model:
     placement: Placement
     scaled: set[str]  # weights held as the file's scaled fp8 (their scale in the Linear's weight_scale)
     layouts: tuple[Layout, Layout]  # (configured, batch-1 fallback)
+    shape: Optional[linkprobe.ModelShape] = None  # set when `auto` chooses by the link probe, per forward
+    ring_ok: bool = True  # the attention kernel returns a log-sum-exp (ring layouts may be chosen)
+    choices: dict = field(default_factory=dict)  # (batch, tokens) -> Layout, the cost model's choices so far
     patched: set[str] = field(default_factory=set)  # weights a patch changed (restored from `path` first)
     param_bytes: int = 0  # what this rank holds of it between forwards
 
@@ -274,11 +277,13 @@ class ModelRunner:
         self._fsdp: Optional[FullyShard] = None
         self.trims = 0  # calls of trim(), reported in protocol.MemoryStats
         self._infos: dict = {}  # (path, mtime, size) -> CheckpointInfo of files merged in (set_weight_patches)
+        self.link: Optional[linkprobe.LinkProbe] = None  # measured at the first load (a collective)
 
     def group(self, layout: Layout) -> SPGroup:
         """The process groups of `layout` (created on first use: a collective on every rank)."""
         if layout not in self._groups:
-            self._groups[layout] = build_sp_group(layout.cfg, layout.ulysses, layout.ring)
+            self._groups[layout] = build_sp_group(layout.cfg, layout.ulysses, layout.ring,
+                                                  comm=CommOptions.from_config(self.config))
         return self._groups[layout]
 
     def placement(self, name: str) -> Placement:
@@ -322,8 +327,25 @@ class ModelRunner:
                     mod.rowwise = rowwise
         for lay in (layout, fallback):
             self.group(lay)
+        if self.link is None:
+            self.link = linkprobe.probe(self.device, self.dtype, backend)
         param_bytes = _nbytes(local.values())
-        self.models[key] = _Model(path, info, root, place, scaled, (layout, fallback), param_bytes=param_bytes)
+        m = _Model(path, info, root, place, scaled, (layout, fallback), param_bytes=param_bytes)
+        choice = {"rule": "configured"}
+        if linkprobe.by_probe(self.config) and self.config.world_size > 1:
+            from .memory import standard_latent
+
+            latent, size = standard_latent(info)
+            m.shape, m.ring_ok = linkprobe.ModelShape.of(module.config), backend.lse is not None
+            tokens = linkprobe.tokens_of(latent, module.config.patch_size)
+            costs = {}
+            for b in (2, 1):
+                costs[b] = self._choose(m, b, tokens)[1]
+            m.layouts = layout, fallback = self._choose(m, 2, tokens)[0], self._choose(m, 1, tokens)[0]
+            choice = {"rule": "cost model", "size": size, "predicted_s": costs}
+        elif not (self.config.ulysses_degree or self.config.ring_degree or self.config.cfg_degree):
+            choice = {"rule": "static"}
+        self.models[key] = m
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize()
@@ -338,6 +360,7 @@ class ModelRunner:
             fp8_matmul=self.config.fp8_matmul,
             fp8_input_scaling=("token" if rowwise else "tensor") if self.config.fp8_matmul else "",
             param_bytes_total=sum(p.numel() * p.element_size() for p in module.parameters()),
+            link=self.link.as_dict(), layout_choice=choice,
         )
 
     def _fill(self, module, params: dict[str, torch.Tensor], name: str, w: torch.Tensor, scale, keep_scaled: bool):
@@ -393,10 +416,22 @@ class ModelRunner:
         return m
 
     # ---- forward ------------------------------------------------------------------------------
-    def layout_for(self, key: str, batch: int) -> Layout:
-        """The configured layout when the batch divides by its CFG degree, else the fallback."""
-        layout, fallback = self._model(key).layouts
+    def layout_for(self, key: str, batch: int, tokens: Optional[int] = None) -> Layout:
+        """With every degree `auto` on GPUs: the cost model's fastest layout for this batch and token
+        count (linkprobe.choose; every rank computes the same from the same probe). Otherwise the
+        configured layout when the batch divides by its CFG degree, else the fallback."""
+        m = self._model(key)
+        if m.shape is not None and tokens:
+            return self._choose(m, batch, tokens)[0]
+        layout, fallback = m.layouts
         return layout if batch % layout.cfg == 0 else fallback
+
+    def _choose(self, m: _Model, batch: int, tokens: int) -> tuple[Layout, dict]:
+        if (batch, tokens) not in m.choices:
+            m.choices[batch, tokens] = linkprobe.choose(
+                m.shape, self.link, batch, tokens, ring_ok=m.ring_ok, itemsize=self.dtype.itemsize,
+                overlap=self.config.comm_overlap)
+        return m.choices[batch, tokens]
 
     def forward(self, key: str, inputs: protocol.ForwardInputs
                 ) -> tuple[slice, Optional[torch.Tensor], Layout]:
@@ -405,7 +440,8 @@ class ModelRunner:
         or None elsewhere, the layout used)."""
         m = self._model(key)
         batch = inputs.batch
-        layout = self.layout_for(key, batch)
+        layout = self.layout_for(key, batch, linkprobe.tokens_of(inputs.hidden_states.shape[2:],
+                                                                 m.module.config.patch_size))
         group = self.group(layout)
         per = batch // layout.cfg
         rows = slice(group.cfg_index * per, (group.cfg_index + 1) * per)

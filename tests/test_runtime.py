@@ -36,11 +36,25 @@ TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def references(checkpoints):
+def wide(tmp_path_factory):
+    """(path, model) of a 4-head T2V model (dim 512): Ulysses 2 leaves each rank 2 heads, so the
+    overlapped exchange really splits into head groups (the tiny models have 2 heads)."""
+    cfg = {**tiny.tiny_config("t2v"), "num_attention_heads": 4}
+    model = tiny.model_class("t2v")(**cfg)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    path = tmp_path_factory.mktemp("wide") / "wide.safetensors"
+    return tiny.write_original_checkpoint(model.eval(), path), model.eval()
+
+
+@pytest.fixture(scope="module")
+def references(checkpoints, wide):
     refs = {}
-    for v, (_, model) in checkpoints.items():
+    for v, (_, model) in [*checkpoints.items(), ("wide", wide)]:
         for size_name, size in SIZES.items():
-            kw = tiny.random_inputs(v, 2, *size, seed=7)
+            kw = tiny.random_inputs("t2v" if v == "wide" else v, 2, *size, seed=7)
             refs[v, size_name] = (kw, tiny.reference_forward(model, kw))
     return refs
 
@@ -61,13 +75,20 @@ SMALL_PIECES = {"XDIT_USP_BLOCK_CHUNK_TOKENS": "5"}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_parity_every_variant(layout, checkpoints, references):
+def test_parity_every_variant(layout, checkpoints, wide, references):
+    """Every layout, with the exchange overlapped by head groups (the default): the 4-head model
+    splits 2 (Ulysses) or 4 (ring) ways."""
     u, r, c = LAYOUTS[layout]
     with WorkerGroup(cpu_config(u, r, c, extra_env=SMALL_PIECES)) as group:
         for v, (path, _) in checkpoints.items():
             info = group.load(v, path)
             assert info.variant == v
         assert info.layout == Layout(c, u, r)
+        assert info.layout_choice == {"rule": "configured"}
+        link = info.link  # the link probe, measured at the first load
+        assert link["world"] == u * r * c and link["ms"] > 0 and link["matmul_tflops"] > 0
+        assert (link["a2a_gbps"] > 0 and link["p2p_gbps"] > 0 and 0 <= link["overlap"] <= 1) == (link["world"] > 1)
+        assert group.load("wide", wide[0]).num_heads == 4
         errors = {}
         for (v, size_name), (kw, ref) in references.items():
             stats = {}
@@ -82,10 +103,11 @@ def test_parity_every_variant(layout, checkpoints, references):
 
 
 def test_batch_that_cfg_cannot_split_runs_on_all_ranks(checkpoints):
+    """... with the blocking exchange (comm_overlap off: yunchang's all-to-all and ring loop)."""
     path, model = checkpoints["t2v"]
     kw = tiny.random_inputs("t2v", 1, *SIZES["padded"], seed=3)
     ref = tiny.reference_forward(model, kw)
-    with WorkerGroup(cpu_config(2, 1, 2)) as group:
+    with WorkerGroup(cpu_config(2, 1, 2, comm_overlap=False)) as group:
         info = group.load("m", path)
         stats = {}
         out = group.forward("m", kw, stats=stats)
@@ -237,6 +259,13 @@ def test_config_errors_say_what_works():
         XDitUSPConfig(world_size=2, device="cpu", attention_backend="sage").plan(12)
     with pytest.raises(ValueError, match="fp8_matmul multiplies e4m3 weights"):
         XDitUSPConfig(world_size=2, device="cpu", fp8_matmul=True, weight_dtype="fp8_e5m2").validate()
+    with pytest.raises(ValueError, match="comm_dtype='fp8' sends bf16/fp16 activations as fp8 between GPUs; it "
+                                         "needs device='cuda'"):
+        XDitUSPConfig(world_size=2, device="cpu", dtype="bf16", comm_dtype="fp8").validate()
+    with pytest.raises(ValueError, match="comm_dtype='fp8'.*dtype='fp32'"):
+        XDitUSPConfig(world_size=2, device="cuda", dtype="fp32", comm_dtype="fp8").validate(visible_gpus=2)
+    with pytest.raises(ValueError, match="comm_dtype must be one of"):
+        XDitUSPConfig(world_size=2, device="cpu", comm_dtype="int8").validate()
     with pytest.raises(ValueError, match="compile must be true or false"):
         XDitUSPConfig(world_size=2, device="cpu", compile="yes").validate()
     assert XDitUSPConfig(world_size=2, device="cpu", fp8_matmul=True).storage_weight_dtype == "fp8_e4m3fn"
@@ -380,3 +409,96 @@ def test_no_worker_outlives_a_killed_owner(checkpoints, tmp_path):
         assert wait_gone(log_dir, timeout=20) == []
     finally:
         owner.kill()
+
+
+_EXCHANGE_SCRIPT = """
+import math, os, sys, torch, torch.distributed as dist, torch.multiprocessing as mp
+from comfyui_xdit_usp.parallel.attention import CommOptions, build_sp_group, resolve_backend, usp_attention
+
+def rank_main(rank, port, q, k, v, valid, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    backend = resolve_backend("cpu_flash", "cpu", 2)
+    shard = slice(rank * q.shape[1] // 2, (rank + 1) * q.shape[1] // 2)
+    out = {}
+    for u, r in ((2, 1), (1, 2)):
+        for name, comm in (("blocking", CommOptions(overlap=False)), ("overlap", CommOptions()),
+                           ("fp8", CommOptions(wire="fp8"))):
+            group = build_sp_group(1, u, r, comm=comm)
+            out[u, name] = usp_attention(q[:, shard].clone(), k[:, shard].clone(), v[:, shard].clone(), group,
+                                         backend, valid, 1 / math.sqrt(q.shape[-1]))
+    results[rank] = out
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 24, 8, 16, generator=g) for _ in range(3))  # B, S, H, D: 4 head groups at Ulysses 2, 8 at ring 2
+    valid = 19  # five padded keys
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k[:, :valid].transpose(1, 2), v[:, :valid].transpose(1, 2)).transpose(1, 2)
+    results = mp.Manager().dict()
+    mp.spawn(rank_main, args=(int(sys.argv[1]), q, k, v, valid, results), nprocs=2)
+    for key in results[0]:
+        out = torch.cat([results[0][key], results[1][key]], dim=1)
+        blocking = torch.cat([results[0][key[0], "blocking"], results[1][key[0], "blocking"]], dim=1)
+        err = (torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref)).item()
+        print(key[0], key[1], err, torch.equal(out, blocking))
+"""
+
+
+def test_overlapped_exchange_is_the_blocking_one_and_fp8_wire_is_close(tmp_path):
+    """The pipelined exchanges on 2 gloo ranks, without a model: Ulysses 2 (4 head groups of 1) and
+    ring 2 (8 groups of 1) give the blocking path's output bit for bit; the fp8 wire (allowed here
+    below the config, which refuses it on the CPU) stays within e4m3's rounding."""
+    script = tmp_path / "exchange.py"
+    script.write_text(BIND_PACK + "\n" + _EXCHANGE_SCRIPT)
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = subprocess.run([sys.executable, str(script), str(port)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {(int(u), name): (float(err), same == "True") for u, name, err, same in
+            (line.split() for line in out.stdout.splitlines())}
+    print(rows)
+    assert len(rows) == 6
+    for u in (1, 2):
+        assert rows[u, "blocking"][0] <= TOL and rows[u, "overlap"][1], rows
+        assert 1e-3 < rows[u, "fp8"][0] < 0.08, rows
+
+
+# The cost model behind `auto` on GPUs: pure functions of a link probe and the model's shape.
+def _probe(world, gbps, overlap):
+    from comfyui_xdit_usp.parallel.linkprobe import LinkProbe
+    return LinkProbe(world=world, a2a_gbps=gbps, p2p_gbps=gbps, latency_us=30, overlap=overlap, copy_gbps=3000,
+                     matmul_tflops=700, attn_tflops=450, ms=50)
+
+
+def test_cost_model_choices():
+    from comfyui_xdit_usp.parallel.linkprobe import ModelShape, candidates, choose, predict
+    s13, s14 = ModelShape(1536, 12, 8960, 30), ModelShape(5120, 40, 13824, 40)
+    t480, t720 = 21 * 30 * 52, 21 * 45 * 80
+    fast, host = _probe(2, 150, 1.0), _probe(2, 20, 0.0)  # NVLink-like; P2P off, transfers not hidden
+    assert candidates(2, 12, 1) == [Layout(1, 2, 1), Layout(1, 1, 2)]
+    assert candidates(2, 12, 1, ring_ok=False) == [Layout(1, 2, 1)]
+    assert candidates(4, 12, 2)[0] == Layout(2, 2, 1) and Layout(1, 1, 4) in candidates(4, 12, 2)
+    for shape, tokens in ((s13, t480), (s14, t720)):
+        for probe in (fast, host):
+            # batch 2: the CFG split exchanges nothing
+            assert choose(shape, probe, 2, tokens)[0] == Layout(2, 1, 1)
+            # batch 1 without a log-sum-exp kernel: Ulysses
+            assert choose(shape, probe, 1, tokens, ring_ok=False)[0] == Layout(1, 2, 1)
+            # where transfers hide, overlap predicts faster than the blocking exchange (where none hides, the
+            # pipeline's extra calls only add their latency: under 1%)
+            for lay in candidates(2, shape.heads, 1):
+                ovl, blk = (predict(lay, shape, probe, 1, tokens, overlap=o) for o in (True, False))
+                assert ovl <= blk + 1e-9 if probe is fast else ovl < 1.01 * blk
+    # a link whose transfers hide: ring 2's exchange hides behind attention, Ulysses' first and last groups cannot
+    assert choose(s13, fast, 1, t480)[0] == Layout(1, 1, 2)
+    # through host memory with nothing hidden, 4 GPUs: ring 4 sends twice Ulysses 4's bytes (measured 2.50x vs 1.57x)
+    slow4 = _probe(4, 20, 0.0)
+    layout, costs = choose(s13, slow4, 1, t480)
+    assert layout.ring < 4 and costs["cfg1xulysses4xring1"] < costs["cfg1xulysses1xring4"]
+    # a slower link costs more; fp32 moves twice the bytes
+    assert predict(Layout(1, 2, 1), s13, _probe(2, 10, 0.0), 1, t480) > predict(Layout(1, 2, 1), s13, host, 1, t480)
+    assert predict(Layout(1, 2, 1), s13, host, 1, t480, itemsize=4) > predict(Layout(1, 2, 1), s13, host, 1, t480)
