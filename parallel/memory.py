@@ -20,6 +20,14 @@ largest unit and twice the next largest, at the padded size the all-gather alloc
 that copy once under-estimated 14B `fsdp` on 4 GPUs by 2 to 4%: 12.81 planned for 13.11 GB
 measured at batch 2, 10.52 for 10.95 at batch 1.)
 
+"split" (tensor × pipeline parallel, parallel/model_parallel.py): each (stage, tensor rank) holds
+its stage's blocks, of their attention and FFN Linears its tensor rank's rows or columns (the
+row-parallel biases on tensor rank 0), and whole everything else it runs (the condition embedder
+everywhere, the patch embedding on the first stage, the head on the last); the largest is counted.
+No gathering. Activations are counted as for the sequence layout alone: tensor parallel keeps the
+whole hidden state of its tokens on every tensor rank, and a pipeline stage holds one batch row's
+at a time (an over-estimate for it).
+
 Activations, per rank, for `rows` batch rows of `tokens` video tokens on that rank (the configured
 layout when the batch divides by its CFG degree, else the batch-1 fallback; tokens = ceil(video
 tokens / sp)), compute-dtype itemsize `item`:
