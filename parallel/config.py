@@ -188,7 +188,7 @@ class XDitUSPConfig:
             if getattr(self, key) != default:
                 errors.append(
                     f"{key}={getattr(self, key)!r} is not implemented yet (only {default!r}); "
-                    "use ulysses_degree / ring_degree / cfg_degree to spread the model"
+                    "more sequence ranks (ulysses_degree / ring_degree) split the activations"
                 )
         if not isinstance(self.world_size, int) or self.world_size < 1:
             errors.append(f"world_size must be an integer >= 1, got {self.world_size!r}")
