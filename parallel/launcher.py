@@ -517,6 +517,11 @@ class WorkerGroup:
             info = self.models.get(key)
             if info is None:
                 raise KeyError(f"no model loaded under {key!r} (loaded: {sorted(self.models)})")
+            if inputs.compile and self.config.tensor_parallel_degree > 1:
+                raise ConfigError(
+                    "torch.compile (TorchCompileModel on this MODEL) is not supported with tensor_parallel_degree > 1: "
+                    "its all-reduces run inside the compiled block functions. Remove the TorchCompileModel node, or "
+                    "use pipeline_parallel_degree, fsdp or the sequence layouts with it")
             self._check_inputs(info, inputs)
             self._check_memory(key, inputs)
             x, t = inputs.hidden_states, inputs.timestep
