@@ -2,6 +2,7 @@
 
     python -m comfyui_xdit_usp run --gpus 2 --device cpu            # embedded tiny model
     python -m comfyui_xdit_usp vae --gpus 2 --device cpu --vae wan2.2   # the parallel VAE, tiny
+    python -m comfyui_xdit_usp run --gpus 4 --tensor 2 --pipeline 2 --heads 4 --layers 4 --device cpu
     python -m comfyui_xdit_usp run --gpus 4 --checkpoint wan2.1_t2v_1.3B_bf16.safetensors \
         --frames 81 --height 480 --width 832 --steps 5 --parity
 
@@ -16,7 +17,7 @@ same single-process forward in that dtype gives the rounding one device reaches 
 and `parity_ratio` = rel_l2 / floor_rel_l2: <= 1.5 means N devices round no worse than one (the
 bar of issue 13; the max-abs ratio against one bf16 output only measures one bf16 step). With --json
 the last line is one JSON object with keys layout, backend, world_size, placement,
-param_bytes_per_rank, param_bytes_total, peak_bytes_per_rank, max_rel_err, step_ms (and more: the
+param_bytes_per_rank (the largest rank's), param_bytes_total, param_bytes_ranks, peak_bytes_per_rank, max_rel_err, step_ms (and more: the
 whole object is in `run`). --compile and --fp8-matmul turn on the speed options; `first_step_ms`
 then includes compiling.
 """
@@ -44,6 +45,7 @@ CLI_LABELS = {
     "gpu_memory_fraction": "--memory-fraction", "fp8_matmul": "--fp8-matmul",
     "comm_dtype='fp8'": "--comm-dtype fp8", "comm_dtype='default'": "--comm-dtype default", "comm_dtype": "--comm-dtype",
     "comm_overlap": "--overlap",
+    "tensor_parallel_degree": "--tensor", "pipeline_parallel_degree": "--pipeline",
 }
 
 
@@ -94,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ulysses", type=_int_at_least(0), default=0, help="Ulysses degree (0 = auto)")
     r.add_argument("--ring", type=_int_at_least(0), default=0, help="ring degree (0 = auto)")
     r.add_argument("--cfg", type=_int_at_least(0), default=0, help="CFG/batch split degree (0 = auto)")
+    r.add_argument("--tensor", type=_int_at_least(1), default=1,
+                   help="tensor parallel degree: each GPU holds heads / N of every attention layer and 1/N of every FFN")
+    r.add_argument("--pipeline", type=_int_at_least(1), default=1,
+                   help="pipeline parallel degree: each GPU holds a contiguous run of num_layers / N blocks")
+    r.add_argument("--heads", type=_int_at_least(1), default=2,
+                   help="attention heads of the embedded tiny model (128 channels each)")
+    r.add_argument("--layers", type=_int_at_least(1), default=2, help="blocks of the embedded tiny model")
     r.add_argument("--batch", type=_int_at_least(1), default=2, help="batch per step (2 = cond + uncond, as ComfyUI sends them)")
     r.add_argument("--frames", type=_int_at_least(1), default=9, help="video frames, 4k+1 (latent frames = (F-1)/4+1)")
     r.add_argument("--height", type=_int_at_least(16), default=96, help="video height in pixels, a multiple of 16")
@@ -167,6 +176,7 @@ def run(args) -> dict:
         dtype=dtype, attention_backend=args.attention, device=device, forward_timeout_s=args.timeout,
         weight_sharding=args.shard, weight_dtype=args.weight_dtype, gpu_memory_fraction=args.memory_fraction,
         compile=args.compile, fp8_matmul=args.fp8_matmul, comm_overlap=args.overlap, comm_dtype=args.comm_dtype,
+        tensor_parallel_degree=args.tensor, pipeline_parallel_degree=args.pipeline,
     ).validate()  # the visible GPUs too
     if args.checkpoint:
         if not os.path.exists(args.checkpoint):
@@ -174,7 +184,7 @@ def run(args) -> dict:
         info = mapping.inspect_checkpoint(args.checkpoint)
         variant, num_heads = info.variant, info.num_heads
     else:
-        variant, num_heads = args.variant, tiny.tiny_config(args.variant)["num_attention_heads"]
+        variant, num_heads = args.variant, args.heads
     layout = config.plan(num_heads)[0]  # fail before anything is built if the layout or kernel cannot work
 
     tmp = None if args.checkpoint else tempfile.mkdtemp(prefix="xdit_usp_tiny_")
@@ -184,7 +194,7 @@ def run(args) -> dict:
         else:
             reaper.track("path", tmp)  # removed even if this process is killed
             path = os.path.join(tmp, f"tiny_wan_{variant}.safetensors")
-            tiny.write_original_checkpoint(tiny.build_model(variant), path)
+            tiny.write_original_checkpoint(tiny.build_model(variant, heads=args.heads, layers=args.layers), path)
             info = mapping.inspect_checkpoint(path)
         return _run(args, config, layout, path, info, variant, latent)
     finally:
@@ -235,8 +245,9 @@ def _run(args, config, layout, path, info, variant, latent) -> dict:
         "world_size": args.gpus,
         "placement": loaded.placement,
         "weight_dtype": config.storage_weight_dtype,
-        "param_bytes_per_rank": loaded.param_bytes,
+        "param_bytes_per_rank": loaded.param_bytes,  # the largest rank's
         "param_bytes_total": loaded.param_bytes_total,
+        "param_bytes_ranks": loaded.param_bytes_per_rank,  # every rank's, in rank order
         "peak_bytes_per_rank": max(stats["peak_bytes"]) if None not in stats["peak_bytes"] else None,
         "memory_plan": loaded.memory_plan,
         "device": config.device,

@@ -69,6 +69,15 @@ class XDitUSPConfigNode(io.ComfyNode):
                                          "FFN, RoPE) on the workers: faster steps after a first step that compiles "
                                          "(again at each new resolution). ComfyUI's TorchCompileModel node acts on "
                                          "this process, where no transformer runs; use this instead."),
+                io.Int.Input("tensor_parallel_degree", default=1, min=1, max=64, optional=True,
+                             tooltip="Tensor parallel: each GPU holds heads / N of every attention layer and 1/N of "
+                                     "every FFN, and the GPUs add up their partial results after each (an all-reduce "
+                                     "per layer: for NVLink). The heads must divide by tensor × Ulysses. 1 = off."),
+                io.Int.Input("pipeline_parallel_degree", default=1, min=1, max=64, optional=True,
+                             tooltip="Pipeline parallel: each GPU holds a contiguous run of 1/N of the blocks and "
+                                     "passes its hidden state to the next (the least traffic of any weight split: for "
+                                     "PCIe); cond and uncond keep the stages busy. 1 = off. gpus = cfg × pipeline × "
+                                     "tensor × ulysses × ring."),
             ],
             outputs=[
                 XDitUSPConfigType.Output(
@@ -79,12 +88,14 @@ class XDitUSPConfigNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, gpus, ulysses_degree, ring_degree, cfg_degree, dtype, attention_backend, gpu_memory_fraction,
-                device, weight_sharding="auto", compile=False) -> io.NodeOutput:
+                device, weight_sharding="auto", compile=False, tensor_parallel_degree=1,
+                pipeline_parallel_degree=1) -> io.NodeOutput:
         cfg = XDitUSPConfig(
             world_size=int(gpus), ulysses_degree=int(ulysses_degree), ring_degree=int(ring_degree),
             cfg_degree=int(cfg_degree), dtype=dtype, attention_backend=attention_backend,
             gpu_memory_fraction=float(gpu_memory_fraction), device=device, weight_sharding=weight_sharding or "auto",
-            compile=bool(compile),
+            compile=bool(compile), tensor_parallel_degree=int(tensor_parallel_degree or 1),
+            pipeline_parallel_degree=int(pipeline_parallel_degree or 1),
         )
         with _node_words():
             cfg.validate()  # ConfigError saying what would work

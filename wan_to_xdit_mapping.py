@@ -555,7 +555,8 @@ def iter_weights(path, only: Iterable[str] | None = None, info: CheckpointInfo |
     """The stored tensors, not dequantised: ``(info, iterator of (diffusers name, tensor as stored,
     scale or None))``; the scale is a scaled-fp8 weight's (the weight is ``tensor.float() * scale``).
 
-    ``rows(name, shape)``: the rows (a slice of dim 0) of each tensor to read, or None for all of it.
+    ``rows(name, shape)``: the rows (a slice of dim 0) of each tensor to read, or an index tuple of
+    slices (e.g. ``(slice(None), columns)``), or None for all of it.
     Only those rows are read from the memory map (safetensors' ``get_slice``), and a per-row scale
     is sliced with them: a rank that holds 1/N of every tensor reads 1/N of the file.
     ``only`` and ``info`` as in ``iter_checkpoint``."""
@@ -599,7 +600,8 @@ def _stream(path, files, meta, plan, rows):
                 s = None
                 if scale_key:
                     per_row = len(shape) > 0 and math.prod(meta[scale_key][0]) == shape[0] > 1
-                    s = read(scale_key, part if per_row else None)
+                    rows_part = part[0] if isinstance(part, tuple) else part  # a per-row scale goes with the rows
+                    s = read(scale_key, rows_part if per_row and rows_part != slice(None) else None)
             except Exception as e:  # safetensors raises its own error types on corrupt data
                 raise CheckpointError(f"{path}: failed reading tensor data ({type(e).__name__}: {e})") from e
             yield dst, w, s

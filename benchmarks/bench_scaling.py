@@ -2,6 +2,8 @@
 
     python3 benchmarks/bench_scaling.py --model 14b --res 720p --gpus 1,2,4,8
     python3 benchmarks/bench_scaling.py --model 1.3b --res 480p --gpus 1,4 --shard none,fsdp --p2p-off
+    python3 benchmarks/bench_scaling.py --model 1.3b --res 480p --gpus 2 --layouts ulysses,cfg2xulysses,tp2,pp2 \
+        --shard none,fsdp --fsdp-layouts ulysses      # issue 15: tensor / pipeline parallel beside them
     python3 benchmarks/bench_scaling.py --model tiny --res tiny --device cpu --gpus 1,2,4   # CPU dry run
 
 For each GPU count N (up to the visible GPUs), each layout that N and the head count allow
@@ -59,11 +61,22 @@ TINY_PARITY_LATENT = (16, 3, 14, 18)  # 3 x 7 x 9 = 189 tokens: divides by no N 
 GB = 2**30  # GiB, as torch.cuda figures and the rest of BENCHMARKS.md
 
 
-def layouts_for(n: int, heads: int) -> dict[str, tuple[int, int, int]]:
-    """name -> (ulysses, ring, cfg) for the layouts N GPUs and `heads` allow; (0, 0, 0) = auto."""
+def layouts_for(n: int, heads: int) -> dict[str, tuple[int, ...]]:
+    """name -> (ulysses, ring, cfg[, tensor, pipeline]) for the layouts N GPUs and `heads` allow;
+    (0, 0, 0) = auto. Tensor and pipeline parallel (issue 15): tp{n}, pp{n}, and at 4 GPUs their
+    compositions tp2xpp2, cfg2xtp2, cfg2xpp2, tp2xulysses2."""
     out = {"auto": (0, 0, 0)}
     if n == 1:
         return out
+    if heads % n == 0:
+        out[f"tp{n}"] = (1, 1, 1, n, 1)
+    out[f"pp{n}"] = (1, 1, 1, 1, n)
+    if n == 4:
+        out["tp2xpp2"] = (1, 1, 1, 2, 2)
+        out["cfg2xtp2"] = (1, 1, 2, 2, 1)
+        out["cfg2xpp2"] = (1, 1, 2, 1, 2)
+        if heads % 4 == 0:
+            out["tp2xulysses2"] = (2, 1, 1, 2, 1)
     if heads % n == 0:
         out["ulysses"] = (n, 1, 1)
     out["ring"] = (1, n, 1)
@@ -117,7 +130,8 @@ def main():
     ap.add_argument("--res", default="720p", choices=("480p", "720p", "tiny"))
     ap.add_argument("--gpus", default="1,2,4,8")
     ap.add_argument("--layouts", default="",
-                    help="comma list to restrict (auto,ulysses,ring,hybrid,cfg2xulysses,cfg2xring,cfg2xhybrid)")
+                    help="comma list to restrict (auto,ulysses,ring,hybrid,cfg2xulysses,cfg2xring,cfg2xhybrid; tensor / "
+                         "pipeline parallel: tp2,pp2 at 2 GPUs, tp4,pp4,tp2xpp2,cfg2xtp2,cfg2xpp2,tp2xulysses2 at 4)")
     ap.add_argument("--shard", default="none", help="comma list of weight placements: none,fsdp")
     ap.add_argument("--fsdp-layouts", default="",
                     help="comma list: run fsdp only for these layouts (default: every layout)")
@@ -177,7 +191,8 @@ def main():
         if "rel_l2" in base_row:
             one_gpu["rel_l2"] = base_row["rel_l2"]
     for n, lname, shard, opts, run_batches in plan_runs(a, heads, batches):
-        u, r, cfg = layouts_for(n, heads)[lname]
+        u, r, cfg, *split = layouts_for(n, heads)[lname]
+        tp, pp = split or (1, 1)
         row = {"gpus": n, "layout_name": lname, "shard": shard, "options": opts}
         if n > visible:
             row["skipped"] = f"only {visible} GPU(s) visible"
@@ -187,7 +202,7 @@ def main():
         if flags - {"compile", "fp8", "fp8w", "sage", "nooverlap", "fp8wire"}:
             raise SystemExit(f"--options: unknown option in {opts!r}")
         config = XDitUSPConfig(world_size=n, ulysses_degree=u, ring_degree=r, cfg_degree=cfg,
-                               device=a.device, dtype="bf16", weight_sharding=shard, extra_env=env,
+                               tensor_parallel_degree=tp, pipeline_parallel_degree=pp, device=a.device, dtype="bf16", weight_sharding=shard, extra_env=env,
                                compile="compile" in flags, fp8_matmul="fp8" in flags,
                                weight_dtype="fp8_e4m3fn" if "fp8w" in flags else "default",
                                attention_backend="sage" if "sage" in flags else "auto",
@@ -221,8 +236,10 @@ def plan_runs(a, heads: int, batches: list[int]):
             if a.layouts and lname not in a.layouts.split(","):
                 continue
             for shard, opts in itertools.product(a.shard.split(","), a.options.split(",")):
-                if shard == "fsdp" and (n == 1 or (a.fsdp_layouts and lname not in a.fsdp_layouts.split(","))):
-                    continue
+                split = layouts_for(n, heads)[lname][3:]
+                if shard == "fsdp" and (n == 1 or any(d > 1 for d in split)
+                                        or (a.fsdp_layouts and lname not in a.fsdp_layouts.split(","))):
+                    continue  # (tensor / pipeline parallel already split the weights: fsdp with them is refused)
                 yield n, lname, shard, opts, batches
 
 
@@ -250,6 +267,7 @@ def run_one(config, path, latent, inputs, parity_in, ref, reps, row, one_gpu, sa
         info = group.load("m", path, latent=latent, batch=max(inputs))
         row.update(load_s=round(time.perf_counter() - t0, 2), backend=info.backend, placement=info.placement,
                    param_gb_per_rank=[round(b / GB, 3) for b in info.param_bytes_per_rank],
+                   param_bytes_per_rank=info.param_bytes_per_rank, param_bytes_total=info.param_bytes_total,
                    link=info.link, layout_choice=info.layout_choice)
         for b, inp in sorted(inputs.items(), reverse=True):
             stats, times = {}, []
@@ -303,9 +321,9 @@ def print_table(results, batches):
     print(f"\n{results['device']} x{results['visible_gpus']}, {results['model']} {results['res']}x81, bf16"
           f"{', NCCL_P2P_DISABLE=1' if results['p2p_off'] else ''}, {results['date']}")
     cols = "".join(f" batch {b}: forward (layout) | speed-up |" for b in batches)
-    print(f"| GPUs | layout | weights | options |{cols} peak GB/GPU | 50-step CFG | first step | rel L2 vs fp32 | "
+    print(f"| GPUs | layout | weights | options |{cols} peak GB/GPU | params GB/GPU | 50-step CFG | first step | rel L2 vs fp32 | "
           "ratio to 1 GPU | rel L2 vs eager |")
-    print("|---|---|---|---|" + "---|---|" * len(batches) + "---|---|---|---|---|---|")
+    print("|---|---|---|---|" + "---|---|" * len(batches) + "---|---|---|---|---|---|---|")
     for r in results["runs"]:
         if r not in runs:
             print(f"| {r['gpus']} | {r['layout_name']} | {r['shard']} | {r.get('options', 'eager')} | "
@@ -322,7 +340,8 @@ def print_table(results, batches):
         peaks = [max(r[f"b{b}"]["peak_gb_per_rank"] or [float("nan")]) for b in batches if f"b{b}" in r]
         first = max(r[f"b{b}"].get("first_s", float("nan")) for b in batches if f"b{b}" in r)
         print(f"| {r['gpus']} | {r['layout_name']} | {r.get('placement', r['shard'])} | {r.get('options', 'eager')} |"
-              f"{cells} {max(peaks):.1f} | {r.get('cfg50_total_s', float('nan')):.0f} s | {first:.1f} s | "
+              f"{cells} {max(peaks):.1f} | {max(r.get('param_gb_per_rank') or [float('nan')]):.2f} | "
+              f"{r.get('cfg50_total_s', float('nan')):.0f} s | {first:.1f} s | "
               f"{r.get('rel_l2', float('nan')):.2e} | {r.get('parity_ratio', float('nan')):.2f} | "
               f"{r.get('rel_l2_vs_eager', float('nan')):.2e} |")
     link = next((r["link"] for r in runs if r["gpus"] > 1 and r.get("link")), None)

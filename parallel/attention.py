@@ -212,17 +212,24 @@ class CommOptions:
 
 @dataclass
 class SPGroup:
-    """One rank's view of a sequence-parallel layout (cfg × ulysses × ring)."""
+    """One rank's view of a layout (pipeline × tensor × cfg × ulysses × ring), its process groups
+    and neighbours. Global rank = ((stage · tensor + tensor_rank) · cfg + cfg_index) · sp + sp_rank."""
 
     cfg: int
     ulysses: int
     ring: int
     ulysses_pg: Optional[dist.ProcessGroup]
     ring_pg: Optional[dist.ProcessGroup]
-    sp_pg: Optional[dist.ProcessGroup]  # all ranks working on the same batch slice
+    sp_pg: Optional[dist.ProcessGroup]  # all ranks working on the same batch slice of one stage and tensor rank
     sp_ranks: list[int]  # global ranks of sp_pg, in sequence order
     cfg_index: int  # which batch slice this rank's group computes
     comm: "CommOptions" = field(default_factory=lambda: CommOptions())
+    tensor: int = 1
+    pipeline: int = 1
+    tp_pg: Optional[dist.ProcessGroup] = None  # the ranks holding the other heads / FFN columns of this rank's rows
+    tp_rank: int = 0
+    stage: int = 0  # pipeline stage: which contiguous run of blocks this rank holds
+    stage_stride: int = 0  # global rank distance between a rank and its peer in the next stage
 
     @property
     def sp(self) -> int:
@@ -236,28 +243,49 @@ class SPGroup:
     def is_leader(self) -> bool:
         return self.sp_rank == 0
 
+    @property
+    def writes_output(self) -> bool:
+        """Whether this rank returns its CFG slice's output: the sequence leader of the last stage's
+        first tensor rank (the other tensor ranks hold the same result)."""
+        return self.is_leader and self.tp_rank == 0 and self.stage == self.pipeline - 1
 
-def build_sp_group(cfg: int, ulysses: int, ring: int, comm: Optional["CommOptions"] = None) -> SPGroup:
+
+def build_sp_group(cfg: int, ulysses: int, ring: int, tensor: int = 1, pipeline: int = 1,
+                   comm: Optional["CommOptions"] = None) -> SPGroup:
     """Create the process groups of one layout on every rank (a collective call).
 
-    Uses yunchang's `set_seq_parallel_pg` (Ulysses ranks adjacent, the cfg split outermost) and
-    keeps the groups it made, so several layouts can coexist in one worker group.
+    The sequence ranks are innermost and contiguous, so yunchang's `set_seq_parallel_pg` (Ulysses
+    ranks adjacent, every other dimension treated as data parallel) makes the Ulysses and ring groups
+    of each contiguous run of `ulysses × ring` ranks; the CFG split is next, then the tensor rank,
+    then the pipeline stage. Tensor and pipeline are outermost so that a rank's weight shard is the
+    same in every layout of its group (the batch-1 fallback folds the CFG ranks into the sequence
+    ranks, which are adjacent to them). The groups yunchang made are kept, so several layouts can
+    coexist in one worker group.
     """
     from yunchang.globals import PROCESS_GROUP, set_seq_parallel_pg
 
     world = dist.get_world_size()
     rank = dist.get_rank()
     sp = ulysses * ring
-    assert cfg * sp == world, (cfg, ulysses, ring, world)
+    replica = cfg * sp
+    assert replica * tensor * pipeline == world, (pipeline, tensor, cfg, ulysses, ring, world)
     set_seq_parallel_pg(ulysses, ring, rank, world)
     ulysses_pg, ring_pg = PROCESS_GROUP.ULYSSES_PG, PROCESS_GROUP.RING_PG
     sp_pg = None
     my_ranks: list[int] = []
-    for i in range(cfg):
+    for i in range(world // sp):
         ranks = list(range(i * sp, (i + 1) * sp))
         g = dist.new_group(ranks) if sp > 1 else None
         if rank in ranks:
             sp_pg, my_ranks = g, ranks
+    tp_pg = None
+    if tensor > 1:
+        for stage in range(pipeline):
+            for r in range(replica):
+                ranks = [(stage * tensor + t) * replica + r for t in range(tensor)]
+                g = dist.new_group(ranks)
+                if rank in ranks:
+                    tp_pg = g
     return SPGroup(
         cfg=cfg,
         ulysses=ulysses,
@@ -266,7 +294,13 @@ def build_sp_group(cfg: int, ulysses: int, ring: int, comm: Optional["CommOption
         ring_pg=ring_pg if ring > 1 else None,
         sp_pg=sp_pg,
         sp_ranks=my_ranks,
-        cfg_index=rank // sp,
+        cfg_index=(rank // sp) % cfg,
+        tensor=tensor,
+        pipeline=pipeline,
+        tp_pg=tp_pg,
+        tp_rank=(rank // replica) % tensor,
+        stage=rank // (replica * tensor),
+        stage_stride=replica * tensor,
         comm=comm or CommOptions(),
     )
 

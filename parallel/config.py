@@ -53,10 +53,10 @@ ATTENTION_BACKENDS = ("auto", "sdpa", "cudnn", "flash", "efficient", "math", "cp
 # Keys of the original seed example that we accept. Each maps to its default; a key that is not
 # implemented raises when set to anything else, rather than being ignored.
 _UNIMPLEMENTED_DEFAULTS = {
-    "pipeline_parallel_size": 1,
-    "tensor_parallel_size": 1,
     "enable_activation_checkpointing": False,
 }
+# The seed's names for settings that have ours (from_dict maps them).
+_ALIASES = {"tensor_parallel_size": "tensor_parallel_degree", "pipeline_parallel_size": "pipeline_parallel_degree"}
 
 
 def divisors(n: int) -> list[int]:
@@ -65,11 +65,17 @@ def divisors(n: int) -> list[int]:
 
 @dataclass(frozen=True)
 class Layout:
-    """Concrete degrees: world = cfg * ulysses * ring."""
+    """Concrete degrees: world = pipeline * tensor * cfg * ulysses * ring.
+
+    Rank order, outermost first: pipeline stage, tensor rank, CFG slice, ring, Ulysses (see
+    attention.build_sp_group). Tensor and pipeline are outside the CFG split so that a rank keeps
+    its weight shard in the batch-1 fallback layout, where the CFG ranks join the sequence ranks."""
 
     cfg: int
     ulysses: int
     ring: int
+    tensor: int = 1
+    pipeline: int = 1
 
     @property
     def sp(self) -> int:
@@ -77,10 +83,11 @@ class Layout:
 
     @property
     def world_size(self) -> int:
-        return self.cfg * self.sp
+        return self.cfg * self.sp * self.tensor * self.pipeline
 
     def __str__(self) -> str:
-        return f"cfg{self.cfg}xulysses{self.ulysses}xring{self.ring}"
+        split = (f"pipeline{self.pipeline}x" if self.pipeline > 1 else "") + (f"tensor{self.tensor}x" if self.tensor > 1 else "")
+        return f"{split}cfg{self.cfg}xulysses{self.ulysses}xring{self.ring}"
 
 
 @dataclass
@@ -96,6 +103,11 @@ class XDitUSPConfig:
     attention_backend  auto | sdpa | cudnn | flash | efficient | math | cpu_flash | flash_attn | fa3 | sage
                     (sage: SageAttention's 8-bit kernels, opt-in and not exact; Ulysses only).
     device          cuda | cpu.  device_ids: which GPUs (default: 0..world_size-1).
+    tensor_parallel_degree  Megatron-style tensor parallelism (seed key `tensor_parallel_size`): each
+                    rank holds heads / N of every attention layer and 1/N of every FFN; 1 = off.
+    pipeline_parallel_degree  contiguous block stages (seed key `pipeline_parallel_size`): each rank
+                    holds num_layers / N blocks, hidden states pass point to point; 1 = off.
+                    world_size = pipeline × tensor × cfg × ulysses × ring.
     weight_sharding none | fsdp | auto: whether each rank holds the whole model or a 1/N shard of it.
     weight_dtype    default | fp8_e4m3fn | fp8_e5m2: how the Linear weights are stored between uses.
     compile         torch.compile the per-token work of every transformer block on the workers
@@ -135,9 +147,9 @@ class XDitUSPConfig:
     load_timeout_s: float = 1800.0
     forward_timeout_s: float = 900.0
     heartbeat_timeout_s: float = 10.0
+    tensor_parallel_degree: int = 1
+    pipeline_parallel_degree: int = 1
     # Accepted from the seed's example config; see _UNIMPLEMENTED_DEFAULTS.
-    pipeline_parallel_size: int = 1
-    tensor_parallel_size: int = 1
     enable_activation_checkpointing: bool = False
     extra_env: dict[str, str] = field(default_factory=dict)
 
@@ -151,8 +163,15 @@ class XDitUSPConfig:
         if "use_fp16" in d:
             if d.pop("use_fp16"):
                 d["dtype"] = "fp16"
+        for seed, ours in _ALIASES.items():
+            if seed in d:
+                value = d.pop(seed)
+                if ours in d and d[ours] != value:
+                    raise ConfigError(f"XDitUSPConfig: {seed}={value!r} and {ours}={d[ours]!r} disagree (the same setting)")
+                d[ours] = value
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
+        names |= set(_ALIASES)
         if unknown:
             raise ConfigError(f"XDitUSPConfig: unknown keys {unknown}; known keys: {sorted(names)}")
         cfg = cls(**d)
@@ -178,7 +197,7 @@ class XDitUSPConfig:
             if getattr(self, key) != default:
                 errors.append(
                     f"{key}={getattr(self, key)!r} is not implemented yet (only {default!r}); "
-                    "use ulysses_degree / ring_degree / cfg_degree to spread the model"
+                    "more sequence ranks (ulysses_degree / ring_degree) split the activations"
                 )
         if not isinstance(self.world_size, int) or self.world_size < 1:
             errors.append(f"world_size must be an integer >= 1, got {self.world_size!r}")
@@ -213,14 +232,38 @@ class XDitUSPConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 errors.append(f"{name} must be an integer >= 0 (0 = auto), got {v!r}")
+        for name in ("tensor_parallel_degree", "pipeline_parallel_degree"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                errors.append(f"{name} must be an integer >= 1 (1 = off), got {v!r}")
         if errors:
             raise ConfigError("Invalid XDitUSPConfig: " + "; ".join(errors))
 
-        n = self.world_size
+        split = self.tensor_parallel_degree * self.pipeline_parallel_degree
+        if split > 1:
+            if self.weight_sharding == "fsdp":
+                raise ConfigError(
+                    "weight_sharding='fsdp' cannot be combined with tensor_parallel_degree / pipeline_parallel_degree "
+                    "(they already split the weights); use weight_sharding='none' or 'auto' with them, or fsdp alone")
+            if self.compile and self.tensor_parallel_degree > 1:
+                raise ConfigError(
+                    "compile is not supported with tensor_parallel_degree > 1 (its all-reduces run inside the "
+                    "compiled block functions); use compile with pipeline_parallel_degree, fsdp or the sequence layouts")
+        if self.world_size % split:
+            works = [(t, p) for t in divisors(self.world_size) for p in divisors(self.world_size // t)]
+            raise ConfigError(
+                f"tensor_parallel_degree {self.tensor_parallel_degree} × pipeline_parallel_degree "
+                f"{self.pipeline_parallel_degree} = {split} does not divide world_size {self.world_size}; with "
+                f"world_size {self.world_size} tensor × pipeline can be "
+                + ", ".join(f"{t}×{p}" for t, p in works)
+            )
+        n = self.world_size // split  # the ranks of one model replica's CFG and sequence split
         fixed = [d for d in (self.ulysses_degree, self.ring_degree, self.cfg_degree) if d]
+        whole = f"world_size {self.world_size}" if split == 1 else (
+            f"world_size {self.world_size} / (tensor_parallel_degree × pipeline_parallel_degree = {split}) = {n}")
         if math.prod(fixed) > n or n % math.prod(fixed) != 0:
             raise ConfigError(
-                f"ulysses_degree × ring_degree × cfg_degree must equal world_size {n}; got "
+                f"ulysses_degree × ring_degree × cfg_degree must equal {whole}; got "
                 f"ulysses={self.ulysses_degree or 'auto'}, ring={self.ring_degree or 'auto'}, "
                 f"cfg={self.cfg_degree or 'auto'}. Degrees that multiply to {n}: "
                 + ", ".join(f"{a}×{n // a}" for a in divisors(n))
@@ -228,7 +271,7 @@ class XDitUSPConfig:
         if len(fixed) == 3 and math.prod(fixed) != n:
             raise ConfigError(
                 f"ulysses {self.ulysses_degree} × ring {self.ring_degree} × cfg {self.cfg_degree} = "
-                f"{math.prod(fixed)}, but world_size is {n}"
+                f"{math.prod(fixed)}, but {whole}"
             )
 
         if self.device == "cuda":
@@ -257,7 +300,7 @@ class XDitUSPConfig:
     def resolve(self, num_heads: int) -> Layout:
         """The concrete layout for a model with `num_heads` attention heads."""
         self.validate(visible_gpus=10**6)  # the device count is checked at launch; here only degrees
-        n = self.world_size
+        n = self.replica_size
         fixed = (self.ulysses_degree or 1) * (self.ring_degree or 1)
         if self.cfg_degree:
             cfg = self.cfg_degree
@@ -293,11 +336,26 @@ class XDitUSPConfig:
         try:
             return self._layout(1, num_heads)
         except ValueError:
-            u = max(d for d in divisors(self.world_size) if num_heads % d == 0)
-            return Layout(cfg=1, ulysses=u, ring=self.world_size // u)
+            n, local = self.replica_size, num_heads // self.tensor_parallel_degree
+            u = max(d for d in divisors(n) if local % d == 0)
+            return Layout(cfg=1, ulysses=u, ring=n // u, tensor=self.tensor_parallel_degree,
+                          pipeline=self.pipeline_parallel_degree)
+
+    @property
+    def replica_size(self) -> int:
+        """Ranks that hold one copy of every weight between them: world_size / (tensor × pipeline),
+        split by the CFG and sequence degrees."""
+        return self.world_size // (self.tensor_parallel_degree * self.pipeline_parallel_degree)
 
     def _layout(self, cfg: int, num_heads: int) -> Layout:
-        n = self.world_size
+        n = self.replica_size
+        tp = self.tensor_parallel_degree
+        if num_heads % tp:
+            works = [d for d in divisors(num_heads) if d <= self.world_size and self.world_size % d == 0]
+            raise ConfigError(
+                f"{num_heads} heads: tensor_parallel_degree {tp} does not divide them (each tensor rank holds "
+                f"whole heads); with world_size {self.world_size} tensor_parallel_degree {works} work")
+        heads = num_heads // tp  # each tensor rank's heads, which Ulysses splits further
         sp = n // cfg
         u, r = self.ulysses_degree, self.ring_degree
         if cfg != self.cfg_degree and u and r and u * r != sp:
@@ -309,21 +367,28 @@ class XDitUSPConfig:
         elif r:
             u = sp // r if sp % r == 0 else 0
         else:
-            u = max(d for d in divisors(sp) if num_heads % d == 0)
+            u = max(d for d in divisors(sp) if heads % d == 0)
             r = sp // u
+        whole = f"world_size {n}" if n == self.world_size else f"the {n} ranks of one tensor × pipeline replica"
         if not u or not r or u * r * cfg != n:
             raise ConfigError(
                 f"ulysses {self.ulysses_degree or 'auto'} × ring {self.ring_degree or 'auto'} × cfg {cfg} "
-                f"cannot make world_size {n}; with cfg {cfg} the sequence ranks ({sp}) split as "
+                f"cannot make {whole}; with cfg {cfg} the sequence ranks ({sp}) split as "
                 + ", ".join(f"ulysses {d} × ring {sp // d}" for d in divisors(sp))
             )
-        if num_heads % u:
-            works = [d for d in divisors(sp) if num_heads % d == 0]
+        if heads % u:
+            works = [d for d in divisors(sp) if heads % d == 0]
+            if tp == 1:
+                raise ConfigError(
+                    f"{num_heads} heads: Ulysses {works[-1]} works, {u} does not (the Ulysses degree must divide "
+                    f"the head count; with {sp} sequence ranks Ulysses {works} work, ring takes the rest)"
+                )
             raise ConfigError(
-                f"{num_heads} heads: Ulysses {works[-1]} works, {u} does not (the Ulysses degree must divide "
-                f"the head count; with {sp} sequence ranks Ulysses {works} work, ring takes the rest)"
+                f"{num_heads} heads: with tensor_parallel_degree {tp} each tensor rank holds {heads}, so Ulysses "
+                f"{works[-1]} works, {u} does not (the heads must divide by tensor × Ulysses; with {sp} sequence "
+                f"ranks Ulysses {works} work, ring takes the rest)"
             )
-        return Layout(cfg=cfg, ulysses=u, ring=r)
+        return Layout(cfg=cfg, ulysses=u, ring=r, tensor=tp, pipeline=self.pipeline_parallel_degree)
 
     @property
     def storage_weight_dtype(self) -> str:

@@ -442,6 +442,10 @@ class WorkerGroup:
                 raise FileNotFoundError(f"checkpoint not found: {path}")
             info = inspect_checkpoint(path)  # a bad file fails here, before any worker is involved
             self.config.plan(info.num_heads)  # and so does a layout or kernel that cannot run it
+            layers = info.diffusers_config.get("num_layers", 0)
+            if self.config.pipeline_parallel_degree > layers:
+                raise ConfigError(f"pipeline_parallel_degree {self.config.pipeline_parallel_degree} is more than the "
+                                  f"{layers} blocks of this model (each stage holds at least one); use at most {layers}")
             resident = sum(m.param_bytes for k, m in self.models.items() if k != key)
             plan = plan_load(info, self.config, card_bytes(self.config), latent, batch, resident)
             self.start()
@@ -520,6 +524,11 @@ class WorkerGroup:
             info = self.models.get(key)
             if info is None:
                 raise KeyError(f"no model loaded under {key!r} (loaded: {sorted(self.models)})")
+            if inputs.compile and self.config.tensor_parallel_degree > 1:
+                raise ConfigError(
+                    "torch.compile (TorchCompileModel on this MODEL) is not supported with tensor_parallel_degree > 1: "
+                    "its all-reduces run inside the compiled block functions. Remove the TorchCompileModel node, or "
+                    "use pipeline_parallel_degree, fsdp or the sequence layouts with it")
             self._check_inputs(info, inputs)
             self._check_memory(key, inputs)
             x, t = inputs.hidden_states, inputs.timestep

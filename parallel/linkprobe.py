@@ -232,5 +232,8 @@ def tokens_of(latent: tuple, patch_size) -> int:
 
 def by_probe(config) -> bool:
     """Whether `auto` chooses the layout with the cost model: every degree automatic, on GPUs
-    (on the CPU the static rule stays, so the CPU tests' layouts do not depend on timings)."""
-    return config.device == "cuda" and not (config.ulysses_degree or config.ring_degree or config.cfg_degree)
+    (on the CPU the static rule stays, so the CPU tests' layouts do not depend on timings), and no
+    tensor or pipeline split (the cost model knows the sequence layouts only; with those splits the
+    static rule fills the CFG, Ulysses and ring degrees)."""
+    return (config.device == "cuda" and not (config.ulysses_degree or config.ring_degree or config.cfg_degree)
+            and config.tensor_parallel_degree == 1 and config.pipeline_parallel_degree == 1)

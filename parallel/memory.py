@@ -20,6 +20,14 @@ largest unit and twice the next largest, at the padded size the all-gather alloc
 that copy once under-estimated 14B `fsdp` on 4 GPUs by 2 to 4%: 12.81 planned for 13.11 GB
 measured at batch 2, 10.52 for 10.95 at batch 1.)
 
+"split" (tensor × pipeline parallel, parallel/model_parallel.py): each (stage, tensor rank) holds
+its stage's blocks, of their attention and FFN Linears its tensor rank's rows or columns (the
+row-parallel biases on tensor rank 0), and whole everything else it runs (the condition embedder
+everywhere, the patch embedding on the first stage, the head on the last); the largest is counted.
+No gathering. Activations are counted as for the sequence layout alone: tensor parallel keeps the
+whole hidden state of its tokens on every tensor rank, and a pipeline stage holds one batch row's
+at a time (an over-estimate for it).
+
 Activations, per rank, for `rows` batch rows of `tokens` video tokens on that rank (the configured
 layout when the batch divides by its CFG degree, else the batch-1 fallback; tokens = ceil(video
 tokens / sp)), compute-dtype itemsize `item`:
@@ -77,7 +85,7 @@ if TYPE_CHECKING:
     from ..wan_to_xdit_mapping import CheckpointInfo
 
 GB = 2**30
-PLACEMENTS = ("replicated", "fsdp")
+PLACEMENTS = ("replicated", "fsdp", "split")
 _ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
 # The activation model above: bytes a token a row at a 2-byte compute dtype, and the fixed part.
 _DIM_BYTES, _FFN_BYTES, _FIXED = 20, 2, 256 * 2**20
@@ -88,7 +96,7 @@ _MAX_WORLD_SIZE = 8  # the most GPUs (of one host) a refusal suggests
 class MemoryPlan:
     """One model's bytes on the largest rank of a group, and whether they fit the budget."""
 
-    placement: str               # "replicated" | "fsdp"
+    placement: str               # "replicated" | "fsdp" | "split" (tensor / pipeline parallel)
     world_size: int
     weight_bytes: int            # the whole model as stored on the GPUs
     weight_bytes_per_rank: int   # resident between forwards on the largest rank
@@ -104,7 +112,8 @@ class MemoryPlan:
         """One line, e.g. "fsdp over 2 GPUs: weights 14.3 GB/GPU (28.6 total) + 1.4 gathered +
         6.8 activations = 22.5 GB of 79.1 GB (gpu_memory_fraction 1.0)"."""
         gpus = f"{self.world_size} GPU{'s' if self.world_size > 1 else ''}"
-        where = f"fsdp over {gpus}" if self.placement == "fsdp" else f"replicated on {gpus}"
+        where = {"fsdp": f"fsdp over {gpus}", "split": f"split (tensor / pipeline parallel) over {gpus}"}.get(
+            self.placement, f"replicated on {gpus}")
         terms = [f"weights {_gb(self.weight_bytes_per_rank)} GB/GPU ({_gb(self.weight_bytes)} total)"]
         for nbytes, what in ((self.resident_bytes, "held by other models"), (self.gathered_bytes, "gathered"),
                              (self.activation_bytes, "activations")):
@@ -130,6 +139,7 @@ class _Param:
     name: str
     numel: int
     rows: int            # size of dim 0, the one FSDP splits
+    shape: tuple         # the whole shape (tensor parallel splits dim 0 or dim 1)
     unit: str            # FSDP unit: "root", "condition_embedder", "blocks.3", "vace_blocks.0"
     linear_weight: bool  # the weight of an nn.Linear
     keep_fp32: bool      # in diffusers' _keep_in_fp32_modules
@@ -147,7 +157,7 @@ def _params(cls_name: str, cfg_json: str) -> tuple[_Param, ...]:
         model = cls(**json.loads(cfg_json))
     linear = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     keep_fp32 = fp32_predicate(cls)
-    return tuple(_Param(name, p.numel(), p.shape[0], _unit(name), name in linear, keep_fp32(name))
+    return tuple(_Param(name, p.numel(), p.shape[0], tuple(p.shape), _unit(name), name in linear, keep_fp32(name))
                  for name, p in model.named_parameters())
 
 
@@ -193,6 +203,20 @@ def _shard(p: _Param, itemsize: int, n: int) -> int:
     return -(-p.rows // n) * (p.numel // p.rows) * itemsize
 
 
+def _split_per_rank(weights: list[tuple[_Param, int]], config: XDitUSPConfig, num_layers: int) -> int:
+    """Bytes the largest rank holds under tensor × pipeline parallelism (model_parallel.py's rules)."""
+    from .model_parallel import held_by, part_shape, tp_part
+
+    tp, pp = config.tensor_parallel_degree, config.pipeline_parallel_degree
+    largest = 0
+    for stage in range(pp):
+        for rank in range(tp):
+            largest = max(largest, sum(
+                math.prod(part_shape(p.shape, tp_part(p.name, p.shape, tp, rank))) * itemsize
+                for p, itemsize in weights if held_by(p.name, num_layers, tp, pp, rank, stage)))
+    return largest
+
+
 def _gathered(weights: list[tuple[_Param, int]], n: int) -> int:
     """Bytes of the units an FSDP forward holds gathered at once (padded to n equal shards)."""
     units = Counter()
@@ -236,7 +260,9 @@ def estimate(info: CheckpointInfo, config: XDitUSPConfig, placement: str,
     n = config.world_size
     weights = _weights(info, config)
     total = sum(p.numel * itemsize for p, itemsize in weights)
-    if placement == "fsdp" and n > 1:
+    if placement == "split":
+        per_rank, gathered = _split_per_rank(weights, config, info.diffusers_config["num_layers"]), 0
+    elif placement == "fsdp" and n > 1:
         per_rank = sum(_shard(p, itemsize, n) for p, itemsize in weights)
         gathered = _gathered(weights, n)
     else:  # fsdp over one rank holds the same bytes as replicated
@@ -276,7 +302,9 @@ def plan_load(info: CheckpointInfo, config: XDitUSPConfig, card_bytes: Optional[
         cfg = dataclasses.replace(config, **changes) if changes else config
         return estimate(info, cfg, placement, latent, batch, card_bytes, resident_bytes)
 
-    if config.weight_sharding == "auto":
+    if config.tensor_parallel_degree * config.pipeline_parallel_degree > 1:
+        chosen = plan("split")  # the weights are split by the layout (fsdp with it is refused by validate)
+    elif config.weight_sharding == "auto":
         chosen = plan("replicated")
         if not chosen.fits and config.world_size > 1:
             chosen = plan("fsdp")
@@ -302,7 +330,8 @@ def _what_fits(config: XDitUSPConfig, chosen: MemoryPlan, plan) -> str:
     def smallest_world(placement: str, weight_dtype: str) -> Optional[MemoryPlan]:
         for n in range(2 if placement == "fsdp" else 1, _MAX_WORLD_SIZE + 1):
             p = plan(placement, world_size=n, weight_dtype=weight_dtype, device_ids=None,
-                     ulysses_degree=AUTO, ring_degree=AUTO, cfg_degree=AUTO)
+                     ulysses_degree=AUTO, ring_degree=AUTO, cfg_degree=AUTO, tensor_parallel_degree=1,
+                     pipeline_parallel_degree=1, weight_sharding="fsdp" if placement == "fsdp" else "none")
             if p.fits:
                 return p
         return None

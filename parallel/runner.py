@@ -46,7 +46,12 @@ class Placement:
     def place(self, root: torch.nn.Module, units: list[torch.nn.Module], device: torch.device) -> None:
         raise NotImplementedError
 
-    def rows(self, name: str, shape: tuple) -> Optional[slice]:
+    # The diffusers names of the parameters this rank holds (any part of); None: every one.
+    held: Optional[set] = None
+
+    def rows(self, name: str, shape: tuple):
+        """The part of parameter `name` (full `shape`) this rank holds, as an index of the full tensor:
+        None (all of it), a slice of dim 0 (rows), or a tuple of slices (e.g. `(slice(None), cols)`)."""
         return None
 
     def local_parameters(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -99,6 +104,117 @@ class FullyShard(Placement):
 
     def local_parameters(self, model):
         return {name: p.to_local() if hasattr(p, "to_local") else p.data for name, p in model.named_parameters()}
+
+
+class TensorPipeline(Placement):
+    """Tensor and pipeline parallelism (parallel/model_parallel.py): this rank holds its pipeline
+    stage's blocks (and what that stage runs outside them), and of each block's attention and FFN
+    Linears its tensor rank's heads / hidden units (rows of column-parallel weights, columns of
+    row-parallel ones). `place` swaps the meta parameters for ones of the local shape, makes the q/k
+    norms `TensorParallelRMSNorm`, hooks the all-reduce onto the row-parallel Linears and sets each
+    attention's head count to its local one; blocks of other stages become `_HeldElsewhere`."""
+
+    name = "split"
+
+    def __init__(self, group: SPGroup):
+        self.group = group
+        self.parts: dict[str, object] = {}
+        self.held = set()
+
+    def place(self, root, units, device):
+        from . import model_parallel as mp
+
+        g, model = self.group, root.model
+        layers = len(model.blocks)
+        root.pipeline_blocks = mp.stage_blocks(layers, g.pipeline, g.stage)
+        if g.pipeline > 1:
+            for i in range(layers):
+                if i not in root.pipeline_blocks:
+                    model.blocks[i] = _HeldElsewhere(i, g.stage)
+            if g.stage != 0:
+                model.patch_embedding = None
+                if hasattr(model, "vace_blocks"):
+                    model.vace_blocks, model.vace_patch_embedding = torch.nn.ModuleList(), None
+            if g.stage != g.pipeline - 1:
+                model.proj_out, model.scale_shift_table = None, None
+        if g.tensor > 1:
+            blocks = [b for b in model.blocks if not isinstance(b, _HeldElsewhere)]
+            prefixes = {id(b): f"blocks.{i}" for i, b in enumerate(model.blocks)}
+            for i, b in enumerate(getattr(model, "vace_blocks", None) or []):
+                prefixes[id(b)] = f"vace_blocks.{i}"
+                blocks.append(b)
+            for block in blocks:
+                self._split_block(block, prefixes[id(block)])
+        self.held = {name for name, _ in model.named_parameters()}
+        _to_empty(root, device)
+
+    def _split_block(self, block, prefix):
+        from . import model_parallel as mp
+
+        g = self.group
+        for attn_name in ("attn1", "attn2"):
+            attn = getattr(block, attn_name)
+            for lin in ("to_q", "to_k", "to_v", "add_k_proj", "add_v_proj"):
+                if getattr(attn, lin, None) is not None:
+                    self._column(getattr(attn, lin), f"{prefix}.{attn_name}.{lin}")
+            for norm in ("norm_q", "norm_k", "norm_added_k"):
+                mod = getattr(attn, norm, None)
+                if isinstance(mod, torch.nn.RMSNorm):
+                    full = mod.weight.shape[0]
+                    self._local(mod, "weight", f"{prefix}.{attn_name}.{norm}.weight")
+                    mod.__class__ = mp.TensorParallelRMSNorm
+                    mod.tp_pg, mod.full_dim = g.tp_pg, full
+                    mod.normalized_shape = tuple(mod.weight.shape)
+                elif mod is not None and not isinstance(mod, torch.nn.Identity):
+                    raise ValueError(f"tensor parallel: {prefix}.{attn_name}.{norm} is a {type(mod).__name__}; "
+                                     "only Wan's RMSNorm across heads is split")
+            self._row(attn.to_out[0], f"{prefix}.{attn_name}.to_out.0")
+            if attn.heads % g.tensor:
+                raise ValueError(f"{attn.heads} heads do not split over tensor_parallel_degree {g.tensor}")
+            attn.heads //= g.tensor
+        self._column(block.ffn.net[0].proj, f"{prefix}.ffn.net.0.proj")
+        self._row(block.ffn.net[2], f"{prefix}.ffn.net.2")
+
+    def _local(self, module, attr, name):
+        """Replace `module.attr` (meta) with this rank's part of it."""
+        from . import model_parallel as mp
+
+        p = getattr(module, attr)
+        part = mp.tp_part(name, tuple(p.shape), self.group.tensor, self.group.tp_rank)
+        self.parts[name] = part
+        shape = mp.part_shape(tuple(p.shape), part)
+        setattr(module, attr, torch.nn.Parameter(torch.empty(shape, dtype=p.dtype, device="meta"), requires_grad=False))
+
+    def _column(self, lin, name):
+        self._local(lin, "weight", f"{name}.weight")
+        for attr in ("bias", "row_scale"):  # row_scale: Fp8MatmulLinear's scale per output row
+            if getattr(lin, attr, None) is not None:
+                self._local(lin, attr, f"{name}.{attr}")
+        lin.out_features = lin.weight.shape[0]
+
+    def _row(self, lin, name):
+        from . import model_parallel as mp
+
+        self._local(lin, "weight", f"{name}.weight")
+        lin.in_features = lin.weight.shape[1]
+        if lin.bias is not None and self.group.tp_rank != 0:
+            lin.bias = None  # added once, by tensor rank 0, before the all-reduce
+        lin._xdit_tp_pg = self.group.tp_pg
+        lin.register_forward_hook(mp.all_reduce_output)
+
+    def rows(self, name, shape):
+        return self.parts.get(name)
+
+
+class _HeldElsewhere(torch.nn.Module):
+    """A block another pipeline stage holds."""
+
+    def __init__(self, index: int, stage: int):
+        super().__init__()
+        self.index, self.stage = index, stage
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(f"block {self.index} is held by another pipeline stage, not stage {self.stage}")
 
 
 def _to_empty(module: torch.nn.Module, device: torch.device):
@@ -261,6 +377,7 @@ class _Model:
     choices: dict = field(default_factory=dict)  # (batch, tokens) -> Layout, the cost model's choices so far
     patched: set[str] = field(default_factory=set)  # weights a patch changed (restored from `path` first)
     param_bytes: int = 0  # what this rank holds of it between forwards
+    shapes: dict = field(default_factory=dict)  # every parameter's full shape (diffusers name), held here or not
 
     @property
     def module(self) -> torch.nn.Module:
@@ -282,18 +399,20 @@ class ModelRunner:
     def group(self, layout: Layout) -> SPGroup:
         """The process groups of `layout` (created on first use: a collective on every rank)."""
         if layout not in self._groups:
-            self._groups[layout] = build_sp_group(layout.cfg, layout.ulysses, layout.ring,
+            self._groups[layout] = build_sp_group(layout.cfg, layout.ulysses, layout.ring, layout.tensor, layout.pipeline,
                                                   comm=CommOptions.from_config(self.config))
         return self._groups[layout]
 
-    def placement(self, name: str) -> Placement:
+    def placement(self, name: str, layout: Optional[Layout] = None) -> Placement:
+        if name == "split":
+            return TensorPipeline(self.group(layout))
         if name == "fsdp":
             if self._fsdp is None:  # one device mesh for every sharded model
                 self._fsdp = FullyShard(self.device)
             return self._fsdp
         if name == "replicated":
             return Replicated()
-        raise ValueError(f"unknown placement {name!r}; known: 'replicated', 'fsdp'")
+        raise ValueError(f"unknown placement {name!r}; known: 'replicated', 'fsdp', 'split'")
 
     # ---- load / unload ------------------------------------------------------------------------
     def load(self, key: str, path: str, info, placement: str = "replicated") -> protocol.Loaded:
@@ -309,15 +428,22 @@ class ModelRunner:
         with init_empty_weights():
             module = cls(**info.diffusers_config)
         module.requires_grad_(False)
-        dtypes, scaled = storage_dtypes(module, cls, self.dtype, self.config.storage_weight_dtype,
-                                        stored_tensors(path, info))
+        stored = stored_tensors(path, info)
+        dtypes, scaled = storage_dtypes(module, cls, self.dtype, self.config.storage_weight_dtype, stored)
         _set_storage(module, dtypes, scaled, fp8_matmul=self.config.fp8_matmul)
         layout, fallback, backend = self.config.plan(info.num_heads)
+        if (layout.tensor > 1 or layout.pipeline > 1) != (placement == "split"):
+            raise ValueError(f"placement {placement!r} for layout {layout}: tensor / pipeline degrees need 'split'")
+        if layout.pipeline > len(module.blocks):
+            raise ValueError(f"pipeline_parallel_degree {layout.pipeline} is more than the model's {len(module.blocks)} blocks")
+        param_bytes_total = sum(p.numel() * p.element_size() for p in module.parameters())
+        shapes = {name: tuple(p.shape) for name, p in module.named_parameters()}
         root = SequenceParallelWan(module, backend).eval()
-        place = self.placement(placement)
+        place = self.placement(placement, layout)
         place.place(root, _units(module), self.device)
         local = place.local_parameters(module)
-        _, weights = iter_weights(path, info=info, rows=place.rows)
+        held = None if place.held is None else place.held & set(stored)  # (row_scale is made here, not read)
+        _, weights = iter_weights(path, info=info, rows=place.rows, only=held)
         for name, w, scale in weights:
             self._fill(module, local, name, w, scale, name in scaled)
         rowwise = self.config.fp8_matmul and rowwise_scaled_mm(self.device)
@@ -330,7 +456,7 @@ class ModelRunner:
         if self.link is None:
             self.link = linkprobe.probe(self.device, self.dtype, backend)
         param_bytes = _nbytes(local.values())
-        m = _Model(path, info, root, place, scaled, (layout, fallback), param_bytes=param_bytes)
+        m = _Model(path, info, root, place, scaled, (layout, fallback), param_bytes=param_bytes, shapes=shapes)
         choice = {"rule": "configured"}
         if linkprobe.by_probe(self.config) and self.config.world_size > 1:
             from .memory import standard_latent
@@ -359,7 +485,7 @@ class ModelRunner:
             placement=place.name, param_bytes=param_bytes, compiled=self.config.compile,
             fp8_matmul=self.config.fp8_matmul,
             fp8_input_scaling=("token" if rowwise else "tensor") if self.config.fp8_matmul else "",
-            param_bytes_total=sum(p.numel() * p.element_size() for p in module.parameters()),
+            param_bytes_total=param_bytes_total,
             link=self.link.as_dict(), layout_choice=choice,
         )
 
@@ -473,9 +599,10 @@ class ModelRunner:
 
         m = self._model(key)
         params = m.placement.local_parameters(m.module)
-        unknown = [n for n in patches if n not in params]
+        unknown = [n for n in patches if n not in m.shapes]
         if unknown:
             raise KeyError(f"weight patches target {unknown[:5]}, which the model does not have")
+        patches = {n: items for n, items in patches.items() if n in params}  # not on this rank: another's
         if m.patched:
             _, originals = iter_weights(m.path, only=m.patched, info=m.info, rows=m.placement.rows)
             for name, w, scale in originals:
@@ -484,7 +611,7 @@ class ModelRunner:
         for name, items in patches.items():
             m.patched.add(name)  # first: a patch that fails half-way is still restored by the next call
             p = params[name]
-            full_shape = tuple(m.module.get_parameter(name).shape)
+            full_shape = m.shapes[name]
             part = m.placement.rows(name, full_shape) or slice(None)
             owner_name = name.rpartition(".")[0]
             row_scale = params.get(f"{owner_name}.row_scale") if name.endswith(".weight") else None
@@ -522,7 +649,10 @@ class ModelRunner:
                 continue
             if kind == "lora":
                 up, down = (t.to(self.device, torch.float32) for t in item.tensors)
-                up = up.reshape(full_shape[0], -1)[part]
+                if isinstance(part, tuple):  # columns of the weight: the same columns of `down`
+                    down = down.reshape(down.shape[0], *full_shape[1:])[(slice(None), *part[1:])]
+                else:
+                    up = up.reshape(full_shape[0], -1)[part]
                 w += lora_delta({"up": up, "down": down}, strength).reshape(w.shape)
             elif kind == "diff":
                 w += strength * item.tensors[0].to(self.device, torch.float32).reshape(full_shape)[part]

@@ -187,6 +187,7 @@ class SequenceParallelWan(torch.nn.Module):
         self.backend = backend
         self.ctx = _StepContext(backend=backend)
         self.is_vace = hasattr(model, "vace_blocks")
+        self.pipeline_blocks = range(len(model.blocks))  # the blocks this rank runs (runner.TensorPipeline sets a stage's)
         blocks = list(model.blocks) + (list(model.vace_blocks) if self.is_vace else [])
         for block in blocks:
             block.attn1.set_processor(USPSelfAttnProcessor(self.ctx))
@@ -214,8 +215,11 @@ class SequenceParallelWan(torch.nn.Module):
         cos, sin = _rope(m.rope, hidden_states, inputs.rope_options)  # [1, S, 1, D] each
         cos, sin = _pad_and_shard(cos, 1, padded, group), _pad_and_shard(sin, 1, padded, group)
 
-        x = m.patch_embedding(hidden_states).flatten(2).transpose(1, 2)
-        x = _pad_and_shard(x, 1, padded, group)
+        first, last = group.stage == 0, group.stage == group.pipeline - 1
+        x = None
+        if first:
+            x = m.patch_embedding(hidden_states).flatten(2).transpose(1, 2)
+            x = _pad_and_shard(x, 1, padded, group)
 
         embedder = m.condition_embedder.image_embedder
         if encoder_hidden_states_image is not None and embedder is not None and embedder.pos_embed is not None:
@@ -231,6 +235,7 @@ class SequenceParallelWan(torch.nn.Module):
             if timestep.shape[1] != seq:
                 raise ValueError(f"timestep has {timestep.shape[1]} entries per sample; expected {grid[0]} or {seq}")
             timestep = _pad_and_shard(timestep, 1, padded, group)
+        # every pipeline stage embeds the timestep and the context itself (cheap, and nothing to wait for)
         temb, timestep_proj, context, image_context = m.condition_embedder(
             timestep.flatten() if per_token else timestep,
             encoder_hidden_states,
@@ -247,42 +252,37 @@ class SequenceParallelWan(torch.nn.Module):
         self.ctx.stages = Stages.compiled() if inputs.compile else _EAGER
         rotary = (cos, sin)
 
-        hints = []
+        # VACE hints, already multiplied by their scale, by the index of the block that adds them
+        hints: dict[int, torch.Tensor] = {}
         if self.is_vace:
             if control_hidden_states is None:
                 raise ValueError("this is a VACE model: control_hidden_states (vace_context) is required")
-            c = m.vace_patch_embedding(control_hidden_states).flatten(2).transpose(1, 2)
-            if c.shape[1] < seq:  # diffusers zero-pads short control sequences
-                c = torch.cat([c, c.new_zeros(batch, seq - c.shape[1], c.shape[2])], dim=1)
-            c = _pad_and_shard(c, 1, padded, group)
-            scales = control_hidden_states_scale
-            if scales is None:
-                scales = c.new_ones(len(m.config.vace_layers))
-            scales = torch.as_tensor(scales, device=c.device).flatten()
-            if scales.numel() == 1:
-                scales = scales.expand(len(m.config.vace_layers))
-            for i, block in enumerate(m.vace_blocks):
-                hint, c = block(x, context, c, timestep_proj, rotary)
-                hints.append((hint, scales[i]))
+            if first:
+                c = m.vace_patch_embedding(control_hidden_states).flatten(2).transpose(1, 2)
+                if c.shape[1] < seq:  # diffusers zero-pads short control sequences
+                    c = torch.cat([c, c.new_zeros(batch, seq - c.shape[1], c.shape[2])], dim=1)
+                c = _pad_and_shard(c, 1, padded, group)
+                scales = control_hidden_states_scale
+                if scales is None:
+                    scales = c.new_ones(len(m.config.vace_layers))
+                scales = torch.as_tensor(scales, device=c.device).flatten()
+                if scales.numel() == 1:
+                    scales = scales.expand(len(m.config.vace_layers))
+                for i, block in enumerate(m.vace_blocks):
+                    hint, c = block(x, context, c, timestep_proj, rotary)
+                    hints[m.config.vace_layers[i]] = hint * scales[i]
         elif control_hidden_states is not None:
             raise ValueError("control_hidden_states (vace_context) given, but this is not a VACE model")
 
-        vace_layers = list(m.config.vace_layers) if self.is_vace else []
         skip = set(inputs.skip_blocks or ())
-        for i, block in enumerate(m.blocks):
-            if i not in skip:  # a skipped block passes the stream on unchanged; its VACE hint is still added
-                x = block(x, context, timestep_proj, rotary)
-            if i in vace_layers:
-                hint, s = hints[vace_layers.index(i)]
-                x = x + hint * s
-
-        if temb.ndim == 3:  # per-token (Wan 2.2 TI2V)
-            shift, scale = (m.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).chunk(2, dim=2)
-            shift, scale = shift.squeeze(2), scale.squeeze(2)
+        if group.pipeline == 1:
+            x = self._head(self._blocks(x, context, timestep_proj, rotary, hints, skip), temb)
         else:
-            shift, scale = (m.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
-        x = (m.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
-        x = m.proj_out(x)
+            x = self._pipeline(group, x, context, timestep_proj, temb, rotary, hints, skip,
+                               (batch, padded // group.sp, m.config.num_attention_heads * m.config.attention_head_dim),
+                               inputs.hidden_states.dtype)
+        if not last or group.tp_rank:
+            return None  # only the last stage's first tensor rank gathers (the other tensor ranks hold the same)
 
         x = _gather_to_leader(x, group)
         if x is None:
@@ -290,6 +290,58 @@ class SequenceParallelWan(torch.nn.Module):
         x = x[:, :seq]
         x = x.reshape(batch, *grid, p_t, p_h, p_w, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+    def _blocks(self, x, context, timestep_proj, rotary, hints, skip) -> torch.Tensor:
+        """This rank's blocks (all of them, or its pipeline stage's) on the stream `x`."""
+        for i in self.pipeline_blocks:
+            if i not in skip:  # a skipped block passes the stream on unchanged; its VACE hint is still added
+                x = self.model.blocks[i](x, context, timestep_proj, rotary)
+            if i in hints:
+                x = x + hints[i]
+        return x
+
+    def _head(self, x, temb) -> torch.Tensor:
+        m = self.model
+        if temb.ndim == 3:  # per-token (Wan 2.2 TI2V)
+            shift, scale = (m.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).chunk(2, dim=2)
+            shift, scale = shift.squeeze(2), scale.squeeze(2)
+        else:
+            shift, scale = (m.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
+        x = (m.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
+        return m.proj_out(x)
+
+    def _pipeline(self, group: SPGroup, x, context, timestep_proj, temb, rotary, hints, skip, shape, dtype):
+        """GPipe over the batch rows: each row is a micro-batch that this stage receives from the
+        previous stage (its token shard of the stream, plus the VACE hints later stages add), runs
+        through its blocks and sends on without waiting (`isend`), so that stage s works on row b
+        while stage s+1 works on row b-1. The last stage applies the output head to each row and
+        returns the rows together, [batch, tokens, out]; the other stages return None."""
+        first, last = group.stage == 0, group.stage == group.pipeline - 1
+        rank = dist.get_rank()
+        batch, tokens, dim = shape
+        later = [i for i in sorted(self._vace_layers()) if i >= self.pipeline_blocks.stop]  # hints passed on
+        arriving = [i for i in sorted(self._vace_layers()) if i >= self.pipeline_blocks.start]
+        sent, outs = [], []
+        for b in range(batch):
+            row = slice(b, b + 1)
+            if first:
+                xb, hb = x[row], {i: h[row] for i, h in hints.items()}
+            else:
+                packet = torch.empty((1 + len(arriving), 1, tokens, dim), dtype=dtype, device=context.device)
+                dist.recv(packet, src=rank - group.stage_stride)
+                xb, hb = packet[0], dict(zip(arriving, packet[1:]))
+            xb = self._blocks(xb, context[row], timestep_proj[row], rotary, hb, skip)
+            if last:
+                outs.append(self._head(xb, temb[row]))
+            else:
+                packet = torch.stack([xb] + [hb[i] for i in later]) if later else xb.unsqueeze(0).contiguous()
+                sent.append((dist.isend(packet, dst=rank + group.stage_stride), packet))
+        for work, _ in sent:
+            work.wait()
+        return torch.cat(outs) if last else None
+
+    def _vace_layers(self) -> list[int]:
+        return list(self.model.config.vace_layers) if self.is_vace else []
 
 
 # A block's per-token work (norms, modulation, residuals, FFN, projections, RoPE, cross-attention

@@ -1,6 +1,8 @@
 """The embedded tiny default Wan model: real diffusers classes, random weights, no download.
 
-dim 256 (2 heads x 128, Wan's head_dim), 2 layers, ffn 512, text_dim 64. Used by the command line
+dim 256 (2 heads x 128, Wan's head_dim), 2 layers, ffn 512, text_dim 64. `heads` and `layers` change
+the head count (dim = heads x 128: checkpoints carry no head count, and the key table reads it as dim /
+128, Wan's; layouts with tensor x Ulysses > 2 need more than 2 heads) and the number of blocks. Used by the command line
 job when no checkpoint is given, by the tests and by the transport benchmark.
 """
 from __future__ import annotations
@@ -17,22 +19,25 @@ IMAGE_DIM = 64
 IMAGE_TOKENS = 4  # per image; FLF2V has two images -> pos_embed_seq_len 8
 
 
-def tiny_config(variant: str = "t2v") -> dict:
-    """diffusers kwargs for a tiny model of `variant`."""
+def tiny_config(variant: str = "t2v", heads: int = 2, layers: int = 2) -> dict:
+    """diffusers kwargs for a tiny model of `variant` with `heads` heads of 128 and `layers` blocks."""
+    if heads < 1 or layers < 1:
+        raise ValueError(f"the tiny model needs at least one head and one block, not {heads} and {layers}")
     cfg = dict(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128, in_channels=16, out_channels=16,
-        text_dim=TEXT_DIM, freq_dim=256, ffn_dim=512, num_layers=2, cross_attn_norm=True,
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=128, in_channels=16, out_channels=16,
+        text_dim=TEXT_DIM, freq_dim=256, ffn_dim=512, num_layers=layers, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None, added_kv_proj_dim=None,
         rope_max_seq_len=1024, pos_embed_seq_len=None,
     )
     if variant == "t2v":
         pass
     elif variant == "i2v":
-        cfg.update(in_channels=36, image_dim=IMAGE_DIM, added_kv_proj_dim=256)
+        cfg.update(in_channels=36, image_dim=IMAGE_DIM, added_kv_proj_dim=heads * 128)
     elif variant == "flf2v":
-        cfg.update(in_channels=36, image_dim=IMAGE_DIM, added_kv_proj_dim=256, pos_embed_seq_len=2 * IMAGE_TOKENS)
+        cfg.update(in_channels=36, image_dim=IMAGE_DIM, added_kv_proj_dim=heads * 128, pos_embed_seq_len=2 * IMAGE_TOKENS)
     elif variant == "vace":
-        cfg.update(vace_layers=[0], vace_in_channels=32)
+        # with more blocks a second VACE hint lands late, so pipeline stages pass hints on
+        cfg.update(vace_layers=[0] if layers <= 2 else [0, layers // 2], vace_in_channels=32)  # the spacing a file implies
     elif variant == "ti2v_5b":
         cfg.update(in_channels=48, out_channels=48)
     else:
@@ -47,9 +52,9 @@ def model_class(variant: str):
 
 
 @torch.no_grad()
-def build_model(variant: str = "t2v", seed: int = 0):
+def build_model(variant: str = "t2v", seed: int = 0, heads: int = 2, layers: int = 2):
     """A tiny fp32 diffusers model with every parameter drawn as randn * 0.02 (nothing zero)."""
-    model = model_class(variant)(**tiny_config(variant))
+    model = model_class(variant)(**tiny_config(variant, heads, layers))
     g = torch.Generator().manual_seed(seed)
     for p in model.parameters():
         p.copy_(torch.randn(p.shape, generator=g) * 0.02)

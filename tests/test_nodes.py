@@ -68,7 +68,8 @@ def test_node_schema(nodes, name):
 # later are optional, at the end, so a workflow saved before them still runs (with their default).
 SAVED_INTERFACE = {
     "XDitUSPConfigNode": (["gpus", "ulysses_degree", "ring_degree", "cfg_degree", "dtype", "attention_backend",
-                           "gpu_memory_fraction", "device"], ["weight_sharding", "compile"], ["XDIT_USP_CONFIG"],
+                           "gpu_memory_fraction", "device"],
+                          ["weight_sharding", "compile", "tensor_parallel_degree", "pipeline_parallel_degree"], ["XDIT_USP_CONFIG"],
                           ["xdit_usp_config"]),
     "XDitUSPWanVideoModelLoader": (["unet_name", "weight_dtype", "xdit_usp_config"], [], ["MODEL"], ["MODEL"]),
     "XDitUSPVAEDecode": (["samples", "vae", "xdit_usp_config"], [], ["IMAGE"], ["IMAGE"]),
@@ -103,6 +104,10 @@ def test_config_node_builds_and_validates(nodes):
                     attention_backend="auto", gpu_memory_fraction=1.0, device="cpu", compile=True)
     assert cfg.compile is True
     assert str(cfg.resolve(2)) == "cfg2xulysses1xring1"
+    assert cfg.tensor_parallel_degree == cfg.pipeline_parallel_degree == 1  # a workflow saved before the inputs existed
+    (cfg,) = create(gpus=4, ulysses_degree=0, ring_degree=0, cfg_degree=0, dtype="fp16", attention_backend="auto",
+                    gpu_memory_fraction=1.0, device="cpu", tensor_parallel_degree=2, pipeline_parallel_degree=2)
+    assert str(cfg.resolve(12)) == "pipeline2xtensor2xcfg1xulysses1xring1"  # the seed's example config
     with pytest.raises(ValueError, match="Degrees that multiply to 4") as e:
         create(gpus=4, ulysses_degree=3, ring_degree=0, cfg_degree=0, dtype="bf16",
                attention_backend="auto", gpu_memory_fraction=1.0, device="cpu")

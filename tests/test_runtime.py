@@ -247,8 +247,8 @@ def test_config_errors_say_what_works():
         XDitUSPConfig(world_size=4, ulysses_degree=3, device="cpu").validate()
     with pytest.raises(ValueError, match=r"2 GPU\(s\) requested but no CUDA device is visible"):
         XDitUSPConfig(world_size=2, device="cuda").validate(visible_gpus=0)
-    with pytest.raises(ValueError, match="tensor_parallel_size=2 is not implemented"):
-        XDitUSPConfig.from_dict({"num_gpus": 2, "tensor_parallel_size": 2, "device": "cpu"})
+    with pytest.raises(ValueError, match="enable_activation_checkpointing=True is not implemented"):
+        XDitUSPConfig.from_dict({"num_gpus": 2, "enable_activation_checkpointing": True, "device": "cpu"})
     with pytest.raises(ValueError, match="unknown keys"):
         XDitUSPConfig.from_dict({"num_gpu": 2})
     cfg = XDitUSPConfig.from_dict({"num_gpus": 2, "use_fp16": True, "gpu_memory_fraction": 0.9,
