@@ -236,14 +236,14 @@ class SequenceParallelVAE:
         full-size fp32 temporaries per norm in bf16: the largest transient of the decode at the
         full-resolution end). F.normalize's math, as ComfyUI's RMS_norm: the norm reduces with fp32
         accumulation, the division rounds once; then one in-place multiply by gamma * sqrt(dim)
-        (taken in fp32, rounded once) and the bias where there is one. fp32: the same ops as
+        (taken in fp32, rounded to the compute dtype) and the bias where there is one. fp32: the same ops as
         diffusers' but the two scalings folded (differences of an ulp)."""
         dim = 1 if m.channel_first else -1
 
         def forward(x):
             denom = torch.linalg.vector_norm(x, dim=dim, keepdim=True).clamp_min_(1e-12)  # F.normalize's eps
             y = x / denom
-            y.mul_(m.gamma.float() * m.scale)
+            y.mul_((m.gamma.float() * m.scale).to(y.dtype))  # same dtype: no full-size cast buffer
             if isinstance(m.bias, torch.Tensor):
                 y.add_(m.bias)
             return y
