@@ -14,8 +14,8 @@ worker starts:
     weights). VAEDecode is then the baseline and the reference output. ComfyUI's VAE wrapper only
     recognises the real 2.2 VAE width, so --res tiny --vae wan2.2 --comfy fails there;
   - `native` (skipped by --no-diffusers): one-GPU decode of the whole latent with diffusers'
-    AutoencoderKLWan, latent in and video out to the CPU as VAEDecode does; `tiled`: the same with
-    diffusers' tiled decode (256 px tiles, 192 px stride; blended seams, not exact).
+    AutoencoderKLWan, latent in and video out to the CPU as VAEDecode does; `tiled` (without
+    --comfy): the same with diffusers' tiled decode (256 px tiles, 192 px stride; not exact).
 Then for each N in --gpus one worker group of N ranks (NCCL) decodes every resolution split by rows
 (`ours`), by default as XDit+USP VAE Decode does: the ranks make ComfyUI's IMAGE ([frames, H, W, 3]
 in [0, 1], fp32) and write it into shared memory as the frames come (--layout video: the video in
@@ -200,7 +200,7 @@ def main():
                 rows[-1]["rel_l2_vs_VAEDecode"] = tiny.rel_l2(out, refs[res])
             refs.setdefault(res, out)
             emit(res, rows[-1])
-            if not a.no_tiled:
+            if not a.no_tiled and nodes is None:  # with --comfy, VAEDecodeTiled is the tiled baseline
                 sec, peak, out = single_gpu(vae, z, device, dtype, a.reps, tiled=True)
                 emit(res, {"what": "tiled", "gpus": 1, "s": round(sec, 3), "peak_gb": peak and round(peak / GB, 2),
                            "rel_l2_vs_VAEDecode" if nodes is not None else "rel_l2_vs_native":
