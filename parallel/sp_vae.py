@@ -239,8 +239,8 @@ class SequenceParallelVAE:
         full-size fp32 temporaries per norm in bf16: the largest transient of the decode at the
         full-resolution end). F.normalize's math, as ComfyUI's RMS_norm: the norm reduces with fp32
         accumulation, the division rounds once; then one in-place multiply by gamma * sqrt(dim)
-        (taken in fp32, rounded to the compute dtype) and the bias where there is one. fp32: the same ops as
-        diffusers' but the two scalings folded (differences of an ulp)."""
+        (taken in fp32, rounded to the compute dtype) and the bias where there is one. fp32: the
+        same ops as diffusers' but the two scalings folded (differences of an ulp)."""
         dim = 1 if m.channel_first else -1
 
         def forward(x):
@@ -409,11 +409,10 @@ class _HostSink:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def _convert(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.float()
         if self.image:  # VAE.process_output of the Wan VAE, as ComfyUI applies it to the fp32 output
-            y = y.add_(1.0).div_(2.0).clamp_(0.0, 1.0)
+            y = x.to(torch.float32, copy=True).add_(1.0).div_(2.0).clamp_(0.0, 1.0)
             return y.permute(0, 2, 3, 4, 1).contiguous()  # [B, f, rows, W, C]
-        return y
+        return x.float()
 
     def __call__(self, frame: int, x: torch.Tensor):
         if self.stream is None:
