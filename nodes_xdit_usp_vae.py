@@ -70,6 +70,20 @@ def _prepare(vae, cfg) -> tuple:
     return group, key
 
 
+_PROBE = torch.tensor([-3.0, -1.0, -0.5, 0.0, 0.25, 1.0, 3.0])
+
+
+def _wan_process_output(vae) -> bool:
+    """Whether the VAE object's process_output is ComfyUI's default, (x + 1) / 2 clamped to [0, 1]
+    (what its Wan VAEs use), which the ranks then apply themselves (probed on a few values: a
+    patched VAE object keeps its own, applied here as before)."""
+    try:
+        got = vae.process_output(_PROBE.clone())
+    except Exception:  # noqa: BLE001 (anything unusual: leave it to the VAE object)
+        return False
+    return isinstance(got, torch.Tensor) and torch.equal(got, _PROBE.add(1.0).div(2.0).clamp(0.0, 1.0))
+
+
 class XDitUSPVAEDecode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -98,6 +112,12 @@ class XDitUSPVAEDecode(io.ComfyNode):
         if latent.is_nested:
             latent = latent.unbind()[0]
         group, key = _prepare(vae, xdit_usp_config)
+        if _wan_process_output(vae):
+            # the ranks write the IMAGE itself: [B * frames, H, W, C] in [0, 1], fp32, each its rows
+            images = group.vae_decode(key, latent, image=True)
+            if vae.vae_output_dtype() != torch.float32:
+                images = images.to(vae.vae_output_dtype())
+            return io.NodeOutput(images.to(vae.output_device))
         images = group.vae_decode(key, latent)  # [B, C, frames, H, W] in [-1, 1], fp32
         images = vae.process_output(images.to(vae.vae_output_dtype()))
         images = images.to(vae.output_device).movedim(1, -1)

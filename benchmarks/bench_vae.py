@@ -6,24 +6,25 @@
 
 Random weights at the real size (Wan 2.1 VAE: base_dim 96, z 16; Wan 2.2: 160 / decoder 256, z 48,
 parallel/tiny.real_vae_config), a random latent of --frames (81) video frames at each --res, in
---dtype (bf16). In this process, on GPU 0, before any worker starts:
-  - `native`: one-GPU decode of the whole latent, diffusers' AutoencoderKLWan (the math of ComfyUI's
-    VAEDecode: the same causal chunked decode; ComfyUI's module when --comfy finds it importable,
-    see below), latent moved in and the video moved out to the CPU as VAEDecode does;
-  - `tiled`: the same with diffusers' tiled decode (enable_tiling, 256 px tiles, 192 px stride: the
-    analogue of ComfyUI's VAEDecodeTiled, blended seams, not exact);
+--dtype (bf16). First the one-GPU baselines of every resolution, in this process on GPU 0, before any
+worker starts:
   - with --comfy (ComfyUI from COMFYUI_DIR or the .comfy bundle, booted as bench_comfyui.py does):
     ComfyUI's own VAEDecode and VAEDecodeTiled nodes (its defaults) on the VAE comfy.sd.VAE builds
     from the same weights, as VAELoader does (ComfyUI picks its dtype; its peak includes its
-    weights). ComfyUI's VAE wrapper only recognises the real 2.2 VAE width, so --res tiny
-    --vae wan2.2 --comfy fails there.
-Then for each N in --gpus a worker group of N ranks (NCCL) decodes the same latent split by rows
-(`ours`): owner-side seconds (latent into the arena, decode, video out of it) and in-worker
+    weights). VAEDecode is then the baseline and the reference output. ComfyUI's VAE wrapper only
+    recognises the real 2.2 VAE width, so --res tiny --vae wan2.2 --comfy fails there;
+  - `native` (skipped by --no-diffusers): one-GPU decode of the whole latent with diffusers'
+    AutoencoderKLWan, latent in and video out to the CPU as VAEDecode does; `tiled` (without
+    --comfy): the same with diffusers' tiled decode (256 px tiles, 192 px stride; not exact).
+Then for each N in --gpus one worker group of N ranks (NCCL) decodes every resolution split by rows
+(`ours`), by default as XDit+USP VAE Decode does: the ranks make ComfyUI's IMAGE ([frames, H, W, 3]
+in [0, 1], fp32) and write it into shared memory as the frames come (--layout video: the video in
+[-1, 1] instead). Owner-side seconds (latent into the arena, decode, IMAGE out of it) and in-worker
 seconds, median of --reps after a warm-up; per-GPU peak = torch.cuda.max_memory_allocated on every
-rank (weights included) against the baselines' in this process (weights included); speed and peak
-ratios against VAEDecode when --comfy measured it, else against `native`; rel_l2 and max_rel_err
-against `native`'s output (bf16: both round; fp32 agrees to ~1e-6).
-Results go to $OUT/bench_vae_<vae>_<res>.json after every row; a Markdown table is printed.
+rank (weights included) against the baseline's in this process (weights included); rel_l2 against
+the reference output (bf16: both round; fp32 agrees to ~1e-6).
+Every row is written to $OUT/bench_vae_<vae>[_<tag>].json as it is measured (a run stopped by its
+time limit keeps its rows); a Markdown table is printed at the end.
 """
 from __future__ import annotations
 
@@ -136,7 +137,12 @@ def main():
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"), help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--reps", type=int, default=2)
-    p.add_argument("--no-tiled", action="store_true", help="skip the tiled one-GPU baseline")
+    p.add_argument("--no-tiled", action="store_true", help="skip the tiled one-GPU baselines")
+    p.add_argument("--no-diffusers", action="store_true",
+                   help="with --comfy: skip diffusers' one-GPU decodes (ComfyUI's VAEDecode is the reference)")
+    p.add_argument("--layout", default="image", choices=("image", "video"),
+                   help="what ours returns: ComfyUI's IMAGE made on the ranks (the node's path), or the video in [-1, 1]")
+    p.add_argument("--tag", default="", help="suffix of the results file name")
     p.add_argument("--comfy", action="store_true",
                    help="also time ComfyUI's own VAEDecode and VAEDecodeTiled nodes (COMFYUI_DIR or the .comfy bundle)")
     a = p.parse_args()
@@ -159,76 +165,96 @@ def main():
                "visible_gpus": torch.cuda.device_count() if cuda else 0, "date": time.strftime("%Y-%m-%d"),
                "command": "python3 " + " ".join(sys.argv), "vae": a.vae, "dtype": dtype_name,
                "param_bytes": sum(t.numel() * t.element_size() for t in vae.parameters()), "runs": []}
-    for res in a.res.split(","):
+    out_path = os.path.join(os.environ.get("OUT", "."), f"bench_vae_{a.vae}{'_' + a.tag if a.tag else ''}.json")
+    resolutions = a.res.split(",")
+    zs, refs, natives = {}, {}, {}
+    for res in resolutions:
         h, w = RESOLUTIONS[res]
-        latent = ((a.frames - 1) // 4 + 1, h // s, w // s)
-        z = torch.randn(1, config["z_dim"], *latent, generator=torch.Generator().manual_seed(0))
-        out_path = os.path.join(os.environ.get("OUT", "."), f"bench_vae_{a.vae}_{res}.json")
-        rows = []
+        zs[res] = torch.randn(1, config["z_dim"], (a.frames - 1) // 4 + 1, h // s, w // s,
+                              generator=torch.Generator().manual_seed(0))
 
-        def emit(row):
-            row.update(res=res, frames=a.frames, latent=list(latent))
-            rows.append(row)
-            results["runs"].append(row)
-            print(json.dumps(row), flush=True)
-            with open(out_path, "w") as fh:
-                json.dump(results, fh, indent=1)
+    def emit(res, row):
+        row.update(res=res, frames=a.frames, latent=list(zs[res].shape[2:]))
+        results["runs"].append(row)
+        print(json.dumps(row), flush=True)
+        with open(out_path, "w") as fh:  # after every row: a run stopped by its time limit keeps what it measured
+            json.dump(results, fh, indent=1)
 
-        sec, peak, ref = single_gpu(vae, z, device, dtype, a.reps)
-        emit({"what": "native", "gpus": 1, "s": round(sec, 3), "peak_gb": peak and round(peak / GB, 2)})
-        if not a.no_tiled:
-            sec, peak, out = single_gpu(vae, z, device, dtype, a.reps, tiled=True)
-            emit({"what": "tiled", "gpus": 1, "s": round(sec, 3), "peak_gb": peak and round(peak / GB, 2),
-                  "rel_l2": tiny.rel_l2(out, ref)})
+    # one-GPU baselines, every resolution (ComfyUI's own first: the comparison the targets are against)
+    for res in resolutions:
+        z, rows = zs[res], []
         if nodes is not None:
             for tiled in (False, True) if not a.no_tiled else (False,):
                 r = comfy_decode(nodes, state, z, device, a.reps, tiled)
-                emit({"what": "VAEDecodeTiled" if tiled else "VAEDecode", "gpus": 1, "s": round(r[0], 3),
-                      "peak_gb": r[1] and round(r[1] / GB, 2), "rel_l2": tiny.rel_l2(r[2], ref), "comfy_dtype": r[3]})
-        native = next((r for r in rows if r["what"] == "VAEDecode"), rows[0])  # ComfyUI's own when measured
-        vae.cpu()
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
-        for n in [int(x) for x in a.gpus.split(",")]:
-            if cuda and n > torch.cuda.device_count():
-                print(f"# {n} GPUs: only {torch.cuda.device_count()} visible; skipped", flush=True)
-                continue
-            cfg = XDitUSPConfig(world_size=n, device=a.device, dtype=dtype_name, launch_timeout_s=600,
-                                forward_timeout_s=1800)
-            with WorkerGroup(cfg) as group:
-                t0 = time.perf_counter()
-                key = group.vae_load(state, dtype_name)
-                load_s = time.perf_counter() - t0
+                rows.append({"what": "VAEDecodeTiled" if tiled else "VAEDecode", "gpus": 1, "s": round(r[0], 3),
+                             "peak_gb": r[1] and round(r[1] / GB, 2), "comfy_dtype": r[3]})
+                if not tiled:
+                    refs[res] = r[2]
+                else:
+                    rows[-1]["rel_l2_vs_VAEDecode"] = tiny.rel_l2(r[2], refs[res])
+                emit(res, rows[-1])
+        if not a.no_diffusers or nodes is None:
+            sec, peak, out = single_gpu(vae, z, device, dtype, a.reps)
+            rows.append({"what": "native", "gpus": 1, "s": round(sec, 3), "peak_gb": peak and round(peak / GB, 2)})
+            if res in refs:
+                rows[-1]["rel_l2_vs_VAEDecode"] = tiny.rel_l2(out, refs[res])
+            refs.setdefault(res, out)
+            emit(res, rows[-1])
+            if not a.no_tiled and nodes is None:  # with --comfy, VAEDecodeTiled is the tiled baseline
+                sec, peak, out = single_gpu(vae, z, device, dtype, a.reps, tiled=True)
+                emit(res, {"what": "tiled", "gpus": 1, "s": round(sec, 3), "peak_gb": peak and round(peak / GB, 2),
+                           "rel_l2_vs_VAEDecode" if nodes is not None else "rel_l2_vs_native":
+                               tiny.rel_l2(out, refs[res])})
+            del out
+        natives[res] = rows[0]  # ComfyUI's VAEDecode when measured, else diffusers' decode
+    vae.cpu()
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+
+    # ours: one worker group per N, every resolution (the IMAGE the node returns, made on the ranks)
+    for n in [int(x) for x in a.gpus.split(",")]:
+        if cuda and n > torch.cuda.device_count():
+            print(f"# {n} GPUs: only {torch.cuda.device_count()} visible; skipped", flush=True)
+            continue
+        cfg = XDitUSPConfig(world_size=n, device=a.device, dtype=dtype_name, launch_timeout_s=600,
+                            forward_timeout_s=1800)
+        with WorkerGroup(cfg) as group:
+            t0 = time.perf_counter()
+            key = group.vae_load(state, dtype_name)
+            load_s = time.perf_counter() - t0
+            for res in resolutions:
+                z, image = zs[res], a.layout == "image"
                 stats = {}
-                group.vae_decode(key, z, stats=stats)  # warm-up
+                group.vae_decode(key, z, stats=stats, image=image)  # warm-up
                 owner, worker = [], []
                 for _ in range(a.reps):
-                    out = group.vae_decode(key, z, stats=stats)
+                    out = group.vae_decode(key, z, stats=stats, image=image)
                     owner.append(stats["owner_ms"] / 1e3)
                     worker.append(stats["worker_ms"] / 1e3)
-            peaks = stats["peak_bytes"]
-            row = {"what": "ours", "gpus": n, "s": round(statistics.median(owner), 3),
-                   "worker_s": round(statistics.median(worker), 3), "load_s": round(load_s, 2),
-                   "peak_gb_per_gpu": None if None in peaks else [round(b / GB, 2) for b in peaks],
-                   "rows_per_rank": [b - a_ for a_, b in stats["rows"]],
-                   "rel_l2": tiny.rel_l2(out, ref), "max_rel_err": tiny.rel_err(out, ref)}
-            row["baseline"] = native["what"]
-            row["speedup_vs_native"] = round(native["s"] / row["s"], 2)
-            if native["peak_gb"] and row["peak_gb_per_gpu"]:
-                row["peak_ratio_vs_native"] = round(max(row["peak_gb_per_gpu"]) / native["peak_gb"], 3)
-            emit(row)
-        vae.to(device)
+                if image:  # back to the video layout of the references: [1, 3, frames, H, W] in [-1, 1]
+                    out = out.movedim(-1, 0).unsqueeze(0) * 2 - 1
+                peaks, native = stats["peak_bytes"], natives[res]
+                row = {"what": "ours", "gpus": n, "layout": a.layout, "s": round(statistics.median(owner), 3),
+                       "worker_s": round(statistics.median(worker), 3), "load_s": round(load_s, 2),
+                       "peak_gb_per_gpu": None if None in peaks else [round(b / GB, 2) for b in peaks],
+                       "rows_per_rank": [b - a_ for a_, b in stats["rows"]],
+                       "baseline": native["what"], f"rel_l2_vs_{native['what']}": tiny.rel_l2(out, refs[res]),
+                       "speedup_vs_baseline": round(native["s"] / statistics.median(owner), 2)}
+                if native["peak_gb"] and row["peak_gb_per_gpu"]:
+                    row["peak_ratio_vs_baseline"] = round(max(row["peak_gb_per_gpu"]) / native["peak_gb"], 3)
+                del out
+                emit(res, row)
 
     print(f"\n{results['device']}, Wan {version} VAE ({dtype_name}), {a.frames} frames, {results['date']}")
-    print("| res | decode | GPUs | s | peak GB per GPU | vs native | rel_l2 vs native |")
+    print("| res | decode | GPUs | s | peak GB per GPU | vs baseline | rel_l2 vs baseline |")
     print("|---|---|---|---|---|---|---|")
     for r in results["runs"]:
         peak = r.get("peak_gb") or (max(r["peak_gb_per_gpu"]) if r.get("peak_gb_per_gpu") else None)
-        vs = (f"{r['speedup_vs_native']}x, peak {r.get('peak_ratio_vs_native', '-')} of {r['baseline']}"
+        vs = (f"{r['speedup_vs_baseline']}x, peak {r.get('peak_ratio_vs_baseline', '-')} of {r['baseline']}"
               if r["what"] == "ours" else "")
         print(f"| {r['res']} | {r['what']} | {r['gpus']} | {r['s']} | {peak if peak is not None else '-'} | {vs} | "
-              f"{r.get('rel_l2', 0.0):.1e} |")
+              f"{next((v for k, v in r.items() if k.startswith('rel_l2')), 0.0):.1e} |")
 
 
 if __name__ == "__main__":

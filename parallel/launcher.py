@@ -592,11 +592,14 @@ class WorkerGroup:
             self._note_memory([r.memory for r in replies])
             return key
 
-    def vae_decode(self, key: str, latent: torch.Tensor, stats: Optional[dict] = None) -> torch.Tensor:
+    def vae_decode(self, key: str, latent: torch.Tensor, stats: Optional[dict] = None,
+                   image: bool = False) -> torch.Tensor:
         """Decode `latent` [B, z, T, H, W] (ComfyUI's LATENT samples, unscaled) with the VAE `key`
         on every rank, split by latent rows (H >= world size; any H). Returns the video
-        [B, C, 1 + 4(T-1), H*s, W*s] in [-1, 1], fp32 on the CPU: the single-process decode."""
-        return self._vae_run(key, latent, encode=False, stats=stats)
+        [B, C, 1 + 4(T-1), H*s, W*s] in [-1, 1], fp32 on the CPU: the single-process decode. With
+        `image`: ComfyUI's IMAGE of it, [B * (1 + 4(T-1)), H*s, W*s, C] in [0, 1] ((x + 1) / 2
+        clamped, as VAE.process_output and VAEDecode lay it out), made on the ranks."""
+        return self._vae_run(key, latent, encode=False, stats=stats, image=image)
 
     def vae_encode(self, key: str, pixels: torch.Tensor, stats: Optional[dict] = None) -> torch.Tensor:
         """Encode `pixels` [B, C, F, H, W] in [-1, 1] (H, W multiples of the VAE's 8 or 16; H/s >=
@@ -604,16 +607,23 @@ class WorkerGroup:
         ComfyUI's Wan VAE encode does (extra frames past 1 + 4k are dropped, as there)."""
         return self._vae_run(key, pixels, encode=True, stats=stats)
 
-    def _vae_run(self, key: str, x: torch.Tensor, encode: bool, stats: Optional[dict]) -> torch.Tensor:
+    def _vae_run(self, key: str, x: torch.Tensor, encode: bool, stats: Optional[dict], image: bool = False
+                 ) -> torch.Tensor:
         with self._lock:
             if self.vae is None or self.vae[0] != key:
                 raise KeyError(f"VAE {key!r} is not loaded on this group (vae_load it first)")
             info = self.vae[1]
             out_shape = vae_output_shape(info, tuple(x.shape), encode, self.config.world_size)
+            if image:
+                b, c, f, h, w = out_shape
+                out_shape = (b * f, h, w, c)
             t0 = time.perf_counter()
             specs, reserved = self.arena.pack({"input": x}, {"out": (out_shape, torch.float32)},
                                               {"input": torch.float32})
-            request = (P.VaeEncode if encode else P.VaeDecode)(key, self.arena.name, specs["input"], reserved["out"])
+            if encode:
+                request = P.VaeEncode(key, self.arena.name, specs["input"], reserved["out"])
+            else:
+                request = P.VaeDecode(key, self.arena.name, specs["input"], reserved["out"], image=image)
             replies: list[P.VaeDone] = self._call(request, self.config.forward_timeout_s)
             out = self.arena.read(reserved["out"])
             self._note_memory([r.memory for r in replies])

@@ -180,12 +180,14 @@ class VaeLoad:
 @dataclass
 class VaeDecode:
     """Decode the latent `input` [B, z, T, H, W] (whole, fp32) split by rows (parallel/sp_vae.py);
-    every rank writes its pixel rows of `out` [B, C, 1 + 4(T-1), H*s, W*s] (fp32, [-1, 1])."""
+    every rank writes its pixel rows of `out` (fp32): the video [B, C, 1 + 4(T-1), H*s, W*s] in
+    [-1, 1], or with `image` ComfyUI's IMAGE [B * (1 + 4(T-1)), H*s, W*s, C] in [0, 1]."""
 
     key: str
     arena: str
     input: TensorSpec
     out: TensorSpec
+    image: bool = False
 
 
 @dataclass

@@ -22,6 +22,9 @@ exactly what the single-process layer sees:
   all-gathered over the rows, the block runs on the whole frame, each rank keeps its band. It runs at
   the latent resolution, where a frame is small.
 
+Two more replacements are for speed and memory only: ``WanRMS_norm`` and ``WanUpsample`` run in the
+compute dtype (diffusers up-casts the activation to fp32 for both; see their docstrings).
+
 Everything else is local to a row or a 2x2 group of rows that never straddles a band edge: the
 RMS norms (over channels), SiLU, 1x1x1 convs, the temporal convs (kernel (3, 1, 1)), nearest
 upsampling, Wan 2.2's patchify/unpatchify (2x2), ``AvgDown3D`` / ``DupUp3D`` shortcuts (2x2), the
@@ -29,7 +32,7 @@ final clamp. The causal cache (``feat_cache``) holds each rank's own rows: every
 temporal chunk schedule (diffusers': one latent frame per decoder call; one frame, then four per
 encoder call; ComfyUI's decoder takes two latent frames per call, the same causal result), so the
 cache works unchanged. The result equals the single-process decode up to float summation order
-(tests, fp32: <= 3.5e-6 max relative error against the single-process diffusers VAE, <= 5.1e-6
+(tests, fp32: <= 3.7e-6 max relative error against the single-process diffusers VAE, <= 5.1e-6
 against ComfyUI's own modules), not a tiled decode with blended seams.
 
 Not xfuser / DistVAE: xfuser cannot be imported without a GPU, and DistVAE (xdit-project) adapts
@@ -125,7 +128,7 @@ class SequenceParallelVAE:
 
     def __init__(self, vae: torch.nn.Module):
         from diffusers.models.autoencoders.autoencoder_kl_wan import (
-            WanAttentionBlock, WanCausalConv3d, WanResample,
+            WanAttentionBlock, WanCausalConv3d, WanResample, WanRMS_norm, WanUpsample,
         )
 
         self.vae = vae
@@ -145,14 +148,22 @@ class SequenceParallelVAE:
                 pad.forward = self._zero_pad2d(pad)
             elif isinstance(m, WanAttentionBlock):
                 m.forward = self._whole_frame(m.forward)
+            elif isinstance(m, WanRMS_norm):
+                m.forward = self._rms_norm(m)
+            elif isinstance(m, WanUpsample):
+                m.forward = self._upsample(m)
 
     # ---- layer replacements -------------------------------------------------------------------------
     def _causal_conv3d(self, m):
         """diffusers' WanCausalConv3d.forward (cache frames first, zero frames before them, zero
         columns left and right), with the padded input built in one buffer whose height padding
-        holds the neighbours' rows (of the cache frames too)."""
+        holds the neighbours' rows (of the cache frames too). Only the padding is zeroed (the
+        buffer is not filled twice). When the leading zero frames feed a single output frame (the
+        first chunks, as ComfyUI's ``causal_zero`` fast path) they are not built at all: the conv
+        runs with the kernel's last taps only, the same sum without its zero terms."""
         wl, wr, p, _, tpad, tafter = m._padding
-        assert tafter == 0 and p == m._padding[3], m._padding
+        kt = m.kernel_size[0]
+        assert tafter == 0 and p == m._padding[3] and m.stride[0] == 1 and tpad == kt - 1, (m._padding, m.stride)
 
         def forward(x, cache_x=None):
             parts = [x]
@@ -161,14 +172,28 @@ class SequenceParallelVAE:
                 parts = [cache_x.to(x.device), x]
                 front = tpad - cache_x.shape[2]
             b, c, _, h, w = x.shape
-            frames = front + sum(q.shape[2] for q in parts)
-            buf = x.new_zeros(b, c, frames, h + 2 * p, wl + w + wr)
+            frames = sum(q.shape[2] for q in parts)
+            weight = m.weight
+            if front and frames + front == kt:  # one output frame: drop the taps that see zero frames
+                weight, front = weight[:, :, front:], 0
+            buf = x.new_empty(b, c, front + frames, h + 2 * p, wl + w + wr)
+            if front:
+                buf[:, :, :front].zero_()
+            if p:
+                buf[:, :, front:, :p].zero_()
+                buf[:, :, front:, p + h:].zero_()
+            if wl:
+                buf[:, :, front:, p:p + h, :wl].zero_()
+            if wr:
+                buf[:, :, front:, p:p + h, wl + w:].zero_()
             t = front
             for q in parts:
                 buf[:, :, t:t + q.shape[2], p:p + h, wl:wl + w] = q
                 t += q.shape[2]
             self.halo.fill(buf[..., wl:wl + w], p, p)
-            return torch.nn.Conv3d.forward(m, buf)
+            if weight is m.weight:
+                return torch.nn.Conv3d.forward(m, buf)
+            return torch.nn.functional.conv3d(buf, weight, m.bias, m.stride, 0, m.dilation, m.groups)
 
         return forward
 
@@ -208,6 +233,36 @@ class SequenceParallelVAE:
 
         return forward
 
+    @staticmethod
+    def _rms_norm(m):
+        """WanRMS_norm in the compute dtype, without diffusers' fp32 copy of the activation (two
+        full-size fp32 temporaries per norm in bf16: the largest transient of the decode at the
+        full-resolution end). F.normalize's math, as ComfyUI's RMS_norm: the norm reduces with fp32
+        accumulation, the division rounds once; then one in-place multiply by gamma * sqrt(dim)
+        (taken in fp32, rounded to the compute dtype) and the bias where there is one. fp32: the
+        same ops as diffusers' but the two scalings folded (differences of an ulp)."""
+        dim = 1 if m.channel_first else -1
+
+        def forward(x):
+            denom = torch.linalg.vector_norm(x, dim=dim, keepdim=True).clamp_min_(1e-12)  # F.normalize's eps
+            y = x / denom
+            y.mul_((m.gamma.float() * m.scale).to(y.dtype))  # same dtype: no full-size cast buffer
+            if isinstance(m.bias, torch.Tensor):
+                y.add_(m.bias)
+            return y
+
+        return forward
+
+    @staticmethod
+    def _upsample(m):
+        """WanUpsample (nearest-exact x2) in the compute dtype: diffusers upsamples an fp32 copy and
+        casts back, a copy and a 4x fp32 tensor for what is a gather of values (bit-identical)."""
+
+        def forward(x):
+            return torch.nn.Upsample.forward(m, x)
+
+        return forward
+
     def _whole_frame(self, forward):
         def run(x):
             scale = x.shape[-2] // self.latent_rows  # 1: the mid-blocks run at the latent resolution
@@ -226,13 +281,42 @@ class SequenceParallelVAE:
         return start, n
 
     @torch.no_grad()
-    def decode(self, z_local: torch.Tensor, latent_height: int) -> torch.Tensor:
+    def decode(self, z_local: torch.Tensor, latent_height: int, sink=None) -> Optional[torch.Tensor]:
         """This rank's latent rows [B, z, T, rows, W] -> its pixel rows [B, C, 1 + 4(T-1), rows*s, W*s]
-        in [-1, 1] (the decoder's clamp)."""
+        in [-1, 1] (the decoder's clamp).
+
+        diffusers' ``AutoencoderKLWan._decode`` (one latent frame per decoder call, the causal
+        cache between calls), with each call's frames handed on as they come: ``sink(frame, x)``
+        gets the frames [frame, frame + x.shape[2]) and the decode returns None, so the whole
+        video is never held on the device (diffusers grows it by ``torch.cat`` per call, two copies
+        at its end); without a sink they are concatenated once and returned."""
         start, n = self._band(latent_height)
         if z_local.shape[-2] != n:
             raise ValueError(f"rank {self.halo.rank} holds {n} latent rows, got {z_local.shape[-2]}")
-        return self.vae.decode(z_local, return_dict=False)[0]
+        from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+        vae = self.vae
+        patch = vae.config.patch_size
+        chunks, frame = [], 0
+        vae.clear_cache()
+        try:
+            x = vae.post_quant_conv(z_local)
+            for i in range(x.shape[2]):
+                vae._conv_idx = [0]
+                out = vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+                                  first_chunk=i == 0)
+                if patch is not None:
+                    out = unpatchify(out, patch_size=patch)
+                out = out.clamp_(-1.0, 1.0)
+                if sink is None:
+                    chunks.append(out)
+                else:
+                    sink(frame, out)
+                frame += out.shape[2]
+                del out
+        finally:
+            vae.clear_cache()
+        return torch.cat(chunks, dim=2) if sink is None else None
 
     @torch.no_grad()
     def encode(self, x_local: torch.Tensor, latent_height: int) -> torch.Tensor:
@@ -282,12 +366,16 @@ class VaeRunner:
             raise KeyError(f"VAE {key!r} is not loaded on this rank (loaded: {self.key!r})")
         return self.sp
 
-    def run(self, key: str, encode: bool, full_input: torch.Tensor) -> tuple[slice, torch.Tensor]:
+    def run(self, key: str, encode: bool, full_input: torch.Tensor, out: torch.Tensor, image: bool = False) -> slice:
         """This rank's share of a decode (`full_input`: the whole latent) or an encode (the whole
-        video), read from `full_input` (a view of the arena is fine). Returns (the output rows this
-        rank computed, as a slice of the full output's dim -2; those rows, on the rank's device in
-        the VAE's dtype: the caller's copy into the fp32 arena converts them, with no fp32 copy
-        on the GPU)."""
+        video), read from `full_input` and written into its rows of `out` (views of the arena are
+        fine; `out` fp32 on the CPU). Returns those rows, as a slice of the output's height.
+
+        A decode writes each decoder call's frames as they come (`_HostSink`): converted on the
+        device, then copied to the host on a side stream while the next call computes, so neither
+        the video nor an fp32 copy of it is ever whole on the device. `image`: `out` is ComfyUI's
+        IMAGE, [B * frames, H, W, C] in [0, 1] (the Wan VAE's process_output: (x + 1) / 2 clamped,
+        taken in fp32 on the device), else the video [B, C, frames, H, W] in [-1, 1]."""
         sp = self._vae(key)
         dtype = next(sp.vae.parameters()).dtype
         s = sp.spatial
@@ -295,6 +383,68 @@ class VaeRunner:
         start, n = split_rows(latent_h, sp.halo.world)[sp.halo.rank]
         rows = slice(start * s, (start + n) * s) if encode else slice(start, start + n)
         x = full_input[..., rows, :].to(self.device, dtype)
-        out = sp.encode(x, latent_h) if encode else sp.decode(x, latent_h)
-        out_rows = slice(start, start + n) if encode else slice(start * s, (start + n) * s)
-        return out_rows, out
+        if encode:
+            out_rows = slice(start, start + n)
+            out[..., out_rows, :].copy_(sp.encode(x, latent_h))  # the latent: small, converts to fp32
+            return out_rows
+        out_rows = slice(start * s, (start + n) * s)
+        sink = _HostSink(out, out_rows, image, x.shape[0], self.device)
+        try:
+            sp.decode(x, latent_h, sink=sink)
+        finally:
+            sink.finish()
+        return out_rows
+
+
+class _HostSink:
+    """Writes a decode's frames into this rank's rows of the host output as they come (see
+    VaeRunner.run). On a GPU the conversion and the copies run on a side stream, after the frames
+    are computed and alongside the next decoder call; every copy goes to a block of rows that is
+    contiguous in the output (one per frame of an IMAGE; one per channel and frame of a video), so
+    it is a plain device-to-host copy into the pinned arena, with no staging buffer."""
+
+    def __init__(self, out: torch.Tensor, rows: slice, image: bool, batch: int, device: torch.device):
+        self.out, self.rows, self.image, self.batch = out, rows, image, batch
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def _convert(self, x: torch.Tensor) -> torch.Tensor:
+        if self.image:  # VAE.process_output of the Wan VAE, as ComfyUI applies it to the fp32 output
+            y = x.to(torch.float32, copy=True).add_(1.0).div_(2.0).clamp_(0.0, 1.0)
+            return y.permute(0, 2, 3, 4, 1).contiguous()  # [B, f, rows, W, C]
+        return x.float()
+
+    def __call__(self, frame: int, x: torch.Tensor):
+        if self.stream is None:
+            self._write(frame, self._convert(x), False)
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            y = self._convert(x)  # allocated on the side stream, freed in its order
+            self._write(frame, y, True)
+        x.record_stream(self.stream)
+
+    def _write(self, frame: int, y: torch.Tensor, non_blocking: bool):
+        if self.image:
+            for i, dst in enumerate(self._image_targets(frame, y.shape[1])):
+                _copy_blocks(dst, y[i], non_blocking)
+        else:
+            _copy_blocks(self.out[:, :, frame:frame + y.shape[2], self.rows], y, non_blocking)
+
+    def _image_targets(self, frame: int, f: int):
+        frames = self.out.shape[0] // self.batch  # the IMAGE holds the batch's videos one after another
+        return [self.out[i * frames + frame:i * frames + frame + f, self.rows] for i in range(self.batch)]
+
+    def finish(self):
+        if self.stream is not None:
+            self.stream.synchronize()
+
+
+def _copy_blocks(dst: torch.Tensor, src: torch.Tensor, non_blocking: bool):
+    """dst <- src, one copy per contiguous block of `dst` (a device-to-host copy into a strided
+    host view would go through a pageable staging tensor)."""
+    if dst.is_contiguous() or src.device == dst.device:
+        dst.copy_(src, non_blocking=non_blocking)
+        return
+    for d, s_ in zip(dst.unbind(0), src.unbind(0)):
+        _copy_blocks(d, s_, non_blocking)

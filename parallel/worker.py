@@ -174,13 +174,13 @@ class Worker:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
-        rows, out = self.vae.run(req.key, isinstance(req, P.VaeEncode), transport.view(buf, req.input))
+        # the rank writes its rows of the output into the arena itself, as they come (sp_vae._HostSink)
+        rows = self.vae.run(req.key, isinstance(req, P.VaeEncode), transport.view(buf, req.input),
+                            transport.view(buf, req.out), image=getattr(req, "image", False))
         if cuda:
             torch.cuda.synchronize()
         ms = (time.perf_counter() - t0) * 1e3
         peak = torch.cuda.max_memory_allocated(self.device) if cuda else None
-        transport.view(buf, req.out)[..., rows, :].copy_(out)  # converts to the arena's fp32
-        del out
         self.runner.trim()  # the decode's activations go back to the GPU, for the transformer and others
         return P.VaeDone(ms=ms, rows=[rows.start, rows.stop], peak_bytes=peak,
                          peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, memory=self.memory_stats())

@@ -179,6 +179,11 @@ def test_nodes_in_a_graph_match_native(group, vae_file):
         prompt["c_" + name] = {"class_type": "XDitVaeTestCapture", "inputs": {"key": name, "latent": [name, 0]}}
     CAPTURED.clear()
     H.Runner().run(prompt, [k for k in prompt if k.startswith("c_")])
+    import comfy.sd
+
+    # a Wan VAE object's process_output is ComfyUI's default: the ranks make the IMAGE themselves
+    assert importlib.import_module(PACK.__name__ + ".nodes_xdit_usp_vae")._wan_process_output(
+        comfy.sd.VAE(sd={k: v.clone() for k, v in TINY.vae_comfy_state_dict(TINY.build_vae("2.1"), "2.1").items()}))
     native, ours = CAPTURED["dec_native"], CAPTURED["dec_ours"]
     assert ours.shape == native.shape == (5, 40, 48, 3) and ours.dtype == native.dtype
     assert 0.0 <= ours.min() and ours.max() <= 1.0
