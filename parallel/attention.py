@@ -14,8 +14,9 @@ group's attention computes (`_ulysses_pipelined`: the all-to-all in of group g+1
 all-to-all out of group g-1 during the attention of group g; `_ring_pipelined`: every group's
 first key/value exchange during the step-0 attention of all groups, then each group's next step as
 soon as its own blocks have arrived). The collectives are torch.distributed's async ones (NCCL
-runs them on its own stream, gloo on its own thread); each kernel sees exactly the tensors it saw
-before, so the result is the same. With overlap off the exchange is yunchang's, as before.
+runs them on its own stream, gloo on its own thread); each kernel sees the same numbers for each
+head as before, so the result is the same up to a kernel's rounding for a different head count.
+With overlap off the exchange is yunchang's, as before.
 
 Wire (`CommOptions.wire`, opt-in "fp8"): the all-to-alls (and the pure ring's key/value exchange)
 carry e4m3 values with one fp32 scale per token and head (`encode_fp8` / `decode_fp8`): about
@@ -178,8 +179,7 @@ def resolve_backend(name: str, device: str, ring_degree: int) -> AttentionBacken
 # At most this many head groups per exchange (overlap): more groups hide more of the exchange (all
 # but about 1/G of it is behind attention) but make smaller kernels and more collective calls.
 # XDIT_USP_HEAD_GROUPS overrides it (tuning, benchmarks).
-MAX_HEAD_GROUPS = 8
-WIRES = ("default", "fp8")
+MAX_HEAD_GROUPS = 10
 
 
 @dataclass(frozen=True)
@@ -209,7 +209,6 @@ class CommOptions:
         return max(d for d in range(1, heads + 1) if heads % d == 0 and d <= cap)
 
 
-
 @dataclass
 class SPGroup:
     """One rank's view of a layout (pipeline × tensor × cfg × ulysses × ring), its process groups
@@ -223,7 +222,7 @@ class SPGroup:
     sp_pg: Optional[dist.ProcessGroup]  # all ranks working on the same batch slice of one stage and tensor rank
     sp_ranks: list[int]  # global ranks of sp_pg, in sequence order
     cfg_index: int  # which batch slice this rank's group computes
-    comm: "CommOptions" = field(default_factory=lambda: CommOptions())
+    comm: CommOptions = field(default_factory=CommOptions)
     tensor: int = 1
     pipeline: int = 1
     tp_pg: Optional[dist.ProcessGroup] = None  # the ranks holding the other heads / FFN columns of this rank's rows
@@ -251,7 +250,7 @@ class SPGroup:
 
 
 def build_sp_group(cfg: int, ulysses: int, ring: int, tensor: int = 1, pipeline: int = 1,
-                   comm: Optional["CommOptions"] = None) -> SPGroup:
+                   comm: Optional[CommOptions] = None) -> SPGroup:
     """Create the process groups of one layout on every rank (a collective call).
 
     The sequence ranks are innermost and contiguous, so yunchang's `set_seq_parallel_pg` (Ulysses

@@ -37,7 +37,7 @@ import time
 from dataclasses import asdict, dataclass
 from .config import Layout, divisors
 
-PROBE_BYTES = {"cuda": 32 << 20, "cpu": 1 << 20}  # per rank: a 480p 1.3B q shard is ~50 MB
+PROBE_BYTES = {"cuda": 32 << 20, "cpu": 256 << 10}  # per rank: a 480p 1.3B q shard is ~50 MB; CPU runs are tests
 LATENCY_BYTES = 16 << 10
 TIE = 0.01  # relative: predictions this close count as equal
 # Memory passes over a q-sized tensor that the exchange adds per block, at the probe's copy rate:
@@ -102,10 +102,10 @@ def probe(device, dtype, backend) -> LinkProbe:
                 w.wait()
         times["p2p"] = _timed(ring, sync, reps)
     times["copy"] = _timed(lambda: y.copy_(x), sync, reps)
-    m = 4096 if cuda else 256
+    m = 4096 if cuda else 128
     a = torch.randn(m, m, dtype=dtype, device=device)
     times["mm"] = _timed(lambda: a @ a, sync, reps)
-    s, h, d = (4096, 4, 128) if cuda else (256, 2, 64)
+    s, h, d = (4096, 4, 128) if cuda else (128, 2, 64)
     q = torch.randn(1, s, h, d, dtype=dtype, device=device)
     times["attn"] = _timed(lambda: backend.plain(q, q, q, 1.0 / math.sqrt(d)), sync, reps)
     if world > 1:
