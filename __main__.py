@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the blocks' Linear layers multiply in fp8 (e4m3 weights, per-token input scales); not exact")
     r.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=XDitUSPConfig.comm_overlap,
                    help="pipeline the sequence-parallel exchange with attention by head groups (exact); "
-                        "--no-overlap: the blocking exchange, for comparison")
+                        "--no-overlap: the blocking exchange. Default: by the link the group measures (on for "
+                        "links slower than 40 GB/s, e.g. PCIe without peer-to-peer; off on NVLink)")
     r.add_argument("--comm-dtype", default=XDitUSPConfig.comm_dtype, choices=COMM_DTYPES,
                    help="what q/k/v and the attention output travel as between GPUs: default = the compute dtype; "
                         "fp8 = e4m3 with a scale per token and head (about half the bytes; not exact)")
@@ -263,7 +264,7 @@ def _run(args, config, layout, path, info, variant, latent) -> dict:
         "parity_ratio": parity.get("parity_ratio"),
         "compiled": loaded.compiled,
         "fp8_matmul": loaded.fp8_matmul, "fp8_input_scaling": loaded.fp8_input_scaling,
-        "comm_overlap": config.comm_overlap,
+        "comm_overlap": (loaded.layout_choice or {}).get("comm_overlap", False),  # what "auto" decided
         "comm_dtype": config.comm_dtype,
         "link": loaded.link,
         "layout_choice": loaded.layout_choice,

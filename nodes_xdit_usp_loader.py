@@ -19,7 +19,8 @@ from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
 from .parallel import ConfigError, XDitUSPConfig
-from .parallel.config import ATTENTION_BACKENDS, DEVICES, DTYPES, WEIGHT_DTYPES, WEIGHT_SHARDING
+from .parallel.config import (ATTENTION_BACKENDS, COMM_DTYPES, COMM_OVERLAP, DEVICES, DTYPES, WEIGHT_DTYPES,
+                              WEIGHT_SHARDING)
 
 CATEGORY = "WanVideo/xDiT-USP"
 # The loader's weight_dtype: a compute dtype (the worker group computes and holds weights in it), or
@@ -78,6 +79,15 @@ class XDitUSPConfigNode(io.ComfyNode):
                                      "passes its hidden state to the next (the least traffic of any weight split: for "
                                      "PCIe); cond and uncond keep the stages busy. 1 = off. gpus = cfg × pipeline × "
                                      "tensor × ulysses × ring."),
+                io.Combo.Input("comm_overlap", options=list(COMM_OVERLAP), default="auto", optional=True,
+                               tooltip="Hide the sequence-parallel exchange behind attention by running it head "
+                                       "group by head group (exact). auto: by the link the GPUs measure at load: on "
+                                       "for slow links (PCIe without peer-to-peer), off on NVLink, where it costs "
+                                       "more than it hides."),
+                io.Combo.Input("comm_dtype", options=list(COMM_DTYPES), default="default", optional=True,
+                               tooltip="What q/k/v and the attention output travel as between GPUs. fp8 sends about "
+                                       "half the bytes (e4m3, one scale per token and head): faster on slow links, "
+                                       "not exact (small differences in the video). CUDA with bf16/fp16 only."),
             ],
             outputs=[
                 XDitUSPConfigType.Output(
@@ -89,13 +99,14 @@ class XDitUSPConfigNode(io.ComfyNode):
     @classmethod
     def execute(cls, gpus, ulysses_degree, ring_degree, cfg_degree, dtype, attention_backend, gpu_memory_fraction,
                 device, weight_sharding="auto", compile=False, tensor_parallel_degree=1,
-                pipeline_parallel_degree=1) -> io.NodeOutput:
+                pipeline_parallel_degree=1, comm_overlap="auto", comm_dtype="default") -> io.NodeOutput:
         cfg = XDitUSPConfig(
             world_size=int(gpus), ulysses_degree=int(ulysses_degree), ring_degree=int(ring_degree),
             cfg_degree=int(cfg_degree), dtype=dtype, attention_backend=attention_backend,
             gpu_memory_fraction=float(gpu_memory_fraction), device=device, weight_sharding=weight_sharding or "auto",
             compile=bool(compile), tensor_parallel_degree=int(tensor_parallel_degree or 1),
             pipeline_parallel_degree=int(pipeline_parallel_degree or 1),
+            comm_overlap=comm_overlap or "auto", comm_dtype=comm_dtype or "default",
         )
         with _node_words():
             cfg.validate()  # ConfigError saying what would work

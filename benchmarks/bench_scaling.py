@@ -26,7 +26,8 @@ random-weight checkpoint of the real shape and reports:
     checkpoint, so a second invocation on the same machine reuses it.
 --options runs each layout once per speed option (issue 14): eager, compile (torch.compile of the
 blocks' per-token work), fp8 (fp8 matmuls), sage (SageAttention), or several joined by +; issue 13's
-nooverlap (the blocking exchange: "before") and fp8wire (the fp8 wire; its rel_l2_vs_eager is the
+nooverlap / overlap (the blocking / the overlapped exchange; without either, `comm_overlap` "auto"
+chooses by the link probe) and fp8wire (the fp8 wire; its rel_l2_vs_eager is the
 error against the exact wire of the same layout). Each row also records the group's link probe
 and how `auto` chose (`link`, `layout_choice`). Each
 row then also reports the warm-up forward's time (`first_s`: compilation included) and
@@ -142,8 +143,8 @@ def main():
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--options", default="eager",
                     help="comma list of speed options per layout: eager, compile, fp8 (fp8 matmuls), fp8w (fp8 "
-                         "weights upcast per layer, for comparison), sage (SageAttention), nooverlap (the blocking "
-                         "exchange, as before issue 13), fp8wire (q/k/v and the output sent as fp8), joined by + "
+                         "weights upcast per layer, for comparison), sage (SageAttention), nooverlap / overlap (the "
+                         "blocking / overlapped exchange; default: chosen by the link), fp8wire (q/k/v and the output sent as fp8), joined by + "
                          "(e.g. eager,compile,compile+fp8,compile+sage,nooverlap,fp8wire)")
     ap.add_argument("--sample-steps", type=int, default=0,
                     help="also sample this many Euler steps (batch 1, cfg 1, shift 5) from fixed noise at the timed "
@@ -199,14 +200,14 @@ def main():
             results["runs"].append(row)
             continue
         flags = set(opts.split("+")) - {"eager"}
-        if flags - {"compile", "fp8", "fp8w", "sage", "nooverlap", "fp8wire"}:
+        if flags - {"compile", "fp8", "fp8w", "sage", "nooverlap", "overlap", "fp8wire"}:
             raise SystemExit(f"--options: unknown option in {opts!r}")
         config = XDitUSPConfig(world_size=n, ulysses_degree=u, ring_degree=r, cfg_degree=cfg,
                                tensor_parallel_degree=tp, pipeline_parallel_degree=pp, device=a.device, dtype="bf16", weight_sharding=shard, extra_env=env,
                                compile="compile" in flags, fp8_matmul="fp8" in flags,
                                weight_dtype="fp8_e4m3fn" if "fp8w" in flags else "default",
                                attention_backend="sage" if "sage" in flags else "auto",
-                               comm_overlap="nooverlap" not in flags,
+                               comm_overlap="off" if "nooverlap" in flags else "on" if "overlap" in flags else "auto",
                                comm_dtype="fp8" if "fp8wire" in flags else "default")
         try:
             run_one(config, path, (f, h, w), {b: inputs[b] for b in run_batches}, parity_in, ref, a.reps, row,

@@ -198,8 +198,10 @@ class CommOptions:
     head_groups: int = 0
 
     @classmethod
-    def from_config(cls, config) -> "CommOptions":
-        return cls(overlap=config.comm_overlap, wire=config.comm_dtype)
+    def from_config(cls, config, link=None) -> "CommOptions":
+        """The config's exchange; `comm_overlap='auto'` decided by `link` (linkprobe.overlap_for)."""
+        from .linkprobe import overlap_for
+        return cls(overlap=overlap_for(config, link), wire=config.comm_dtype)
 
     def groups(self, heads: int) -> int:
         """The number of head groups for `heads` heads (1 without overlap)."""

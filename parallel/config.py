@@ -47,6 +47,12 @@ DEVICES = ("cuda", "cpu")
 # What q/k/v and the attention output travel as between ranks (parallel/attention.py): the compute
 # dtype, or e4m3 with a per-token, per-head scale (opt-in, not exact).
 COMM_DTYPES = ("default", "fp8")
+# Whether the sequence-parallel exchange is pipelined with attention by head groups (exact either way):
+#   on    always; off  never (yunchang's blocking all-to-alls and ring loop);
+#   auto  by the link the group measured at its first load (linkprobe.overlap_pays): on for links
+#         slower than OVERLAP_BELOW_GBPS (PCIe without peer-to-peer), off for NVLink-class links,
+#         where splitting attention into head groups costs more than it hides; on on the CPU.
+COMM_OVERLAP = ("auto", "on", "off")
 # Names accepted for `attention_backend`; see parallel/attention.py for what each runs.
 ATTENTION_BACKENDS = ("auto", "sdpa", "cudnn", "flash", "efficient", "math", "cpu_flash", "flash_attn", "fa3", "sage")
 
@@ -117,8 +123,9 @@ class XDitUSPConfig:
     fp8_matmul      the blocks' Linear layers multiply in fp8 (torch._scaled_mm: e4m3 weights, activations
                     quantised per token), ComfyUI's "fp8_e4m3fn_fast"; weights are then held as
                     fp8_e4m3fn (weight_dtype default means that). Opt-in, not exact.
-    comm_overlap    pipeline the sequence-parallel exchange with attention by head groups (exact;
-                    off: the blocking all-to-alls and ring loop, for comparison).
+    comm_overlap    auto | on | off: pipeline the sequence-parallel exchange with attention by head
+                    groups (exact either way). auto: on where the link probe measures a slow link,
+                    off on NVLink-class links (COMM_OVERLAP). true / false are read as on / off.
     comm_dtype      default | fp8: what q/k/v and the attention output travel as; fp8 (e4m3, one scale
                     per token and head) halves the bytes on the wire. Opt-in, not exact; CUDA, bf16/fp16.
     gpu_memory_fraction  per-process cap on the CUDA caching allocator, (0, 1]; the memory plan checks
@@ -139,7 +146,7 @@ class XDitUSPConfig:
     weight_dtype: str = "default"
     compile: bool = False
     fp8_matmul: bool = False
-    comm_overlap: bool = True
+    comm_overlap: str = "auto"
     comm_dtype: str = "default"
     device_ids: Optional[list[int]] = None
     gpu_memory_fraction: float = 1.0
@@ -154,6 +161,10 @@ class XDitUSPConfig:
     extra_env: dict[str, str] = field(default_factory=dict)
 
     # ---- construction -------------------------------------------------------------------------
+    def __post_init__(self):
+        if isinstance(self.comm_overlap, bool):  # the earlier boolean setting (configs saved before "auto")
+            self.comm_overlap = "on" if self.comm_overlap else "off"
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "XDitUSPConfig":
         """Build from a dict; understands the seed's keys (`num_gpus`, `use_fp16`)."""
@@ -217,7 +228,9 @@ class XDitUSPConfig:
             errors.append(f"comm_dtype='fp8' sends bf16/fp16 activations as fp8 between GPUs; it needs device='cuda' "
                           f"and dtype bf16 or fp16 (got device={self.device!r}, dtype={self.dtype!r}); use "
                           "comm_dtype='default'")
-        for name in ("compile", "fp8_matmul", "comm_overlap"):
+        if self.comm_overlap not in COMM_OVERLAP:
+            errors.append(f"comm_overlap must be one of {COMM_OVERLAP}, got {self.comm_overlap!r}")
+        for name in ("compile", "fp8_matmul"):
             if not isinstance(getattr(self, name), bool):
                 errors.append(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.fp8_matmul and self.weight_dtype == "fp8_e5m2":

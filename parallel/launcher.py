@@ -48,7 +48,7 @@ LOOPBACK_ENV = {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
 # Safe with NCCL in torch >= 2.2; its one known limit, CUDA IPC of tensors between processes, is
 # not used here (inputs and outputs cross through host shared memory).
 CUDA_ALLOC_ENV = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
-# With the exchange overlapped (config.comm_overlap), NCCL's kernels run on high-priority streams:
+# With the exchange overlapped (config.comm_overlap on or auto), NCCL's kernels run on high-priority streams:
 # the GPU's block scheduler then gives a free SM to a pending NCCL block before the next block of an
 # attention kernel launched earlier, instead of starting the transfer only when that kernel has no
 # blocks left to dispatch. Set unless the user set the variable.
@@ -216,7 +216,7 @@ class WorkerGroup:
             env.update(cfg.extra_env)
             env.update(self.env)
             env.update(allocator_env(cfg, env))
-            if cfg.device == "cuda" and cfg.comm_overlap:
+            if cfg.device == "cuda" and cfg.comm_overlap != "off":
                 env.update({k: v for k, v in OVERLAP_ENV.items() if k not in env})
             env.update(
                 XDIT_USP_ADDR=json.dumps(list(listener.address)),

@@ -396,11 +396,17 @@ class ModelRunner:
         self._infos: dict = {}  # (path, mtime, size) -> CheckpointInfo of files merged in (set_weight_patches)
         self.link: Optional[linkprobe.LinkProbe] = None  # measured at the first load (a collective)
 
+    @property
+    def comm(self) -> CommOptions:
+        """How the sequence ranks exchange q/k/v: the config's, `comm_overlap='auto'` decided by the link
+        probe once the group has measured it (before: overlapped)."""
+        return CommOptions.from_config(self.config, self.link)
+
     def group(self, layout: Layout) -> SPGroup:
         """The process groups of `layout` (created on first use: a collective on every rank)."""
         if layout not in self._groups:
             self._groups[layout] = build_sp_group(layout.cfg, layout.ulysses, layout.ring, layout.tensor, layout.pipeline,
-                                                  comm=CommOptions.from_config(self.config))
+                                                  comm=self.comm)
         return self._groups[layout]
 
     def placement(self, name: str, layout: Optional[Layout] = None) -> Placement:
@@ -455,6 +461,8 @@ class ModelRunner:
             self.group(lay)
         if self.link is None:
             self.link = linkprobe.probe(self.device, self.dtype, backend)
+            for g in self._groups.values():  # made before the link was known
+                g.comm = self.comm
         param_bytes = _nbytes(local.values())
         m = _Model(path, info, root, place, scaled, (layout, fallback), param_bytes=param_bytes, shapes=shapes)
         choice = {"rule": "configured"}
@@ -471,6 +479,8 @@ class ModelRunner:
             choice = {"rule": "cost model", "size": size, "predicted_s": costs}
         elif not (self.config.ulysses_degree or self.config.ring_degree or self.config.cfg_degree):
             choice = {"rule": "static"}
+        if self.config.world_size > 1:
+            choice["comm_overlap"] = self.comm.overlap  # what `comm_overlap` (auto: the link) decided
         self.models[key] = m
         cuda = self.device.type == "cuda"
         if cuda:
@@ -556,7 +566,7 @@ class ModelRunner:
         if (batch, tokens) not in m.choices:
             m.choices[batch, tokens] = linkprobe.choose(
                 m.shape, self.link, batch, tokens, ring_ok=m.ring_ok, itemsize=self.dtype.itemsize,
-                overlap=self.config.comm_overlap)
+                overlap=self.comm.overlap)
         return m.choices[batch, tokens]
 
     def forward(self, key: str, inputs: protocol.ForwardInputs

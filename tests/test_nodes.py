@@ -69,7 +69,8 @@ def test_node_schema(nodes, name):
 SAVED_INTERFACE = {
     "XDitUSPConfigNode": (["gpus", "ulysses_degree", "ring_degree", "cfg_degree", "dtype", "attention_backend",
                            "gpu_memory_fraction", "device"],
-                          ["weight_sharding", "compile", "tensor_parallel_degree", "pipeline_parallel_degree"], ["XDIT_USP_CONFIG"],
+                          ["weight_sharding", "compile", "tensor_parallel_degree", "pipeline_parallel_degree", "comm_overlap",
+                           "comm_dtype"], ["XDIT_USP_CONFIG"],
                           ["xdit_usp_config"]),
     "XDitUSPWanVideoModelLoader": (["unet_name", "weight_dtype", "xdit_usp_config"], [], ["MODEL"], ["MODEL"]),
     "XDitUSPVAEDecode": (["samples", "vae", "xdit_usp_config"], [], ["IMAGE"], ["IMAGE"]),
@@ -108,6 +109,11 @@ def test_config_node_builds_and_validates(nodes):
     (cfg,) = create(gpus=4, ulysses_degree=0, ring_degree=0, cfg_degree=0, dtype="fp16", attention_backend="auto",
                     gpu_memory_fraction=1.0, device="cpu", tensor_parallel_degree=2, pipeline_parallel_degree=2)
     assert str(cfg.resolve(12)) == "pipeline2xtensor2xcfg1xulysses1xring1"  # the seed's example config
+    assert (cfg.comm_overlap, cfg.comm_dtype) == ("auto", "default")  # a workflow saved before the inputs existed
+    with pytest.raises(ValueError, match="comm_dtype='fp8' sends bf16/fp16 activations as fp8 between GPUs; it needs "
+                                         "device='cuda'"):
+        create(gpus=2, ulysses_degree=0, ring_degree=0, cfg_degree=0, dtype="bf16", attention_backend="auto",
+               gpu_memory_fraction=1.0, device="cpu", comm_overlap="off", comm_dtype="fp8")
     with pytest.raises(ValueError, match="Degrees that multiply to 4") as e:
         create(gpus=4, ulysses_degree=3, ring_degree=0, cfg_degree=0, dtype="bf16",
                attention_backend="auto", gpu_memory_fraction=1.0, device="cpu")

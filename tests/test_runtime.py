@@ -84,7 +84,8 @@ def test_parity_every_variant(layout, checkpoints, wide, references):
             info = group.load(v, path)
             assert info.variant == v
         assert info.layout == Layout(c, u, r)
-        assert info.layout_choice == {"rule": "configured"}
+        # comm_overlap "auto" overlaps on the CPU (on GPUs: below 40 GB/s, test_cost_model_choices)
+        assert info.layout_choice == {"rule": "configured", **({"comm_overlap": True} if u * r * c > 1 else {})}
         link = info.link  # the link probe, measured at the first load
         assert link["world"] == u * r * c and link["ms"] > 0 and link["matmul_tflops"] > 0
         assert (link["a2a_gbps"] > 0 and link["p2p_gbps"] > 0 and 0 <= link["overlap"] <= 1) == (link["world"] > 1)
@@ -107,8 +108,9 @@ def test_batch_that_cfg_cannot_split_runs_on_all_ranks(checkpoints):
     path, model = checkpoints["t2v"]
     kw = tiny.random_inputs("t2v", 1, *SIZES["padded"], seed=3)
     ref = tiny.reference_forward(model, kw)
-    with WorkerGroup(cpu_config(2, 1, 2, comm_overlap=False)) as group:
+    with WorkerGroup(cpu_config(2, 1, 2, comm_overlap=False)) as group:  # a saved boolean reads as "off"
         info = group.load("m", path)
+        assert info.layout_choice["comm_overlap"] is False
         stats = {}
         out = group.forward("m", kw, stats=stats)
     assert info.fallback_layout == Layout(cfg=1, ulysses=2, ring=2)
@@ -266,6 +268,8 @@ def test_config_errors_say_what_works():
         XDitUSPConfig(world_size=2, device="cuda", dtype="fp32", comm_dtype="fp8").validate(visible_gpus=2)
     with pytest.raises(ValueError, match="comm_dtype must be one of"):
         XDitUSPConfig(world_size=2, device="cpu", comm_dtype="int8").validate()
+    with pytest.raises(ValueError, match="comm_overlap must be one of"):
+        XDitUSPConfig(world_size=2, device="cpu", comm_overlap="sometimes").validate()
     with pytest.raises(ValueError, match="compile must be true or false"):
         XDitUSPConfig(world_size=2, device="cpu", compile="yes").validate()
     assert XDitUSPConfig(world_size=2, device="cpu", fp8_matmul=True).storage_weight_dtype == "fp8_e4m3fn"
@@ -476,7 +480,7 @@ def _probe(world, gbps, overlap):
 
 
 def test_cost_model_choices():
-    from comfyui_xdit_usp.parallel.linkprobe import ModelShape, candidates, choose, predict
+    from comfyui_xdit_usp.parallel.linkprobe import ModelShape, candidates, choose, overlap_for, predict
     s13, s14 = ModelShape(1536, 12, 8960, 30), ModelShape(5120, 40, 13824, 40)
     t480, t720 = 21 * 30 * 52, 21 * 45 * 80
     fast, host = _probe(2, 150, 1.0), _probe(2, 20, 0.0)  # NVLink-like; P2P off, transfers not hidden
@@ -500,6 +504,12 @@ def test_cost_model_choices():
     slow4 = _probe(4, 20, 0.0)
     layout, costs = choose(s13, slow4, 1, t480)
     assert layout.ring < 4 and costs["cfg1xulysses4xring1"] < costs["cfg1xulysses1xring4"]
+    # comm_overlap "auto": overlapped below 40 GB/s (PCIe without P2P measured 11-22), blocking on NVLink (66-111)
+    cuda = XDitUSPConfig(world_size=2)
+    assert (overlap_for(cuda, host), overlap_for(cuda, fast), overlap_for(cuda, None)) == (True, False, True)
+    assert overlap_for(XDitUSPConfig(world_size=2, comm_overlap="on"), fast) is True
+    assert overlap_for(XDitUSPConfig(world_size=2, comm_overlap=False), host) is False
+    assert overlap_for(XDitUSPConfig(world_size=2, device="cpu"), fast) is True  # the CPU tests check that path
     # a slower link costs more; fp32 moves twice the bytes
     assert predict(Layout(1, 2, 1), s13, _probe(2, 10, 0.0), 1, t480) > predict(Layout(1, 2, 1), s13, host, 1, t480)
     assert predict(Layout(1, 2, 1), s13, host, 1, t480, itemsize=4) > predict(Layout(1, 2, 1), s13, host, 1, t480)
