@@ -271,10 +271,8 @@ class Fp8MatmulLinear(CastLinear):
         tiny = torch.finfo(torch.float32).tiny
         x2 = x.reshape(-1, x.shape[-1])
         w_scale = self.row_scale.reshape(1, -1)
-        if self.rowwise:
-            scale_a = (x2.abs().amax(dim=1, keepdim=True).float() / fmax).clamp(min=tiny)
-        else:
-            scale_a = (x2.abs().amax().float() / fmax).clamp(min=tiny)
+        amax = x2.abs().amax(dim=1, keepdim=True) if self.rowwise else x2.abs().amax()  # per token, or one
+        scale_a = (amax.float() / fmax).clamp(min=tiny)
         xq = (x2.float() / scale_a).clamp(-fmax, fmax).to(torch.float8_e4m3fn)
         if self.rowwise:
             out = torch._scaled_mm(xq, self.weight.t(), scale_a=scale_a, scale_b=w_scale, out_dtype=x.dtype)
@@ -512,17 +510,12 @@ class ModelRunner:
             if keep_scaled:  # the file's fp8 bytes as they are, its one scale for every row
                 row_scale.copy_(scale.reshape(()).to(row_scale.device).expand_as(row_scale))
             else:
-                if scale is not None:
-                    scale = scale.to(local.device, torch.float32)
-                    w = w.float() * (scale.reshape(-1, 1) if scale.numel() > 1 else scale)
-                w, s = quantize_rows(w.float())
+                w, s = quantize_rows(_dequantised(w, scale))
                 row_scale.copy_(s)
         elif keep_scaled:  # the file's fp8 bytes as they are, and the scale next to them
             owner.weight_scale.copy_(scale.reshape(()))
         elif scale is not None or (w.dtype.itemsize == 1) != (local.dtype.itemsize == 1):
-            scale = None if scale is None else scale.to(local.device, torch.float32)
-            w = w.float() if scale is None else w.float() * (scale.reshape(-1, *[1] * (w.ndim - 1))
-                                                             if scale.numel() > 1 else scale)
+            w = _dequantised(w, scale)
             if local.dtype.itemsize == 1:
                 w = w.clamp(-torch.finfo(local.dtype).max, torch.finfo(local.dtype).max)
         if tuple(w.shape) != tuple(local.shape):
@@ -689,12 +682,18 @@ class ModelRunner:
         for _n, t, scale in it:
             if tuple(t.shape) != shape:
                 raise ValueError(f"{path}: rows {part} of {name} have shape {tuple(t.shape)}; the patched weight's are {shape}")
-            t = t.to(self.device).float()
-            if scale is not None:
-                scale = scale.to(self.device, torch.float32)
-                t = t * (scale.reshape(-1, *[1] * (t.ndim - 1)) if scale.numel() > 1 else scale)
-            return t
+            return _dequantised(t.to(self.device), scale)
         raise KeyError(f"{path} has no tensor {name}")
+
+
+def _dequantised(w: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """A stored tensor in fp32 on its device, times its file's scale (one per tensor, or one per row
+    of dim 0), if it has one."""
+    w = w.float()
+    if scale is None:
+        return w
+    scale = scale.to(w.device, torch.float32)
+    return w * (scale.reshape(-1, *[1] * (w.ndim - 1)) if scale.numel() > 1 else scale)
 
 
 def _nbytes(tensors) -> int:

@@ -61,6 +61,19 @@ def build_model(variant: str = "t2v", seed: int = 0, heads: int = 2, layers: int
     return model.eval()
 
 
+def patched_model(model, deltas: dict):
+    """A copy of `model` with `deltas` ({parameter name: tensor}) added to its parameters: the
+    single-process reference of a weight patch (a LoRA's strength * up @ down, a diff)."""
+    import copy
+
+    patched = copy.deepcopy(model)
+    params = dict(patched.named_parameters())
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            params[name].add_(delta)
+    return patched
+
+
 def original_state_dict(model, prefix: str = "", dtype=None) -> dict:
     """`model`'s weights under original (WanVideo/ComfyUI) key names, optionally prefixed and cast."""
     from ..wan_to_xdit_mapping import to_original

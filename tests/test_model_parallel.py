@@ -83,13 +83,8 @@ def test_tensor_parallel_every_variant_and_lora(split_checkpoints):
                                              ffn2: [WeightPatch("lora", [up_f, down_f], strength)],
                                              bias: [WeightPatch("diff", [diff], strength)]})
             out = group.forward("t2v", kw)
-            patched = tiny.build_model("t2v", layers=LAYERS)
-            patched.load_state_dict(model.state_dict())
-            params = dict(patched.named_parameters())
-            with torch.no_grad():
-                params[q].add_(strength * up_q @ down_q)
-                params[ffn2].add_(strength * up_f @ down_f)
-                params[bias].add_(strength * diff)
+            patched = tiny.patched_model(model, {q: strength * up_q @ down_q, ffn2: strength * up_f @ down_f,
+                                                 bias: strength * diff})
             assert rel_err(out, tiny.reference_forward(patched, kw)) <= TOL
             assert rel_err(out, base) > 1e-3  # the patches really change the output
         group.set_weight_patches("t2v", {})

@@ -155,11 +155,7 @@ def test_lora_merged_on_workers_and_strength_change_needs_no_reload(checkpoints)
         restored = group.forward("m", kw)
         assert group.launches == 1
     for strength, out in results.items():
-        patched = tiny.build_model("t2v", seed=0)
-        patched.load_state_dict(model.state_dict())
-        with torch.no_grad():
-            dict(patched.named_parameters())[name].add_(strength * up @ down)
-        ref = tiny.reference_forward(patched, kw)
+        ref = tiny.reference_forward(tiny.patched_model(model, {name: strength * up @ down}), kw)
         assert rel_err(out, ref) <= TOL
         assert rel_err(out, base) > 1e-3  # the LoRA really changes the output
     assert torch.equal(restored, base)
@@ -192,10 +188,7 @@ def test_compile_matches_the_reference(checkpoints, references):
         up, down = torch.randn(512, 4, generator=g) * 0.5, torch.randn(4, 256, generator=g) * 0.5
         for strength in (1.0, 0.5):
             group.set_weight_patches("t2v", {name: [WeightPatch("lora", [up, down], strength)]})
-            patched = tiny.build_model("t2v", seed=0)
-            patched.load_state_dict(model.state_dict())
-            with torch.no_grad():
-                dict(patched.named_parameters())[name].add_(strength * up @ down)
+            patched = tiny.patched_model(model, {name: strength * up @ down})
             out = group.forward("t2v", kw)
             errors[f"lora {strength}"] = rel_err(out, tiny.reference_forward(patched, kw))
             assert rel_err(out, base_ref) > 1e-3
@@ -215,10 +208,7 @@ def test_fp8_matmul_multiplies_in_fp8(checkpoints, references):
     name = "blocks.1.ffn.net.0.proj.weight"
     g = torch.Generator().manual_seed(5)
     up, down = torch.randn(512, 4, generator=g) * 0.5, torch.randn(4, 256, generator=g) * 0.5
-    patched = tiny.build_model("t2v", seed=0)
-    patched.load_state_dict(model.state_dict())
-    with torch.no_grad():
-        dict(patched.named_parameters())[name].add_(up @ down)
+    patched = tiny.patched_model(model, {name: up @ down})
     outs = {}
     for fast in (False, True):
         # fp8 matmuls with FSDP: the row scales are split with the weights' rows

@@ -120,13 +120,8 @@ def test_lora_merges_into_shards_and_strength_change_needs_no_reload(checkpoints
         restored = group.forward("m", kw)
         assert group.launches == 1
     for strength, out in results.items():
-        patched = tiny.build_model("t2v", seed=0)
-        patched.load_state_dict(model.state_dict())
-        params = dict(patched.named_parameters())
-        with torch.no_grad():
-            params[ffn].add_(strength * up @ down)
-            params[q].add_(strength * up_q @ down_q)
-            params[bias].add_(strength * diff)
+        patched = tiny.patched_model(model, {ffn: strength * up @ down, q: strength * up_q @ down_q,
+                                             bias: strength * diff})
         assert rel_err(out, tiny.reference_forward(patched, kw)) <= TOL
         assert rel_err(out, base) > 1e-3  # the LoRA really changes the output
     assert torch.equal(restored, base)
