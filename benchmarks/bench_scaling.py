@@ -340,7 +340,7 @@ def print_table(results, batches):
             cells += f" {d['forward_s']:.3f} s ({d['layout']}) | {sp:.2f}x |"
         peaks = [max(r[f"b{b}"]["peak_gb_per_rank"] or [float("nan")]) for b in batches if f"b{b}" in r]
         first = max(r[f"b{b}"].get("first_s", float("nan")) for b in batches if f"b{b}" in r)
-        print(f"| {r['gpus']} | {r['layout_name']} | {r.get('placement', r['shard'])} | {r.get('options', 'eager')} |"
+        print(f"| {r['gpus']} | {r['layout_name']} | {r.get('placement', r['shard'])} | {_options(r)} |"
               f"{cells} {max(peaks):.1f} | {max(r.get('param_gb_per_rank') or [float('nan')]):.2f} | "
               f"{r.get('cfg50_total_s', float('nan')):.0f} s | {first:.1f} s | "
               f"{r.get('rel_l2', float('nan')):.2e} | {r.get('parity_ratio', float('nan')):.2f} | "
@@ -348,20 +348,32 @@ def print_table(results, batches):
     link = next((r["link"] for r in runs if r["gpus"] > 1 and r.get("link")), None)
     if link:
         print(f"\nlink probe: {json.dumps(link)}")
+    exact = {"eager", "overlap", "nooverlap"}  # the same math: the exchange is auto's to choose too
     for n in sorted({r["gpus"] for r in runs if r["gpus"] > 1}):
-        for opts in sorted({r["options"] for r in runs}):
-            same = [r for r in runs if r["gpus"] == n and r["options"] == opts and r["shard"] == "none"]
-            auto = next((r for r in same if r["layout_name"] == "auto"), None)
+        for opts in sorted({"eager" if r["options"] in exact else r["options"] for r in runs}):
+            family = exact if opts == "eager" else {opts}
+            same = [r for r in runs if r["gpus"] == n and r["options"] in family and r["shard"] == "none"
+                    and r.get("placement") != "split" and "error" not in r]  # tp / pp split weights: not auto's
+            auto = next((r for r in same if r["layout_name"] == "auto" and r["options"] == opts), None)
             for b in batches:
-                timed = [(r[f"b{b}"]["forward_s"], r[f"b{b}"]["layout"]) for r in same if f"b{b}" in r]
+                timed = [(r[f"b{b}"]["forward_s"], f"{r[f'b{b}']['layout']} {_options(r)}") for r in same if f"b{b}" in r]
                 if auto and f"b{b}" in auto and len(timed) > 1:
                     best = min(timed)
                     mine = auto[f"b{b}"]["forward_s"]
                     print(f"{n} GPUs, {opts}, batch {b}: fastest {best[1]} {best[0]:.3f} s; auto chose "
-                          f"{auto[f'b{b}']['layout']} {mine:.3f} s ({mine / best[0]:.3f}x the fastest)")
+                          f"{auto[f'b{b}']['layout']} {_options(auto)} {mine:.3f} s ({mine / best[0]:.3f}x the fastest)")
     if results["model"] == "14b" and results["res"] == "720p":
         print("\nWan2.1 official, 14B 720p 50 steps, whole generation (H800/H100): "
               + ", ".join(f"{n} GPU(s) {s} s" for n, s in OFFICIAL_14B_720P.items()))
+
+
+def _options(r: dict) -> str:
+    """A row's options, with what comm_overlap "auto" decided where the row left it to auto."""
+    opts = r.get("options", "eager")
+    decided = (r.get("layout_choice") or {}).get("comm_overlap")
+    if decided is None or "overlap" in opts:  # one GPU, or overlap / nooverlap given
+        return opts
+    return f"{opts} (exchange {'overlapped' if decided else 'blocking'})"
 
 
 if __name__ == "__main__":
