@@ -562,7 +562,7 @@ class WorkerGroup:
                     worker_ms=max(r.ms for r in replies), worker_in_ms=max(r.in_ms for r in replies),
                     worker_out_ms=max(r.out_ms for r in replies), layout=replies[0].layout,
                     pinned=replies[0].pinned, peak_bytes=[r.peak_bytes for r in replies],
-                    compiled=replies[0].compiled,
+                    compiled=replies[0].compiled, stream_tokens=[r.stream_tokens for r in replies],
                 )
             return out
 
