@@ -527,7 +527,7 @@ class WorkerGroup:
             if inputs.compile and self.config.tensor_parallel_degree > 1:
                 raise ConfigError(
                     "torch.compile (TorchCompileModel on this MODEL) is not supported with tensor_parallel_degree > 1: "
-                    "its all-reduces run inside the compiled block functions. Remove the TorchCompileModel node, or "
+                    "its collectives run inside the compiled block functions. Remove the TorchCompileModel node, or "
                     "use pipeline_parallel_degree, fsdp or the sequence layouts with it")
             self._check_inputs(info, inputs)
             self._check_memory(key, inputs)
