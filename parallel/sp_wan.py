@@ -337,7 +337,12 @@ class SequenceParallelWan(torch.nn.Module):
         previous stage (its token shard of the stream, plus the VACE hints later stages add), runs
         through its blocks and sends on without waiting (`isend`), so that stage s works on row b
         while stage s+1 works on row b-1. The last stage applies the output head to each row and
-        returns the rows together, [batch, tokens, out]; the other stages return None."""
+        returns the rows together, [batch, tokens, out]; the other stages return None.
+
+        With tensor parallelism each tensor rank sends its own run of the stream to the same tensor
+        rank of the next stage (`stage_stride` keeps the tensor rank), not a gathered copy: 1/tensor
+        of the bytes a link, the tensor ranks' links in parallel, and no collective at the boundary
+        (the next stage's first block starts with a norm on that run)."""
         first, last = group.stage == 0, group.stage == group.pipeline - 1
         rank = dist.get_rank()
         batch, tokens, dim = shape
