@@ -73,8 +73,8 @@ def test_tensor_parallel_every_variant_and_lora(split_checkpoints):
     `down`), a diff on a bias only tensor rank 0 holds; strength changed, removed exactly. Small
     block pieces, so a piece takes its tokens from every tensor rank's run (and a short last one)."""
     errors = {}
-    # pieces of 5 tokens (sp_wan._block_forward): each piece gathered and reduce-scattered on its own
-    with WorkerGroup(cpu_config(tensor=2, extra_env={"XDIT_USP_BLOCK_CHUNK_TOKENS": "5"})) as group:
+    # pieces of 12 tokens (sp_wan._block_forward): a rank's 23 in two, each gathered and reduce-scattered on its own
+    with WorkerGroup(cpu_config(tensor=2, extra_env={"XDIT_USP_BLOCK_CHUNK_TOKENS": "12"})) as group:
         for v, (path, model) in split_checkpoints.items():
             check_loaded(group.load(v, path), model, 0.6, Layout(1, 1, 1, tensor=2))
             errors.update(run_forwards(group, v, model, v, (2, 1)))
