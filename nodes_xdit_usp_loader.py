@@ -72,8 +72,9 @@ class XDitUSPConfigNode(io.ComfyNode):
                                          "this process, where no transformer runs; use this instead."),
                 io.Int.Input("tensor_parallel_degree", default=1, min=1, max=64, optional=True,
                              tooltip="Tensor parallel: each GPU holds heads / N of every attention layer and 1/N of "
-                                     "every FFN, and the GPUs add up their partial results after each (an all-reduce "
-                                     "per layer: for NVLink). The heads must divide by tensor × Ulysses. 1 = off."),
+                                     "every FFN, and the GPUs add up their partial results after each (a reduce-scatter "
+                                     "per layer, the tokens split over the GPUs between layers: for NVLink). The heads "
+                                     "must divide by tensor × Ulysses. 1 = off."),
                 io.Int.Input("pipeline_parallel_degree", default=1, min=1, max=64, optional=True,
                              tooltip="Pipeline parallel: each GPU holds a contiguous run of 1/N of the blocks and "
                                      "passes its hidden state to the next (the least traffic of any weight split: for "

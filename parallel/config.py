@@ -260,7 +260,7 @@ class XDitUSPConfig:
                     "(they already split the weights); use weight_sharding='none' or 'auto' with them, or fsdp alone")
             if self.compile and self.tensor_parallel_degree > 1:
                 raise ConfigError(
-                    "compile is not supported with tensor_parallel_degree > 1 (its all-reduces run inside the "
+                    "compile is not supported with tensor_parallel_degree > 1 (its collectives run inside the "
                     "compiled block functions); use compile with pipeline_parallel_degree, fsdp or the sequence layouts")
         if self.world_size % split:
             works = [(t, p) for t in divisors(self.world_size) for p in divisors(self.world_size // t)]

@@ -527,7 +527,7 @@ class WorkerGroup:
             if inputs.compile and self.config.tensor_parallel_degree > 1:
                 raise ConfigError(
                     "torch.compile (TorchCompileModel on this MODEL) is not supported with tensor_parallel_degree > 1: "
-                    "its all-reduces run inside the compiled block functions. Remove the TorchCompileModel node, or "
+                    "its collectives run inside the compiled block functions. Remove the TorchCompileModel node, or "
                     "use pipeline_parallel_degree, fsdp or the sequence layouts with it")
             self._check_inputs(info, inputs)
             self._check_memory(key, inputs)
@@ -562,7 +562,7 @@ class WorkerGroup:
                     worker_ms=max(r.ms for r in replies), worker_in_ms=max(r.in_ms for r in replies),
                     worker_out_ms=max(r.out_ms for r in replies), layout=replies[0].layout,
                     pinned=replies[0].pinned, peak_bytes=[r.peak_bytes for r in replies],
-                    compiled=replies[0].compiled,
+                    compiled=replies[0].compiled, stream_tokens=[r.stream_tokens for r in replies],
                 )
             return out
 

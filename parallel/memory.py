@@ -24,13 +24,17 @@ measured at batch 2, 10.52 for 10.95 at batch 1.)
 its stage's blocks, of their attention and FFN Linears its tensor rank's rows or columns (the
 row-parallel biases on tensor rank 0), and whole everything else it runs (the condition embedder
 everywhere, the patch embedding on the first stage, the head on the last); the largest is counted.
-No gathering. Activations are counted as for the sequence layout alone: tensor parallel keeps the
-whole hidden state of its tokens on every tensor rank, and a pipeline stage holds one batch row's
-at a time (an over-estimate for it).
+No gathering of weights. Tensor parallel splits the stream between blocks over the tensor ranks
+(sequence parallel, model_parallel.py): a rank's tokens are its sequence shard's / tensor, and a
+block also holds the normed input gathered from the tensor ranks and a row-parallel Linear's
+partial sums before their reduce-scatter, each [rows, tokens * tensor, dim] (the `gathered` term
+below; q/k/v, the attention output and the FFN hidden layer are the gathered tokens' local heads /
+units: tokens * tensor * width / tensor, the per-token term). A pipeline stage holds one batch
+row's at a time (counted as all of them: an over-estimate for it).
 
 Activations, per rank, for `rows` batch rows of `tokens` video tokens on that rank (the configured
 layout when the batch divides by its CFG degree, else the batch-1 fallback; tokens = ceil(video
-tokens / sp)), compute-dtype itemsize `item`:
+tokens / (sp * tensor))), compute-dtype itemsize `item`:
 
     blocks = rows * tokens * ((20 * dim + 2 * ffn_dim) * item / 2
                               + VACE: (len(vace_layers) + 1) * dim * item    (hints + control stream)
@@ -38,7 +42,8 @@ tokens / sp)), compute-dtype itemsize `item`:
                                 (temb and its 6-way projection, each block's fp32 modulation)
     embed  = rows * video_tokens * 3 * dim * item     (before the split: the patch embedding of the
                                                        whole video, its padded copy and the shard)
-    activations = max(blocks, embed) + 256 MiB        (workspaces, text/image context)
+    gathered = tensor > 1: rows * tokens * tensor * 2 * dim * item
+    activations = max(blocks + gathered, embed) + 256 MiB   (workspaces, text/image context)
 
 The 20 * dim + 2 * ffn_dim bytes a token are the residual stream, the fp32 norm and modulation
 temporaries, q/k/v and RoPE temporaries of a block, and its FFN hidden layer, fitted to these peaks
@@ -237,7 +242,7 @@ def _activation_bytes(info: CheckpointInfo, config: XDitUSPConfig, latent: tuple
         layout = config.fallback_layout(info.num_heads)
     rows = batch // layout.cfg
     video_tokens = math.prod(size // patch for size, patch in zip(latent, cfg["patch_size"]))
-    tokens = -(-video_tokens // layout.sp)
+    tokens = -(-video_tokens // (layout.sp * layout.tensor))
     item, dim = _ITEMSIZE[config.dtype], info.dim
     per_token = (_DIM_BYTES * dim + _FFN_BYTES * cfg["ffn_dim"]) * item // 2
     if "vace_layers" in cfg:
@@ -245,7 +250,8 @@ def _activation_bytes(info: CheckpointInfo, config: XDitUSPConfig, latent: tuple
     if info.variant == "ti2v_5b":
         per_token += dim * (7 * item + 24)
     embed = rows * video_tokens * 3 * dim * item
-    return max(rows * tokens * per_token, embed) + _FIXED
+    gathered = rows * tokens * layout.tensor * 2 * dim * item if layout.tensor > 1 else 0
+    return max(rows * tokens * per_token + gathered, embed) + _FIXED
 
 
 # ---- plans ------------------------------------------------------------------------------------------

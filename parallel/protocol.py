@@ -262,6 +262,7 @@ class ForwardDone:
     peak_bytes: Optional[int]
     memory: Optional[MemoryStats] = None  # the rank's memory after the forward
     compiled: bool = False  # the blocks' per-token work ran compiled
+    stream_tokens: int = 0  # tokens of a batch row this rank's blocks took in (its shard of the stream)
 
 
 @dataclass

@@ -111,7 +111,8 @@ class TensorPipeline(Placement):
     stage's blocks (and what that stage runs outside them), and of each block's attention and FFN
     Linears its tensor rank's heads / hidden units (rows of column-parallel weights, columns of
     row-parallel ones). `place` swaps the meta parameters for ones of the local shape, makes the q/k
-    norms `TensorParallelRMSNorm`, hooks the all-reduce onto the row-parallel Linears and sets each
+    norms `TensorParallelRMSNorm`, hooks the reduce-scatter onto the row-parallel Linears and the
+    all-gather of the sequence shard before cross-attention's q and the FFN, and sets each
     attention's head count to its local one; blocks of other stages become `_HeldElsewhere`."""
 
     name = "split"
@@ -174,6 +175,11 @@ class TensorPipeline(Placement):
             attn.heads //= g.tensor
         self._column(block.ffn.net[0].proj, f"{prefix}.ffn.net.0.proj")
         self._row(block.ffn.net[2], f"{prefix}.ffn.net.2")
+        # the stream is sequence-sharded across the tensor ranks: these two read the normed shard
+        # (self-attention gathers it once for q, k and v: sp_wan.USPSelfAttnProcessor.attend)
+        for lin in (block.attn2.to_q, block.ffn.net[0].proj):
+            lin._xdit_tp_pg, lin._xdit_tp = g.tp_pg, g.tensor
+            lin.register_forward_pre_hook(mp.gather_input)
 
     def _local(self, module, attr, name):
         """Replace `module.attr` (meta) with this rank's part of it."""
@@ -198,9 +204,9 @@ class TensorPipeline(Placement):
         self._local(lin, "weight", f"{name}.weight")
         lin.in_features = lin.weight.shape[1]
         if lin.bias is not None and self.group.tp_rank != 0:
-            lin.bias = None  # added once, by tensor rank 0, before the all-reduce
-        lin._xdit_tp_pg = self.group.tp_pg
-        lin.register_forward_hook(mp.all_reduce_output)
+            lin.bias = None  # added once, by tensor rank 0, before the reduce-scatter
+        lin._xdit_tp_pg, lin._xdit_tp = self.group.tp_pg, self.group.tensor
+        lin.register_forward_hook(mp.reduce_scatter_output)
 
     def rows(self, name, shape):
         return self.parts.get(name)
@@ -576,6 +582,11 @@ class ModelRunner:
         rows = slice(group.cfg_index * per, (group.cfg_index + 1) * per)
         mine = self._rows_on_device(inputs, rows, batch)
         return rows, m.sp(group, mine), layout
+
+    def stream_tokens(self, key: str) -> int:
+        """Tokens of a batch row between blocks on this rank in model `key`'s last forward: its
+        sequence shard, of that its tensor rank's run (0 on a stage that ran no block)."""
+        return self._model(key).sp.stream_tokens
 
     def _rows_on_device(self, inputs: protocol.ForwardInputs, rows: slice, batch: int) -> protocol.ForwardInputs:
         moved = {}

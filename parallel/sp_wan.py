@@ -2,10 +2,19 @@
 
 The weights and every sub-module are diffusers' own; this module changes only the data flow:
 
-  patch-embed (full) -> flatten -> pad to a multiple of sp -> keep this rank's token shard
+  patch-embed (full) -> flatten -> pad to a multiple of sp × tensor -> keep this rank's token shard
   (with its RoPE frequencies and, for per-token timesteps, its modulation) -> blocks with USP
   self-attention (cross-attention is local: every query sees the whole text/CLIP context)
   -> output head on the shard -> gather on the group leader -> unpad -> unpatchify.
+
+With tensor parallelism the sequence group's shard is split once more, into one run of tokens per
+tensor rank (Megatron's sequence parallelism; model_parallel.py): the stream, norms, modulation,
+residuals, VACE hints and the head are on that run; the one seam is here, where self-attention
+gathers the normed run of every tensor rank (`USPSelfAttnProcessor.attend`) and the block takes
+each piece's tokens of every rank from the gathered attention output (`mp.rank_rows`); the gather
+before cross-attention's q and the FFN and the reduce-scatter after each row-parallel Linear are
+hooks on those Linears (runner.TensorPipeline). RoPE tables stay the sequence group's shard: they
+go with the gathered tokens.
 
 Every per-token operation (norms, modulation, FFN, cross-attention) is unaffected by sharding,
 and padded keys are excluded from self-attention, so the result equals the single-process
@@ -23,6 +32,7 @@ import torch
 import torch.distributed as dist
 from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
+from . import model_parallel as mp
 from .attention import AttentionBackend, SPGroup, usp_attention_consuming
 from .protocol import ROPE_OPTIONS, ForwardInputs
 
@@ -64,7 +74,9 @@ class USPSelfAttnProcessor:
     def attend(self, attn, hidden_states, rotary_emb):
         """The attention output before the output projection, [B, S, heads * head_dim] (the block
         projects it piece by piece with its gated residual: _block_forward)."""
-        stages = self.ctx.stages
+        stages, group = self.ctx.stages, self.ctx.group
+        if group.tensor > 1:  # the normed run of tokens of every tensor rank: this rank's heads of all of them
+            hidden_states = mp.gather_tokens(hidden_states, group.tp_pg, group.tensor)
 
         def projected(linear, norm):
             def piece(h, rows, tokens):
@@ -164,14 +176,19 @@ def _rope(rope, hidden_states: torch.Tensor, options: Optional[dict]) -> tuple[t
     return cos, sin
 
 
-def _pad_and_shard(t: torch.Tensor, dim: int, padded: int, group: SPGroup) -> torch.Tensor:
-    """Pad `t` along `dim` to `padded` (zeros) and return this rank's contiguous shard."""
+def _pad_and_shard(t: torch.Tensor, dim: int, padded: int, group: SPGroup, tensor: bool = True) -> torch.Tensor:
+    """Pad `t` along `dim` to `padded` (zeros, a multiple of sp × tensor) and return this rank's
+    contiguous shard: its sequence group's shard, and of that its tensor rank's run (`tensor`, the
+    stream's split) or all of it (`tensor=False`: what self-attention's gathered tokens need)."""
     n = t.shape[dim]
     if padded != n:
         shape = list(t.shape)
         shape[dim] = padded - n
         t = torch.cat([t, t.new_zeros(shape)], dim=dim)
-    return t.chunk(group.sp, dim=dim)[group.sp_rank].contiguous()
+    t = t.chunk(group.sp, dim=dim)[group.sp_rank]
+    if tensor and group.tensor > 1:
+        t = t.chunk(group.tensor, dim=dim)[group.tp_rank]
+    return t.contiguous()
 
 
 class SequenceParallelWan(torch.nn.Module):
@@ -188,6 +205,7 @@ class SequenceParallelWan(torch.nn.Module):
         self.ctx = _StepContext(backend=backend)
         self.is_vace = hasattr(model, "vace_blocks")
         self.pipeline_blocks = range(len(model.blocks))  # the blocks this rank runs (runner.TensorPipeline sets a stage's)
+        self.stream_tokens = 0  # the last forward's tokens a row on this rank between blocks
         blocks = list(model.blocks) + (list(model.vace_blocks) if self.is_vace else [])
         for block in blocks:
             block.attn1.set_processor(USPSelfAttnProcessor(self.ctx))
@@ -210,10 +228,11 @@ class SequenceParallelWan(torch.nn.Module):
         p_t, p_h, p_w = m.config.patch_size
         grid = (frames // p_t, height // p_h, width // p_w)
         seq = math.prod(grid)
-        padded = -(-seq // group.sp) * group.sp
+        split = group.sp * group.tensor  # the stream's shards: sequence ranks × tensor ranks
+        padded = -(-seq // split) * split
 
         cos, sin = _rope(m.rope, hidden_states, inputs.rope_options)  # [1, S, 1, D] each
-        cos, sin = _pad_and_shard(cos, 1, padded, group), _pad_and_shard(sin, 1, padded, group)
+        cos, sin = (_pad_and_shard(t, 1, padded, group, tensor=False) for t in (cos, sin))
 
         first, last = group.stage == 0, group.stage == group.pipeline - 1
         x = None
@@ -279,11 +298,13 @@ class SequenceParallelWan(torch.nn.Module):
             x = self._head(self._blocks(x, context, timestep_proj, rotary, hints, skip), temb)
         else:
             x = self._pipeline(group, x, context, timestep_proj, temb, rotary, hints, skip,
-                               (batch, padded // group.sp, m.config.num_attention_heads * m.config.attention_head_dim),
+                               (batch, padded // split, m.config.num_attention_heads * m.config.attention_head_dim),
                                inputs.hidden_states.dtype)
-        if not last or group.tp_rank:
-            return None  # only the last stage's first tensor rank gathers (the other tensor ranks hold the same)
-
+        if not last:
+            return None
+        x = _gather_tensor_runs(x, group)  # the sequence group's shard, on tensor rank 0
+        if x is None:
+            return None
         x = _gather_to_leader(x, group)
         if x is None:
             return None
@@ -293,6 +314,7 @@ class SequenceParallelWan(torch.nn.Module):
 
     def _blocks(self, x, context, timestep_proj, rotary, hints, skip) -> torch.Tensor:
         """This rank's blocks (all of them, or its pipeline stage's) on the stream `x`."""
+        self.stream_tokens = x.shape[1]  # tokens a row of the stream between blocks holds on this rank
         for i in self.pipeline_blocks:
             if i not in skip:  # a skipped block passes the stream on unchanged; its VACE hint is still added
                 x = self.model.blocks[i](x, context, timestep_proj, rotary)
@@ -315,7 +337,12 @@ class SequenceParallelWan(torch.nn.Module):
         previous stage (its token shard of the stream, plus the VACE hints later stages add), runs
         through its blocks and sends on without waiting (`isend`), so that stage s works on row b
         while stage s+1 works on row b-1. The last stage applies the output head to each row and
-        returns the rows together, [batch, tokens, out]; the other stages return None."""
+        returns the rows together, [batch, tokens, out]; the other stages return None.
+
+        With tensor parallelism each tensor rank sends its own run of the stream to the same tensor
+        rank of the next stage (`stage_stride` keeps the tensor rank), not a gathered copy: 1/tensor
+        of the bytes a link, the tensor ranks' links in parallel, and no collective at the boundary
+        (the next stage's first block starts with a norm on that run)."""
         first, last = group.stage == 0, group.stage == group.pipeline - 1
         rank = dist.get_rank()
         batch, tokens, dim = shape
@@ -509,8 +536,9 @@ def _block_forward(self: WanTransformerBlock, hidden_states: torch.Tensor, encod
         self.norm1, h, _at(scale_msa, r, t), _at(shift_msa, r, t), dt))
     attn_output = self.attn1.processor.attend(self.attn1, norm, rotary_emb)
     del norm
+    tp = self._xdit_ctx.group.tensor  # attn_output: every tensor rank's tokens (the gathered run)
     hidden_states = _per_token(hidden_states, lambda h, r, t, a=attn_output: st.projected_residual(
-        self.attn1.to_out[0], h, a[r, t], _at(gate_msa, r, t), dt))
+        self.attn1.to_out[0], h, mp.rank_rows(a, r, t, tp), _at(gate_msa, r, t), dt))
     del attn_output
 
     # 2. Cross-attention (norm, attention, projection and residual by pieces), in place: this tensor is ours
@@ -519,6 +547,18 @@ def _block_forward(self: WanTransformerBlock, hidden_states: torch.Tensor, encod
     # 3. Feed-forward, in place: this tensor is ours
     return _per_token(hidden_states, lambda h, r, t: st.ffn_residual(
         self.norm3, self.ffn, h, _at(c_scale_msa, r, t), _at(c_shift_msa, r, t), _at(c_gate_msa, r, t), dt), out=hidden_states)
+
+
+def _gather_tensor_runs(x: torch.Tensor, group: SPGroup) -> Optional[torch.Tensor]:
+    """The tensor ranks' runs of the head's output, in sequence order, on tensor rank 0 (None on
+    the others)."""
+    if group.tensor == 1:
+        return x
+    x = x.contiguous()
+    first = group.tp_rank == 0
+    parts = [torch.empty_like(x) for _ in range(group.tensor)] if first else None
+    dist.gather(x, parts, dst=dist.get_global_rank(group.tp_pg, 0), group=group.tp_pg)
+    return torch.cat(parts, dim=1) if first else None
 
 
 def _gather_to_leader(x: torch.Tensor, group: SPGroup) -> Optional[torch.Tensor]:

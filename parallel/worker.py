@@ -153,7 +153,8 @@ class Worker:
         return P.ForwardDone(ms=(t1 - t0) * 1e3, in_ms=(t0 - t_start) * 1e3, out_ms=(t2 - t1) * 1e3,
                              layout=layout, pinned=self.shm.pinned,
                              peak_bytes=torch.cuda.max_memory_allocated(self.device) if cuda else None,
-                             memory=self.memory_stats(), compiled=inputs.compile)
+                             memory=self.memory_stats(), compiled=inputs.compile,
+                             stream_tokens=self.runner.stream_tokens(req.key))
 
     def vae_load(self, req: P.VaeLoad) -> P.VaeLoaded:
         self._faults("vae_load")

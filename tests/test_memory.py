@@ -133,6 +133,10 @@ def test_activations_split_over_the_sequence_ranks():
     assert 0.25 * one < four < 0.3 * one
     fp32 = estimate(info, XDitUSPConfig(dtype="fp32"), "replicated", P720, 1).activation_bytes
     assert 1.9 * one < fp32 < 2 * one
+    # tensor parallel splits the stream too (sequence parallel): half the tokens a rank, plus the
+    # gathered input and the partial sums of the whole sequence shard at full width
+    tp2 = estimate(info, XDitUSPConfig(world_size=2, tensor_parallel_degree=2), "split", P720, 1).activation_bytes
+    assert 0.6 * one < tp2 < 0.7 * one
 
 
 # ---- plan_load ----------------------------------------------------------------------------------------

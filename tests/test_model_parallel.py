@@ -1,12 +1,15 @@
 """Tensor and pipeline parallelism on CPU: real torchrun + gloo groups against a single-process
 diffusers forward (≤ 1e-5 in fp32), composed with the CFG split and Ulysses, at a token count (45)
-that no rank count divides, with per-rank parameter bytes checked against the memory plan.
+that no rank count divides, with per-rank parameter bytes checked against the memory plan and each
+rank's share of the stream between blocks checked (sequence ranks × tensor ranks split it).
 
 Four groups cover the layouts: tp2 (every variant, LoRA on column- and row-parallel weights),
 pp2×cfg2 (whose batch-1 fallback is pp2×Ulysses2), tp2×cfg2 (fallback tp2×Ulysses2, 4 heads) and
 tp2×pp2 (the seed's example layout).
 """
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -57,6 +60,9 @@ def run_forwards(group, key, model, variant, batches, expect_layouts=None):
         assert out.shape == ref.shape
         if expect_layouts:
             assert stats["layout"] == expect_layouts[batch], (batch, stats["layout"])
+        # the stream between blocks is sharded over sequence × tensor ranks (padded: 45 tokens)
+        layout, tokens = stats["layout"], math.prod(s // p for s, p in zip(SIZE, model.config.patch_size))
+        assert stats["stream_tokens"] == [-(-tokens // (layout.sp * layout.tensor))] * layout.world_size, stats
         errors[variant, batch] = rel_err(out, ref)
     return errors
 
@@ -64,9 +70,11 @@ def run_forwards(group, key, model, variant, batches, expect_layouts=None):
 def test_tensor_parallel_every_variant_and_lora(split_checkpoints):
     """tp2: each rank holds half of every head-split and FFN weight; every variant; a LoRA on a
     column-parallel weight (to_q: rows of `up`), one on a row-parallel weight (ffn.net.2: columns of
-    `down`), a diff on a bias only tensor rank 0 holds; strength changed, removed exactly."""
+    `down`), a diff on a bias only tensor rank 0 holds; strength changed, removed exactly. Small
+    block pieces, so a piece takes its tokens from every tensor rank's run (and a short last one)."""
     errors = {}
-    with WorkerGroup(cpu_config(tensor=2)) as group:
+    # pieces of 12 tokens (sp_wan._block_forward): a rank's 23 in two, each gathered and reduce-scattered on its own
+    with WorkerGroup(cpu_config(tensor=2, extra_env={"XDIT_USP_BLOCK_CHUNK_TOKENS": "12"})) as group:
         for v, (path, model) in split_checkpoints.items():
             check_loaded(group.load(v, path), model, 0.6, Layout(1, 1, 1, tensor=2))
             errors.update(run_forwards(group, v, model, v, (2, 1)))
