@@ -806,6 +806,33 @@ def test_uni3c_camera_control_matches_native(runner, uni3c_files):
     assert _group().uni3c is not None  # the control net was sent to (and is held by) the workers
 
 
+def test_uni3c_refuses_layouts_it_cannot_run_naming_the_node():
+    """Before sampling: Uni3C with tensor / pipeline parallel, and with a Ulysses degree that its 16
+    control heads do not divide (a Config for a 48-head model on 3 ranks), is refused naming the node
+    and saying what works. A real WanUni3CCnetPatch around a real (tiny) ComfyUI Uni3C net."""
+    import types
+
+    import comfy.ldm.wan.uni3c
+    import comfy.ops
+    from comfy_extras.nodes_model_patch import WanUni3CCnetPatch
+
+    net = comfy.ldm.wan.uni3c.WanUni3CControlnet(in_channels=36, conv_out_dim=96, dim=192, ffn_dim=64, num_layers=1,
+                                                time_embed_dim=256, out_proj_dim=256, mid_channels=16,
+                                                operations=comfy.ops.manual_cast)
+    patch = WanUni3CCnetPatch(types.SimpleNamespace(model=net), None, None, None, 1.0, 1.0, 0.0)
+    assert XM._is_uni3c(patch) and not XM._is_uni3c(lambda kwargs: kwargs)
+    ok = PAR.XDitUSPConfig(world_size=2, ulysses_degree=2, device="cpu")
+    assert XM.uni3c_layout_problems(ok, 2, patch) == []
+    bad_ulysses = XM.uni3c_layout_problems(PAR.XDitUSPConfig(world_size=3, ulysses_degree=3, device="cpu"), 48, patch)
+    assert len(bad_ulysses) == 1 and "16 heads" in bad_ulysses[0] and "[1, 2, 4, 8, 16]" in bad_ulysses[0], bad_ulysses
+    tp = XM.uni3c_layout_problems(PAR.XDitUSPConfig(world_size=2, tensor_parallel_degree=2, device="cpu"), 2, patch)
+    assert len(tp) == 1 and "tensor_parallel_degree" in tp[0], tp
+    topts = {"patches": {"double_block": [patch, lambda kwargs: kwargs]}}
+    _, problems = XM.check_transformer_options(topts, 2)
+    assert len(problems) == 1 and "'double_block'" in problems[0], problems  # the other patch only
+    assert XM.check_transformer_options({"patches": {"double_block": [patch]}}, 2)[1] == []
+
+
 def test_torch_compile_model_compiles_on_the_workers(runner):
     """ComfyUI's TorchCompileModel on our MODEL: the proxy (a call to the workers) is not traced, and
     every forward of the sampling runs the workers' compiled blocks; same latent as native."""
