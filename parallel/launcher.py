@@ -184,7 +184,7 @@ class WorkerGroup:
         self.memory_stats: Optional[list[P.MemoryStats]] = None
         self.forward_peaks: dict[str, list] = {}  # key -> each rank's peak_bytes in its last forward
         self.vae: Optional[tuple] = None  # (key, VaeInfo, VaeLoaded) of the VAE the ranks hold (one at a time)
-        self.uni3c: Optional[tuple] = None  # (key, config) of the Uni3C control net the ranks hold (one at a time)
+        self.uni3c: Optional[tuple] = None  # (key, config, param bytes a rank holds) of the Uni3C net the ranks hold (one at a time)
         self.log_dir: Optional[str] = None
         self.arena = transport.ShmArena()
         self.launches = 0
@@ -596,7 +596,7 @@ class WorkerGroup:
             specs, _ = self.arena.pack(tensors, {}, dtypes)
             replies: list[P.Uni3CLoaded] = self._call(P.Uni3CLoad(key, self.arena.name, specs, config),
                                                       self.config.load_timeout_s)
-            self.uni3c = (key, config)
+            self.uni3c = (key, config, replies[0].param_bytes)
             self._note_memory([r.memory for r in replies])
             return key
 
@@ -702,17 +702,20 @@ class WorkerGroup:
         from .memory import card_bytes, estimate
 
         shape = tuple(inputs.hidden_states.shape)
-        if (key, shape) in self._sizes_checked or self.config.device != "cuda":
+        uni3c = inputs.uni3c is not None and self.uni3c is not None
+        if (key, shape, uni3c) in self._sizes_checked or self.config.device != "cuda":
             return
         loaded = self.models[key]
         resident = sum(m.param_bytes for k, m in self.models.items() if k != key)
+        if uni3c:  # Uni3C's control net, whole on every rank (its activations are small beside the model's)
+            resident += self.uni3c[2]
         plan = estimate(self._infos[key], self.config, loaded.placement, shape[2:], shape[0],
                         card_bytes(self.config), resident)
         if not plan.fits:
             raise ConfigError(
                 f"a {shape[0]} x {'x'.join(map(str, shape[2:]))} latent does not fit: {plan.describe()}. Use a "
                 "smaller video or batch, more GPUs, weight_sharding='fsdp' or weight_dtype='fp8_e4m3fn'.")
-        self._sizes_checked.add((key, shape))
+        self._sizes_checked.add((key, shape, uni3c))
 
     def ping(self) -> list[P.Pong]:
         """Every rank's answer (rank, models it holds): a round trip through each request loop."""
