@@ -845,6 +845,13 @@ class XDitUSPModelPatcher(comfy.model_patcher.ModelPatcher):
     def remote(self) -> RemoteWanModel:
         return self.model.diffusion_model.remote
 
+    def model_patches_models(self):
+        """The models ComfyUI loads with this one (load_models_gpu), less Uni3C's control net: the
+        workers hold their own copy, so ComfyUI's device does not need one (native loads it there
+        because it computes there)."""
+        uni3c = {id(p.model_patch) for p in uni3c_patches(self.model_options.get("transformer_options") or {})}
+        return [m for m in super().model_patches_models() if id(m) not in uni3c]
+
     def _load_list(self, for_dynamic=False, default_device=None):
         return []  # the proxy's parameters are meta tensors; the weights are on the workers
 

@@ -795,7 +795,13 @@ def test_uni3c_camera_control_matches_native(runner, uni3c_files):
         p["ks"]["inputs"]["model"] = ["uni3c", 0]
         return p
 
-    native, ours = _latent(runner, graph(False)), _latent(runner, graph(True))
+    def nets_loaded():
+        return [lm for lm in mm.current_loaded_models if type(getattr(lm.model, "model", None)).__name__ == "WanUni3CControlnet"]
+
+    ours = _latent(runner, graph(True))
+    assert not nets_loaded(), "ComfyUI loaded the control net beside our MODEL (the workers hold it)"
+    native = _latent(runner, graph(False))
+    assert nets_loaded(), "native loads it (the check above sees it)"
     for o in (False, True):
         if o not in _PLAIN:
             _PLAIN[o] = _latent(runner, t2v_graph(o, seed=43, steps=2))
