@@ -113,9 +113,9 @@ def build(config: dict, tensors: dict, device: torch.device, dtype: torch.dtype)
     net = Uni3CNet(**config)
     sd = {k: v for k, v in tensors.items() if not k.startswith(UNUSED_PREFIXES)}
     net.load_state_dict(sd, strict=True)
-    net.to(device=device, dtype=dtype)
-    net.controlnet_patch_embedding.to(torch.float32)
-    net.rope.to(device)
+    for part in (net.proj_in, net.controlnet_blocks, net.proj_out):  # not the fp32 patch embedding nor the RoPE tables
+        part.to(dtype)
+    net.to(device)
     net.requires_grad_(False)
     return net
 
