@@ -245,7 +245,7 @@ UNI3C_HEADS = 16  # ComfyUI always builds 16 heads
 
 
 def uni3c_state_dict(model_dim: int, seed: int = 3, dim: int = 192, conv_out: int = 96, ffn: int = 64,
-                     layers: int = 2) -> dict:
+                     layers: int = 2, std: float = 0.1) -> dict:
     """A random Uni3C net under ComfyUI's names (after ModelPatchLoader's key conversion), mask
     embedding included (ComfyUI builds it; the patch never uses it). The default is tiny: 16 heads
     of 12 (RoPE axes 4 + 4 + 4), 2 layers; ComfyUI's defaults are dim 1024, conv_out 5120, ffn 8192,
@@ -253,7 +253,7 @@ def uni3c_state_dict(model_dim: int, seed: int = 3, dim: int = 192, conv_out: in
     g = torch.Generator().manual_seed(seed)
 
     def r(*shape):
-        return torch.randn(*shape, generator=g) * 0.1
+        return torch.randn(*shape, generator=g) * std
 
     sd = {"controlnet_patch_embedding.weight": r(conv_out, 36, 1, 2, 2), "controlnet_patch_embedding.bias": r(conv_out),
           "proj_in.weight": r(dim, conv_out), "proj_in.bias": r(dim),
