@@ -569,6 +569,10 @@ class ModelRunner:
         batch = inputs.batch
         layout = self.layout_for(key, batch, linkprobe.tokens_of(inputs.hidden_states.shape[2:],
                                                                  m.module.config.patch_size))
+        if inputs.uni3c is not None and self.uni3c is not None and self.uni3c[1].num_heads % layout.ulysses:
+            # the cost model's pick splits heads Uni3C's control net cannot split: the static layout
+            # instead, which the owner checked (launcher._check_uni3c); every rank decides the same
+            layout = m.layouts[0] if batch % m.layouts[0].cfg == 0 else m.layouts[1]
         group = self.group(layout)
         per = batch // layout.cfg
         rows = slice(group.cfg_index * per, (group.cfg_index + 1) * per)
