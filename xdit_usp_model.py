@@ -574,6 +574,14 @@ class XDitUSPWanProxy(torch.nn.Module):
         if not remote.loaded:  # the group died or the model was unloaded since load_models_gpu
             remote.ensure_ready()
         stats = {}
+        uni3c_input = uni3c = None
+        for patch in uni3c_patches(topts):  # WanUni3CControlnetApply: at most one (check_transformer_options)
+            problems = uni3c_layout_problems(remote.config, self.num_heads, patch)
+            if problems:
+                _refuse(problems)
+            request = _uni3c_request(remote.group, patch, x, self.dtype, topts)
+            if request is not None:
+                uni3c_input, uni3c = request
         try:
             out = remote.group.forward(remote.key, ForwardInputs(
                 hidden_states=x,
@@ -585,6 +593,8 @@ class XDitUSPWanProxy(torch.nn.Module):
                 skip_blocks=skip_blocks or None,
                 rope_options=topts.get("rope_options"),  # ScaleROPE: positions scaled/shifted per axis
                 compile=_torch_compile_requested(topts),
+                uni3c_input=uni3c_input,
+                uni3c=uni3c,
             ), stats=stats)
         except WorkerError as e:
             raise WorkerError(f"xDiT-USP worker rank {e.rank} failed: {e}", rank=e.rank) from e
@@ -648,6 +658,72 @@ NATIVE_WAN_OPTIONS = {
 }
 
 
+def _is_uni3c(patch) -> bool:
+    """Whether a double_block patch is ComfyUI's WanUni3CCnetPatch (comfy_extras/nodes_model_patch.py),
+    by its class and the attributes the workers' copy reads: its control net (model_patch.model with
+    controlnet_blocks / proj_out), strength, sigma window and its own control-input builder."""
+    if type(patch).__name__ != "WanUni3CCnetPatch":
+        return False
+    net = getattr(getattr(patch, "model_patch", None), "model", None)
+    return (net is not None and hasattr(net, "controlnet_blocks") and hasattr(net, "proj_out")
+            and all(hasattr(patch, a) for a in ("strength", "sigma_start", "sigma_end", "build_controlnet_input")))
+
+
+def uni3c_patches(topts: dict) -> list:
+    """The Uni3C patches among transformer_options' double_block patches."""
+    return [p for p in ((topts.get("patches") or {}).get("double_block") or []) if _is_uni3c(p)]
+
+
+def uni3c_layout_problems(config: XDitUSPConfig, num_heads: int, patch) -> list[str]:
+    """What in the Config Uni3C cannot run with (before sampling; the launcher checks again per call)."""
+    by = installed_by(patch)
+    if config.pipeline_parallel_degree > 1 or config.tensor_parallel_degree > 1:
+        return [f"Uni3C (installed by {by}) with pipeline_parallel_degree / tensor_parallel_degree > 1 is not supported: "
+                "use the sequence layouts (Ulysses, ring, CFG split) with replicated or fsdp weights"]
+    heads = patch.model_patch.model.controlnet_blocks[0].self_attn.num_heads
+    try:
+        layouts = (config.resolve(num_heads), config.fallback_layout(num_heads))
+    except Exception:  # noqa: BLE001 - the loader reports layout errors itself
+        return []
+    bad = sorted({lay.ulysses for lay in layouts if heads % lay.ulysses})
+    if bad:
+        return [f"Uni3C (installed by {by}): its control network has {heads} heads, which Ulysses degree {bad[0]} does "
+                f"not divide; set ulysses_degree on the Config to one of "
+                f"{[d for d in range(1, heads + 1) if heads % d == 0]} (ring_degree takes the rest)"]
+    return []
+
+
+_uni3c_keys: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # control net module -> content key
+
+
+def _uni3c_request(group, patch, x: torch.Tensor, dtype: torch.dtype, topts: dict) -> Optional[tuple]:
+    """(control input, {"key", "strength"}) for this call, or None outside the patch's sigma window:
+    what WanUni3CCnetPatch computes at block 0, by its own code (build_controlnet_input: the first 20
+    channels of `x`, zero-padded, and the render video encoded with ComfyUI's VAE, cached on the
+    patch as native caches it), for one cond's rows. The net's weights go to the workers once per
+    content (launcher.uni3c_load)."""
+    sigmas = topts.get("sigmas")
+    if sigmas is not None:
+        sigma = sigmas[0].item()
+        if sigma > patch.sigma_start or sigma < patch.sigma_end:
+            return None
+    num_conds = len(topts.get("cond_or_uncond", [0]))
+    rows = x.shape[0]
+    if num_conds > 0 and x.shape[0] % num_conds == 0:
+        rows = x.shape[0] // num_conds
+    control = patch.build_controlnet_input(x, dtype, rows)
+    net = patch.model_patch.model
+    key = _uni3c_keys.get(net)
+    sd = net.state_dict()
+    if key is None:
+        from .parallel.launcher import uni3c_key
+        from .parallel.uni3c import UNUSED_PREFIXES
+
+        key = _uni3c_keys[net] = uni3c_key({k: v for k, v in sd.items() if not k.startswith(UNUSED_PREFIXES)})
+    group.uni3c_load(sd, key=key)
+    return control.cpu(), {"key": key, "strength": float(patch.strength)}
+
+
 def check_transformer_options(topts: dict, num_blocks: int) -> tuple[list[int], list[str]]:
     """(blocks to skip, problems): the problems are what in `topts` (a forward's
     transformer_options) native Wan would apply and the workers cannot, each naming the node that
@@ -660,11 +736,19 @@ def check_transformer_options(topts: dict, num_blocks: int) -> tuple[list[int], 
     skip, replaced = _block_skips(topts.get("patches_replace") or {}, num_blocks)
     problems += [f"patches_replace 'dit' {key!r} installed by {installed_by(fn)} (a block replacement other than "
                  "a skip) is not supported" for key, fn in replaced]
+    uni3c = uni3c_patches(topts)
+    if len(uni3c) > 1:
+        problems.append(f"{len(uni3c)} Uni3C patches (WanUni3CControlnetApply, installed by "
+                        f"{', '.join(sorted({installed_by(p) for p in uni3c}))}): the workers run one per model")
     for where in ("patches_replace", "patches"):
         for kind, entries in sorted((topts.get(where) or {}).items(), key=lambda kv: str(kv[0])):
             if not entries or (where == "patches_replace" and kind == "dit"):
                 continue
             fns = entries.values() if isinstance(entries, dict) else entries
+            if where == "patches" and kind == "double_block":
+                fns = [fn for fn in fns if not _is_uni3c(fn)]  # honoured: Uni3C runs on the workers
+                if not fns:
+                    continue
             by = sorted({installed_by(fn) for fn in fns})
             problems.append(f"{where} {kind!r} installed by {', '.join(by)} is not supported")
     for key, why in NATIVE_WAN_OPTIONS.items():
@@ -761,6 +845,13 @@ class XDitUSPModelPatcher(comfy.model_patcher.ModelPatcher):
     def remote(self) -> RemoteWanModel:
         return self.model.diffusion_model.remote
 
+    def model_patches_models(self):
+        """The models ComfyUI loads with this one (load_models_gpu), less Uni3C's control net: the
+        workers hold their own copy, so ComfyUI's device does not need one (native loads it there
+        because it computes there)."""
+        uni3c = {id(p.model_patch) for p in uni3c_patches(self.model_options.get("transformer_options") or {})}
+        return [m for m in super().model_patches_models() if id(m) not in uni3c]
+
     def _load_list(self, for_dynamic=False, default_device=None):
         return []  # the proxy's parameters are meta tensors; the weights are on the workers
 
@@ -844,8 +935,10 @@ def patcher_problems(patcher: XDitUSPModelPatcher, model_options: dict) -> list[
     wrappers (object_patch_problems), transformer_options patches (check_transformer_options)
     and weight patches (_worker_patches, checked without computing anything)."""
     problems = object_patch_problems(patcher)
-    problems += check_transformer_options(model_options.get("transformer_options") or {},
-                                          len(patcher.model.diffusion_model.blocks))[1]
+    topts = model_options.get("transformer_options") or {}
+    problems += check_transformer_options(topts, len(patcher.model.diffusion_model.blocks))[1]
+    for patch in uni3c_patches(topts):
+        problems += uni3c_layout_problems(patcher.remote.config, patcher.model.diffusion_model.num_heads, patch)
     shapes = patcher.remote.shapes
     try:
         _worker_patches(patcher.patches, patcher.patch_sources, shapes.__getitem__, patcher.remote.patchable,

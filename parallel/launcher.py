@@ -184,6 +184,7 @@ class WorkerGroup:
         self.memory_stats: Optional[list[P.MemoryStats]] = None
         self.forward_peaks: dict[str, list] = {}  # key -> each rank's peak_bytes in its last forward
         self.vae: Optional[tuple] = None  # (key, VaeInfo, VaeLoaded) of the VAE the ranks hold (one at a time)
+        self.uni3c: Optional[tuple] = None  # (key, config, param bytes a rank holds) of the Uni3C net the ranks hold (one at a time)
         self.log_dir: Optional[str] = None
         self.arena = transport.ShmArena()
         self.launches = 0
@@ -326,6 +327,7 @@ class WorkerGroup:
             self._infos, self._sizes_checked = {}, set()
             self.memory_stats, self.forward_peaks = None, {}
             self.vae = None
+            self.uni3c = None
             self.arena.close()
             if self.log_dir and not keep_logs and proc is not None:
                 shutil.rmtree(self.log_dir, ignore_errors=True)
@@ -530,6 +532,8 @@ class WorkerGroup:
                     "its collectives run inside the compiled block functions. Remove the TorchCompileModel node, or "
                     "use pipeline_parallel_degree, fsdp or the sequence layouts with it")
             self._check_inputs(info, inputs)
+            if inputs.uni3c is not None:
+                self._check_uni3c(info, inputs)
             self._check_memory(key, inputs)
             x, t = inputs.hidden_states, inputs.timestep
             b, _, f, h, w = x.shape
@@ -548,8 +552,11 @@ class WorkerGroup:
             skip = sorted({int(i) for i in inputs.skip_blocks}) if inputs.skip_blocks else None
             rope = {k: float(v) for k, v in inputs.rope_options.items() if k in P.ROPE_OPTIONS} \
                 if inputs.rope_options else None
+            uni3c = None
+            if inputs.uni3c is not None:
+                uni3c = {"key": str(inputs.uni3c["key"]), "strength": float(inputs.uni3c.get("strength", 1.0))}
             request = P.Forward(key, self.arena.name, specs, reserved["out"], scale, skip, rope or None,
-                                bool(inputs.compile))
+                                bool(inputs.compile), uni3c)
             replies: list[P.ForwardDone] = self._call(request, self.config.forward_timeout_s)
             t2 = time.perf_counter()
             self._note_memory([r.memory for r in replies])
@@ -565,6 +572,62 @@ class WorkerGroup:
                     compiled=replies[0].compiled, stream_tokens=[r.stream_tokens for r in replies],
                 )
             return out
+
+    # ---- Uni3C camera control (parallel/uni3c.py) -------------------------------------------------
+    def uni3c_load(self, state_dict: dict, key: Optional[str] = None) -> str:
+        """Hold the Uni3C control net `state_dict` (ComfyUI's names, as ModelPatchLoader builds it;
+        any device) on every rank, replicated, in the group's compute dtype (the patch embedding in
+        fp32, as ComfyUI keeps it); returns its key. The weights cross once: when the ranks hold this
+        key already, nothing is sent. `key`: `uni3c_key` of the same weights, when the caller has it."""
+        from .uni3c import UNUSED_PREFIXES, config_from_state_dict
+
+        with self._lock:
+            tensors = {k: v for k, v in state_dict.items() if not k.startswith(UNUSED_PREFIXES)}
+            try:
+                config = config_from_state_dict(tensors)
+            except KeyError as e:
+                raise ValueError(f"not a Uni3C control net state dict (missing {e})") from None
+            key = key or uni3c_key(tensors)
+            if self.uni3c is not None and self.uni3c[0] == key and self.alive:
+                return key
+            self.start()
+            wire = self.config.torch_dtype()
+            dtypes = {k: (torch.float32 if k.startswith("controlnet_patch_embedding.") else wire) for k in tensors}
+            specs, _ = self.arena.pack(tensors, {}, dtypes)
+            replies: list[P.Uni3CLoaded] = self._call(P.Uni3CLoad(key, self.arena.name, specs, config),
+                                                      self.config.load_timeout_s)
+            self.uni3c = (key, config, replies[0].param_bytes)
+            self._note_memory([r.memory for r in replies])
+            return key
+
+    def _check_uni3c(self, info: P.Loaded, inputs: P.ForwardInputs):
+        """Uni3C's refusals, before any rank runs: a net that is not loaded, placements it does not
+        support, a Ulysses degree its heads do not divide, a control input that is not the video's grid."""
+        key = inputs.uni3c.get("key")
+        if self.uni3c is None or self.uni3c[0] != key:
+            raise KeyError(f"Uni3C control net {key!r} is not loaded on this group (uni3c_load it first)")
+        config = self.uni3c[1]
+        c = self.config
+        if c.pipeline_parallel_degree > 1 or c.tensor_parallel_degree > 1:
+            raise ConfigError(
+                "Uni3C (WanUni3CControlnetApply) is not supported with pipeline_parallel_degree or tensor_parallel_degree "
+                "> 1 (its control blocks would need their own stage / head split); use the sequence layouts (Ulysses, "
+                "ring, CFG split) with replicated or fsdp weights")
+        heads = config["num_heads"]
+        layouts = (info.layout, info.fallback_layout)
+        bad = sorted({lay.ulysses for lay in layouts if heads % lay.ulysses})
+        if bad:
+            raise ConfigError(
+                f"Uni3C's control network has {heads} heads, which Ulysses degree {bad[0]} of this Config does not "
+                f"divide; set ulysses_degree to one of {[d for d in range(1, heads + 1) if heads % d == 0]} (ring_degree "
+                "takes the rest)")
+        x, u = inputs.hidden_states, inputs.uni3c_input
+        if tuple(info.patch_size) != (1, 2, 2):
+            raise ValueError(f"Uni3C needs a Wan model with patch size (1, 2, 2); this one has {tuple(info.patch_size)}")
+        if u is None or u.ndim != 5 or tuple(u.shape[2:]) != tuple(x.shape[2:]) or u.shape[1] != config["in_channels"] \
+                or x.shape[0] % u.shape[0]:
+            raise ValueError(f"uni3c_input must be [n, {config['in_channels']}, {', '.join(map(str, x.shape[2:]))}] with n "
+                             f"dividing the batch {x.shape[0]}; got {None if u is None else tuple(u.shape)}")
 
     # ---- the VAE (parallel/sp_vae.py) ------------------------------------------------------------
     def vae_load(self, state_dict: dict, dtype: str, key: Optional[str] = None) -> str:
@@ -639,17 +702,20 @@ class WorkerGroup:
         from .memory import card_bytes, estimate
 
         shape = tuple(inputs.hidden_states.shape)
-        if (key, shape) in self._sizes_checked or self.config.device != "cuda":
+        uni3c = inputs.uni3c is not None and self.uni3c is not None
+        if (key, shape, uni3c) in self._sizes_checked or self.config.device != "cuda":
             return
         loaded = self.models[key]
         resident = sum(m.param_bytes for k, m in self.models.items() if k != key)
+        if uni3c:  # Uni3C's control net, whole on every rank (its activations are small beside the model's)
+            resident += self.uni3c[2]
         plan = estimate(self._infos[key], self.config, loaded.placement, shape[2:], shape[0],
                         card_bytes(self.config), resident)
         if not plan.fits:
             raise ConfigError(
                 f"a {shape[0]} x {'x'.join(map(str, shape[2:]))} latent does not fit: {plan.describe()}. Use a "
                 "smaller video or batch, more GPUs, weight_sharding='fsdp' or weight_dtype='fp8_e4m3fn'.")
-        self._sizes_checked.add((key, shape))
+        self._sizes_checked.add((key, shape, uni3c))
 
     def ping(self) -> list[P.Pong]:
         """Every rank's answer (rank, models it holds): a round trip through each request loop."""
@@ -671,6 +737,11 @@ class WorkerGroup:
             raise ValueError(f"encoder_hidden_states must be [B, tokens, dim] with B={x.shape[0]}, got {tuple(ctx.shape)}")
         if t.ndim > 2:
             raise ValueError(f"timestep must be [B], [B, frames] or [B, tokens], got {tuple(t.shape)}")
+
+
+def uni3c_key(tensors: dict) -> str:
+    """The content key of a Uni3C control net's weights (vae_key's hash)."""
+    return "uni3c-" + vae_key(tensors, "")[4:]
 
 
 def vae_key(tensors: dict, dtype: str) -> str:

@@ -51,6 +51,12 @@ class ForwardInputs:
                                  or None
     compile                      run the blocks' per-token work compiled in this forward even when the
                                  group's config does not (ComfyUI's TorchCompileModel on the MODEL)
+    uni3c_input                  [n, C, frames, height, width] Uni3C control input (model input's first
+                                 20 channels + the render latent, built by ComfyUI's patch) of the first
+                                 n rows (one cond's: row r of the batch uses control row r % n), or None
+    uni3c                        with uni3c_input: {"key": the control net loaded by uni3c_load,
+                                 "strength": float} (the sigma window is applied by the owner: outside
+                                 it, no uni3c is sent)
     """
 
     hidden_states: typing.Any
@@ -62,10 +68,14 @@ class ForwardInputs:
     skip_blocks: Optional[list] = None
     rope_options: Optional[dict] = None
     compile: bool = False
+    uni3c_input: typing.Any = None
+    uni3c: Optional[dict] = None
 
     TENSORS: typing.ClassVar[tuple[str, ...]] = (
         "hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image", "control_hidden_states",
+        "uni3c_input",
     )
+    UNBATCHED: typing.ClassVar[tuple[str, ...]] = ("uni3c_input",)  # not sliced by batch rows
 
     def tensors(self) -> dict:
         """{name: tensor} of the tensors that are present."""
@@ -110,6 +120,24 @@ class Forward:
     skip_blocks: Optional[list] = None
     rope_options: Optional[dict] = None
     compile: bool = False
+    uni3c: Optional[dict] = None
+
+
+@dataclass
+class Uni3CLoad:
+    """Hold this Uni3C control net (uni3c.Uni3CNet kwargs `config`, weights in the arena under
+    ComfyUI's names) under `key` in the group's compute dtype, replacing any held before."""
+
+    key: str  # launcher.uni3c_key: the weights' content
+    arena: str
+    tensors: dict[str, TensorSpec]
+    config: dict
+
+
+@dataclass
+class Uni3CLoaded:
+    param_bytes: int
+    memory: Optional[MemoryStats] = None
 
 
 @dataclass
@@ -306,7 +334,7 @@ class Done:
 MESSAGES = {cls.__name__: cls for cls in (
     Ping, Shutdown, Load, Unload, Forward, Memory, SetWeightPatches, Pong, MemoryStats, Loaded, ForwardDone, WeightsPatched,
     Failed,
-    Done, VaeLoad, VaeDecode, VaeEncode, VaeLoaded, VaeDone,
+    Done, VaeLoad, VaeDecode, VaeEncode, VaeLoaded, VaeDone, Uni3CLoad, Uni3CLoaded,
 )}
 
 

@@ -394,6 +394,7 @@ class ModelRunner:
         self.device = device
         self.dtype = config.torch_dtype()
         self.models: dict[str, _Model] = {}
+        self.uni3c: Optional[tuple] = None  # (key, uni3c.Uni3CNet): Uni3C's control net, held replicated
         self._groups: dict[Layout, SPGroup] = {}
         self._fsdp: Optional[FullyShard] = None
         self.trims = 0  # calls of trim(), reported in protocol.MemoryStats
@@ -542,7 +543,7 @@ class ModelRunner:
 
     def param_bytes(self) -> int:
         """Parameter bytes of every model this rank holds."""
-        return sum(m.param_bytes for m in self.models.values())
+        return sum(m.param_bytes for m in self.models.values()) + self.uni3c_param_bytes()
 
     def _model(self, key: str) -> _Model:
         m = self.models.get(key)
@@ -577,11 +578,53 @@ class ModelRunner:
         batch = inputs.batch
         layout = self.layout_for(key, batch, linkprobe.tokens_of(inputs.hidden_states.shape[2:],
                                                                  m.module.config.patch_size))
+        if inputs.uni3c is not None and self.uni3c is not None and self.uni3c[1].num_heads % layout.ulysses:
+            # the cost model's pick splits heads Uni3C's control net cannot split: the static layout
+            # instead, which the owner checked (launcher._check_uni3c); every rank decides the same
+            layout = m.layouts[0] if batch % m.layouts[0].cfg == 0 else m.layouts[1]
         group = self.group(layout)
         per = batch // layout.cfg
         rows = slice(group.cfg_index * per, (group.cfg_index + 1) * per)
         mine = self._rows_on_device(inputs, rows, batch)
-        return rows, m.sp(group, mine), layout
+        uni3c = self._uni3c_call(inputs, rows) if inputs.uni3c is not None else None
+        return rows, m.sp(group, mine, uni3c=uni3c), layout
+
+    # ---- Uni3C camera control (parallel/uni3c.py) ------------------------------------------------
+    def uni3c_load(self, key: str, config: dict, tensors: dict):
+        """Hold the Uni3C control net `key` (replacing any other: one per group), replicated."""
+        from .uni3c import build
+
+        if self.uni3c is not None and self.uni3c[0] == key:
+            return
+        self.uni3c = None
+        self.uni3c = (key, build(config, tensors, self.device, self.dtype))
+
+    def uni3c_param_bytes(self) -> int:
+        if self.uni3c is None:
+            return 0
+        return sum(p.numel() * p.element_size() for p in self.uni3c[1].parameters())
+
+    def _uni3c_call(self, inputs: protocol.ForwardInputs, rows: slice):
+        """This CFG group's Uni3C work: the control rows its batch rows use (row r uses control row
+        r % n, as WanUni3CCnetPatch repeats one cond's residual over the others), each computed once."""
+        from .uni3c import Uni3CCall
+
+        key = inputs.uni3c.get("key")
+        if self.uni3c is None or self.uni3c[0] != key:
+            raise KeyError(f"Uni3C control net {key!r} is not loaded on this group (uni3c_load it first)")
+        control = inputs.uni3c_input
+        n = control.shape[0]
+        need = [r % n for r in range(rows.start, rows.stop)]
+        distinct = sorted(set(need))
+        pick = torch.tensor(distinct)
+        timestep = inputs.timestep[pick] if inputs.timestep.ndim else inputs.timestep.reshape(1).expand(len(distinct))
+        return Uni3CCall(
+            net=self.uni3c[1],
+            control=control[pick].to(self.device, dtype=self.dtype),
+            timestep=timestep.to(self.device, dtype=torch.float32),
+            index=torch.tensor([distinct.index(r) for r in need], device=self.device),
+            strength=float(inputs.uni3c.get("strength", 1.0)),
+        )
 
     def stream_tokens(self, key: str) -> int:
         """Tokens of a batch row between blocks on this rank in model `key`'s last forward: its
@@ -591,6 +634,8 @@ class ModelRunner:
     def _rows_on_device(self, inputs: protocol.ForwardInputs, rows: slice, batch: int) -> protocol.ForwardInputs:
         moved = {}
         for name, t in inputs.tensors().items():
+            if name in inputs.UNBATCHED:
+                continue  # rows of its own, taken by its user (Uni3C: _uni3c_call)
             t = t[rows] if t.ndim and t.shape[0] == batch else t
             dtype = torch.float32 if name == "timestep" else self.dtype
             moved[name] = t.to(self.device, dtype=dtype, non_blocking=True)

@@ -215,8 +215,9 @@ class SequenceParallelWan(torch.nn.Module):
                 block._xdit_ctx = self.ctx
 
     @torch.no_grad()
-    def forward(self, group: SPGroup, inputs: ForwardInputs) -> Optional[torch.Tensor]:
+    def forward(self, group: SPGroup, inputs: ForwardInputs, uni3c=None) -> Optional[torch.Tensor]:
         """The rows `inputs` holds, on this rank's device (timestep may also be per frame, [B, frames]).
+        `uni3c`: a `uni3c.Uni3CCall` when Uni3C camera control is on for this forward.
 
         Returns the full output on the group leader and None on the other ranks.
         """
@@ -293,9 +294,16 @@ class SequenceParallelWan(torch.nn.Module):
         elif control_hidden_states is not None:
             raise ValueError("control_hidden_states (vace_context) given, but this is not a VACE model")
 
+        control = None
+        if uni3c is not None:  # Uni3C: its tokens padded and sharded as the video's (parallel/uni3c.py)
+            from .uni3c import Uni3CRun, time_embedding
+
+            control = Uni3CRun(uni3c, time_embedding(m, uni3c.timestep, encoder_hidden_states), group, self.backend,
+                               padded, seq)
+
         skip = set(inputs.skip_blocks or ())
         if group.pipeline == 1:
-            x = self._head(self._blocks(x, context, timestep_proj, rotary, hints, skip), temb)
+            x = self._head(self._blocks(x, context, timestep_proj, rotary, hints, skip, control), temb)
         else:
             x = self._pipeline(group, x, context, timestep_proj, temb, rotary, hints, skip,
                                (batch, padded // split, m.config.num_attention_heads * m.config.attention_head_dim),
@@ -312,12 +320,16 @@ class SequenceParallelWan(torch.nn.Module):
         x = x.reshape(batch, *grid, p_t, p_h, p_w, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
-    def _blocks(self, x, context, timestep_proj, rotary, hints, skip) -> torch.Tensor:
-        """This rank's blocks (all of them, or its pipeline stage's) on the stream `x`."""
+    def _blocks(self, x, context, timestep_proj, rotary, hints, skip, control=None) -> torch.Tensor:
+        """This rank's blocks (all of them, or its pipeline stage's) on the stream `x`; after each
+        block, as native Wan runs its double_block patches, Uni3C's residual (`control`), then the
+        VACE hint."""
         self.stream_tokens = x.shape[1]  # tokens a row of the stream between blocks holds on this rank
         for i in self.pipeline_blocks:
             if i not in skip:  # a skipped block passes the stream on unchanged; its VACE hint is still added
                 x = self.model.blocks[i](x, context, timestep_proj, rotary)
+            if control is not None:
+                x = control.after_block(i, x)
             if i in hints:
                 x = x + hints[i]
         return x

@@ -8,6 +8,7 @@ job when no checkpoint is given, by the tests and by the transport benchmark.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -249,3 +250,114 @@ def vae_reference(vae, x: torch.Tensor, encode: bool) -> torch.Tensor:
     if encode:
         return vae.encode(x, return_dict=False)[0].mode().float()
     return vae.decode(x, return_dict=False)[0].float()
+
+
+# ---- Uni3C (parallel/uni3c.py): a tiny random control net and the single-process reference ---------
+# written from ComfyUI's comfy/ldm/wan/uni3c.py and WanUni3CCnetPatch, not from parallel/uni3c.py
+UNI3C_HEADS = 16  # ComfyUI always builds 16 heads
+
+
+def uni3c_state_dict(model_dim: int, seed: int = 3, dim: int = 192, conv_out: int = 96, ffn: int = 64,
+                     layers: int = 2, std: float = 0.1) -> dict:
+    """A random Uni3C net under ComfyUI's names (after ModelPatchLoader's key conversion), mask
+    embedding included (ComfyUI builds it; the patch never uses it). The default is tiny: 16 heads
+    of 12 (RoPE axes 4 + 4 + 4), 2 layers; ComfyUI's defaults are dim 1024, conv_out 5120, ffn 8192,
+    20 layers."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g) * std
+
+    sd = {"controlnet_patch_embedding.weight": r(conv_out, 36, 1, 2, 2), "controlnet_patch_embedding.bias": r(conv_out),
+          "proj_in.weight": r(dim, conv_out), "proj_in.bias": r(dim),
+          "controlnet_mask_embedding.mask_proj.0.weight": r(8, 7, 4, 8, 8)}
+    for i in range(layers):
+        b = f"controlnet_blocks.{i}."
+        for n in ("norm1", "norm2"):
+            sd.update({b + n + ".linear.weight": r(3 * dim, model_dim), b + n + ".linear.bias": r(3 * dim),
+                       b + n + ".norm.weight": 1 + r(dim), b + n + ".norm.bias": r(dim)})
+        for n in "qkvo":
+            sd.update({b + f"self_attn.{n}.weight": r(dim, dim), b + f"self_attn.{n}.bias": r(dim)})
+        sd.update({b + "self_attn.norm_q.weight": 1 + r(dim), b + "self_attn.norm_k.weight": 1 + r(dim),
+                   b + "ffn.0.weight": r(ffn, dim), b + "ffn.0.bias": r(ffn),
+                   b + "ffn.2.weight": r(dim, ffn), b + "ffn.2.bias": r(dim),
+                   f"proj_out.{i}.weight": r(model_dim, dim), f"proj_out.{i}.bias": r(model_dim)})
+    return sd
+
+
+def _uni3c_rope(grid, head_dim, device):
+    """ComfyUI's EmbedND for Uni3C as complex rotations, [S, head_dim / 2]."""
+    d6 = head_dim // 6
+    angles = []
+    for axis, dim in enumerate((head_dim - 4 * d6, 2 * d6, 2 * d6)):
+        omega = 1.0 / 10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        pos = torch.arange(grid[axis], dtype=torch.float64)
+        shape = [1, 1, 1, -1]
+        shape[axis] = grid[axis]
+        angles.append((pos[:, None] * omega[None]).reshape(shape).expand(*grid, -1))
+    a = torch.cat(angles, dim=-1).reshape(math.prod(grid), -1)
+    return torch.polar(torch.ones_like(a), a).to(torch.complex64).to(device)
+
+
+def _uni3c_rotate(x, rot):  # x [B, S, H, D], interleaved pairs
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2).contiguous())
+    return torch.view_as_real(xc * rot[None, :, None]).flatten(-2)
+
+
+def uni3c_residuals(sd, control, temb, strength):
+    """uni3c.py's process_input + forward_block for each layer, fp32: the residuals [n, S, model_dim]."""
+    f = torch.nn.functional
+    layers = sum(1 for k in sd if k.startswith("proj_out.") and k.endswith(".weight"))
+    dim = sd["proj_in.weight"].shape[0]
+    h = f.conv3d(control.float(), sd["controlnet_patch_embedding.weight"], sd["controlnet_patch_embedding.bias"],
+                 stride=(1, 2, 2))
+    grid = tuple(h.shape[2:])
+    h = f.linear(h.flatten(2).transpose(1, 2), sd["proj_in.weight"], sd["proj_in.bias"])
+    rot = _uni3c_rope(grid, dim // UNI3C_HEADS, h.device)
+    out = []
+    for i in range(layers):
+        b = f"controlnet_blocks.{i}."
+
+        def nz(x, n):
+            shift, scale, gate = f.linear(f.silu(temb), sd[b + n + ".linear.weight"], sd[b + n + ".linear.bias"]).chunk(3, 1)
+            x = f.layer_norm(x, (dim,), sd[b + n + ".norm.weight"], sd[b + n + ".norm.bias"], eps=1e-5)
+            return x * (1 + scale[:, None]) + shift[:, None], gate[:, None]
+
+        def lin(x, n):
+            return f.linear(x, sd[b + f"self_attn.{n}.weight"], sd[b + f"self_attn.{n}.bias"])
+
+        def heads(x):
+            return x.unflatten(2, (UNI3C_HEADS, -1))
+
+        x, gate = nz(h, "norm1")
+        q = _uni3c_rotate(heads(f.rms_norm(lin(x, "q"), (dim,), sd[b + "self_attn.norm_q.weight"], eps=1e-6)), rot)
+        k = _uni3c_rotate(heads(f.rms_norm(lin(x, "k"), (dim,), sd[b + "self_attn.norm_k.weight"], eps=1e-6)), rot)
+        v = heads(lin(x, "v"))
+        a = f.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+        h = h + gate * lin(a.flatten(2), "o")
+        x, gate = nz(h, "norm2")
+        ff = f.linear(f.gelu(f.linear(x, sd[b + "ffn.0.weight"], sd[b + "ffn.0.bias"]), approximate="tanh"),
+                      sd[b + "ffn.2.weight"], sd[b + "ffn.2.bias"])
+        h = h + gate * ff
+        out.append(f.linear(h, sd[f"proj_out.{i}.weight"], sd[f"proj_out.{i}.bias"]) * strength)
+    return out
+
+
+@torch.no_grad()
+def uni3c_reference(model, sd, inputs: ForwardInputs, control, strength):
+    """diffusers' forward (fp32, the tensors' device) with WanUni3CCnetPatch's residuals added after
+    each block (forward hooks): the net runs on the control's n rows (temb: diffusers' time
+    embedding, native's vec, of their timesteps), and row r of the batch gets control row r % n."""
+    n = control.shape[0]
+    ce = model.condition_embedder
+    t = inputs.timestep[:n]
+    temb = ce.time_embedder(ce.timesteps_proj(t[:, 0] if t.ndim == 2 else t))
+    residuals = uni3c_residuals(sd, control, temb, strength)
+    index = [r % n for r in range(inputs.batch)]
+    hooks = [model.blocks[i].register_forward_hook(lambda m, a, o, res=res: o + res[index])
+             for i, res in enumerate(residuals)]
+    try:
+        return reference_forward(model, inputs)
+    finally:
+        for h in hooks:
+            h.remove()

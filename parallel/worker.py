@@ -49,6 +49,7 @@ class Worker:
             P.Ping: self.ping, P.Load: self.load, P.Unload: self.unload, P.Forward: self.forward,
             P.SetWeightPatches: self.set_weight_patches, P.Memory: self.memory,
             P.VaeLoad: self.vae_load, P.VaeDecode: self.vae_run, P.VaeEncode: self.vae_run,
+            P.Uni3CLoad: self.uni3c_load,
         }
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -135,7 +136,7 @@ class Worker:
         buf = self.shm.buf(req.arena, pin=cuda)
         inputs = P.ForwardInputs(**{name: transport.view(buf, spec) for name, spec in req.inputs.items()},
                                  control_hidden_states_scale=req.control_scale, skip_blocks=req.skip_blocks,
-                                 rope_options=req.rope_options,
+                                 rope_options=req.rope_options, uni3c=req.uni3c,
                                  compile=req.compile or self.config.compile)  # the one place this is decided
         self._faults("forward")
         sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -155,6 +156,14 @@ class Worker:
                              peak_bytes=torch.cuda.max_memory_allocated(self.device) if cuda else None,
                              memory=self.memory_stats(), compiled=inputs.compile,
                              stream_tokens=self.runner.stream_tokens(req.key))
+
+    def uni3c_load(self, req: P.Uni3CLoad) -> P.Uni3CLoaded:
+        buf = self.shm.buf(req.arena)
+        tensors = {name: transport.view(buf, spec) for name, spec in req.tensors.items()}
+        self.runner.uni3c_load(req.key, req.config, tensors)
+        del tensors
+        self.runner.trim()
+        return P.Uni3CLoaded(param_bytes=self.runner.uni3c_param_bytes(), memory=self.memory_stats())
 
     def vae_load(self, req: P.VaeLoad) -> P.VaeLoaded:
         self._faults("vae_load")

@@ -708,6 +708,139 @@ def test_model_patching_nodes_match_native(runner, node, inputs, unet):
     assert _rel(ours, native) < TOL, _rel(ours, native)
 
 
+class XDitTestRandomImage:
+    """A random IMAGE [frames, height, width, 3] in [0, 1] (a render video for Uni3C)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31}),
+                             "frames": ("INT", {"default": 3, "min": 1, "max": 64}),
+                             "height": ("INT", {"default": 40, "min": 8, "max": 512}),
+                             "width": ("INT", {"default": 64, "min": 8, "max": 512})}}
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "make"
+    CATEGORY = "testing"
+
+    def make(self, seed, frames, height, width):
+        return (torch.rand(frames, height, width, 3, generator=torch.Generator().manual_seed(seed)),)
+
+
+NODES.NODE_CLASS_MAPPINGS["XDitTestRandomImage"] = XDitTestRandomImage
+
+
+def _save_uni3c(path, model_dim=256, seed=12, dim=192, conv_out=96, ffn=64, layers=2, add=7, mid=16):
+    """A tiny random Uni3C control net under the original checkpoint's names (self_attn.to_q ...,
+    converted by ModelPatchLoader), 16 heads of 12, mask embedding included (the loader builds it)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g) * 0.1
+
+    t = {"controlnet_patch_embedding.weight": r(conv_out, 36, 1, 2, 2), "controlnet_patch_embedding.bias": r(conv_out),
+         "proj_in.weight": r(dim, conv_out), "proj_in.bias": r(dim),
+         "controlnet_mask_embedding.mask_proj.0.weight": r(mid, add, 4, 8, 8), "controlnet_mask_embedding.mask_proj.0.bias": r(mid),
+         "controlnet_mask_embedding.mask_proj.1.weight": 1 + r(mid), "controlnet_mask_embedding.mask_proj.1.bias": r(mid),
+         "controlnet_mask_embedding.mask_zero_proj.weight": r(conv_out, mid, 1, 2, 2),
+         "controlnet_mask_embedding.mask_zero_proj.bias": r(conv_out)}
+    for i in range(layers):
+        b = f"controlnet_blocks.{i}."
+        for n in ("norm1", "norm2"):
+            t.update({b + n + ".linear.weight": r(3 * dim, model_dim), b + n + ".linear.bias": r(3 * dim),
+                      b + n + ".norm.weight": 1 + r(dim), b + n + ".norm.bias": r(dim)})
+        for n in ("to_q", "to_k", "to_v", "to_out.0"):
+            t.update({b + f"self_attn.{n}.weight": r(dim, dim), b + f"self_attn.{n}.bias": r(dim)})
+        t.update({b + "self_attn.norm_q.weight": 1 + r(dim), b + "self_attn.norm_k.weight": 1 + r(dim),
+                  b + "ffn.0.weight": r(ffn, dim), b + "ffn.0.bias": r(ffn), b + "ffn.2.weight": r(dim, ffn),
+                  b + "ffn.2.bias": r(dim), f"proj_out.{i}.weight": r(model_dim, dim), f"proj_out.{i}.bias": r(model_dim)})
+    save_file({k: v.contiguous() for k, v in t.items()}, path)
+
+
+@pytest.fixture(scope="module")
+def uni3c_files(models_dir):
+    """model_patches/tiny_uni3c.safetensors and vae/tiny_wan21_vae.safetensors (the tiny Wan 2.1 VAE)."""
+    tiny = importlib.import_module(PACK.__name__ + ".parallel.tiny")
+    mp, vae = os.path.join(models_dir, "model_patches"), os.path.join(models_dir, "vae")
+    os.makedirs(mp, exist_ok=True)
+    os.makedirs(vae, exist_ok=True)
+    _save_uni3c(os.path.join(mp, "tiny_uni3c.safetensors"))
+    state = tiny.vae_comfy_state_dict(tiny.build_vae("2.1", seed=4), "2.1")
+    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(vae, "tiny_uni3c_vae.safetensors"))
+    folder_paths.add_model_folder_path("model_patches", mp)
+    folder_paths.add_model_folder_path("vae", vae)
+    yield
+    for folder, path in (("model_patches", mp), ("vae", vae)):
+        folder_paths.folder_names_and_paths[folder][0].remove(path)
+    folder_paths.filename_list_cache.clear()
+
+
+def test_uni3c_camera_control_matches_native(runner, uni3c_files):
+    """ComfyUI's ModelPatchLoader + WanUni3CControlnetApply (a double_block patch) on our MODEL: the
+    control net runs on the workers (CFG split on the 2 ranks: each group computes it for the cond
+    rows, as native shares them), the render video is encoded by ComfyUI's VAE in ComfyUI's process,
+    the sigma window (end_percent 0.4: sigma 0.92 with shift 8) leaves the second of the 2 steps
+    (sigma 0.89) without it. Same latent as native, and the node changes ours as much as it changes
+    native (the graphs without it are the merge tests' _PLAIN, computed once)."""
+    def graph(ours):
+        p = t2v_graph(ours, seed=43, steps=2)
+        p.update({
+            "mp": {"class_type": "ModelPatchLoader", "inputs": {"name": "tiny_uni3c.safetensors"}},
+            "vae": {"class_type": "VAELoader", "inputs": {"vae_name": "tiny_uni3c_vae.safetensors"}},
+            "render": {"class_type": "XDitTestRandomImage", "inputs": {"seed": 3, "frames": 3, "height": 40,
+                                                                        "width": 64}},
+            "uni3c": {"class_type": "WanUni3CControlnetApply", "inputs": {
+                "model": ["ms", 0], "model_patch": ["mp", 0], "vae": ["vae", 0], "render_video": ["render", 0],
+                "strength": 0.8, "start_percent": 0.0, "end_percent": 0.4}},
+        })
+        p["ks"]["inputs"]["model"] = ["uni3c", 0]
+        return p
+
+    def nets_loaded():
+        return [lm for lm in mm.current_loaded_models if type(getattr(lm.model, "model", None)).__name__ == "WanUni3CControlnet"]
+
+    ours = _latent(runner, graph(True))
+    assert not nets_loaded(), "ComfyUI loaded the control net beside our MODEL (the workers hold it)"
+    native = _latent(runner, graph(False))
+    assert nets_loaded(), "native loads it (the check above sees it)"
+    for o in (False, True):
+        if o not in _PLAIN:
+            _PLAIN[o] = _latent(runner, t2v_graph(o, seed=43, steps=2))
+    effect_native, effect_ours = _rel(native, _PLAIN[False]), _rel(ours, _PLAIN[True])
+    err = _rel(ours, native)
+    print(f"Uni3C changes native by {effect_native:.3e}, ours by {effect_ours:.3e}; ours vs native {err:.2e}")
+    assert effect_native > 1e-3, "the node changes the native result"
+    assert err < TOL
+    assert abs(effect_ours - effect_native) <= TOL * max(1.0, effect_native)
+    assert _group().uni3c is not None  # the control net was sent to (and is held by) the workers
+
+
+def test_uni3c_refuses_layouts_it_cannot_run_naming_the_node():
+    """Before sampling: Uni3C with tensor / pipeline parallel, and with a Ulysses degree that its 16
+    control heads do not divide (a Config for a 48-head model on 3 ranks), is refused naming the node
+    and saying what works. A real WanUni3CCnetPatch around a real (tiny) ComfyUI Uni3C net."""
+    import types
+
+    import comfy.ldm.wan.uni3c
+    import comfy.ops
+    from comfy_extras.nodes_model_patch import WanUni3CCnetPatch
+
+    net = comfy.ldm.wan.uni3c.WanUni3CControlnet(in_channels=36, conv_out_dim=96, dim=192, ffn_dim=64, num_layers=1,
+                                                time_embed_dim=256, out_proj_dim=256, mid_channels=16,
+                                                operations=comfy.ops.manual_cast)
+    patch = WanUni3CCnetPatch(types.SimpleNamespace(model=net), None, None, None, 1.0, 1.0, 0.0)
+    assert XM._is_uni3c(patch) and not XM._is_uni3c(lambda kwargs: kwargs)
+    ok = PAR.XDitUSPConfig(world_size=2, ulysses_degree=2, device="cpu")
+    assert XM.uni3c_layout_problems(ok, 2, patch) == []
+    bad_ulysses = XM.uni3c_layout_problems(PAR.XDitUSPConfig(world_size=3, ulysses_degree=3, device="cpu"), 48, patch)
+    assert len(bad_ulysses) == 1 and "16 heads" in bad_ulysses[0] and "[1, 2, 4, 8, 16]" in bad_ulysses[0], bad_ulysses
+    tp = XM.uni3c_layout_problems(PAR.XDitUSPConfig(world_size=2, tensor_parallel_degree=2, device="cpu"), 2, patch)
+    assert len(tp) == 1 and "tensor_parallel_degree" in tp[0], tp
+    topts = {"patches": {"double_block": [patch, lambda kwargs: kwargs]}}
+    _, problems = XM.check_transformer_options(topts, 2)
+    assert len(problems) == 1 and "'double_block'" in problems[0], problems  # the other patch only
+    assert XM.check_transformer_options({"patches": {"double_block": [patch]}}, 2)[1] == []
+
+
 def test_torch_compile_model_compiles_on_the_workers(runner):
     """ComfyUI's TorchCompileModel on our MODEL: the proxy (a call to the workers) is not traced, and
     every forward of the sampling runs the workers' compiled blocks; same latent as native."""
