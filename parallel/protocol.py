@@ -51,6 +51,12 @@ class ForwardInputs:
                                  or None
     compile                      run the blocks' per-token work compiled in this forward even when the
                                  group's config does not (ComfyUI's TorchCompileModel on the MODEL)
+    audio_tokens                 [latent frames, audio tokens, audio dim] projected audio context of an
+                                 audio patch (InfiniteTalk / MultiTalk: ComfyUI's already projected
+                                 transformer_options["audio_embeds"], batch 1, the same for every row), or None
+    audio_key                    the content key of the audio patch weights the group holds (AudioLoad)
+                                 that attend to audio_tokens after every block's cross-attention, or None
+    audio_scale                  the audio patch's output scale (x <- x + scale * audio_attention(x))
     """
 
     hidden_states: typing.Any
@@ -62,10 +68,16 @@ class ForwardInputs:
     skip_blocks: Optional[list] = None
     rope_options: Optional[dict] = None
     compile: bool = False
+    audio_tokens: typing.Any = None
+    audio_key: Optional[str] = None
+    audio_scale: float = 1.0
 
     TENSORS: typing.ClassVar[tuple[str, ...]] = (
         "hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image", "control_hidden_states",
+        "audio_tokens",
     )
+    # tensors that are not per batch row (every row, and so every CFG group, gets all of it)
+    SHARED: typing.ClassVar[tuple[str, ...]] = ("audio_tokens",)
 
     def tensors(self) -> dict:
         """{name: tensor} of the tensors that are present."""
@@ -110,6 +122,7 @@ class Forward:
     skip_blocks: Optional[list] = None
     rope_options: Optional[dict] = None
     compile: bool = False
+    audio: Optional[dict] = None  # {"key": AudioLoad key, "scale": float} with the input audio_tokens
 
 
 @dataclass
@@ -199,6 +212,21 @@ class VaeEncode:
     arena: str
     input: TensorSpec
     out: TensorSpec
+
+
+@dataclass
+class AudioLoad:
+    """Hold these audio patch weights (InfiniteTalk / MultiTalk per-block audio cross-attention) under
+    `key`, replacing any held before (one per group), in the compute dtype. `tensors`: for each
+    transformer block i, `blocks.{i}.norm_x.{weight,bias}` (LayerNorm, eps `eps`) and
+    `blocks.{i}.audio_cross_attn.{q_linear,kv_linear,proj}.{weight,bias}`; `num_heads`: the audio
+    attention's own head count."""
+
+    key: str  # launcher.content_key of the weights
+    arena: str
+    tensors: dict[str, TensorSpec]
+    num_heads: int
+    eps: float = 1e-5
 
 
 # ---- replies ----------------------------------------------------------------------------------------
@@ -305,7 +333,7 @@ class Done:
 MESSAGES = {cls.__name__: cls for cls in (
     Ping, Shutdown, Load, Unload, Forward, Memory, SetWeightPatches, Pong, MemoryStats, Loaded, ForwardDone, WeightsPatched,
     Failed,
-    Done, VaeLoad, VaeDecode, VaeEncode, VaeLoaded, VaeDone,
+    Done, VaeLoad, VaeDecode, VaeEncode, VaeLoaded, VaeDone, AudioLoad,
 )}
 
 

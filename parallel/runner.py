@@ -390,6 +390,7 @@ class ModelRunner:
         self.device = device
         self.dtype = config.torch_dtype()
         self.models: dict[str, _Model] = {}
+        self.audio = None  # sp_audio.AudioPatch the group holds (one at a time; protocol.AudioLoad)
         self._groups: dict[Layout, SPGroup] = {}
         self._fsdp: Optional[FullyShard] = None
         self.trims = 0  # calls of trim(), reported in protocol.MemoryStats
@@ -533,7 +534,15 @@ class ModelRunner:
 
     def param_bytes(self) -> int:
         """Parameter bytes of every model this rank holds."""
-        return sum(m.param_bytes for m in self.models.values())
+        return sum(m.param_bytes for m in self.models.values()) + (self.audio.param_bytes if self.audio else 0)
+
+    def load_audio(self, key: str, tensors: dict, num_heads: int, eps: float):
+        """Hold an audio patch's per-block weights (InfiniteTalk), replacing the one held before."""
+        from .sp_audio import AudioPatch
+
+        self.audio = None
+        self.audio = AudioPatch(key, tensors, num_heads, eps, self.device, self.dtype)
+        self.trim()
 
     def _model(self, key: str) -> _Model:
         m = self.models.get(key)
@@ -572,12 +581,14 @@ class ModelRunner:
         per = batch // layout.cfg
         rows = slice(group.cfg_index * per, (group.cfg_index + 1) * per)
         mine = self._rows_on_device(inputs, rows, batch)
-        return rows, m.sp(group, mine), layout
+        audio = self.audio if inputs.audio_key is not None else None
+        return rows, (m.sp(group, mine, audio=audio) if audio is not None else m.sp(group, mine)), layout
 
     def _rows_on_device(self, inputs: protocol.ForwardInputs, rows: slice, batch: int) -> protocol.ForwardInputs:
         moved = {}
         for name, t in inputs.tensors().items():
-            t = t[rows] if t.ndim and t.shape[0] == batch else t
+            if name not in protocol.ForwardInputs.SHARED:  # audio tokens are every row's
+                t = t[rows] if t.ndim and t.shape[0] == batch else t
             dtype = torch.float32 if name == "timestep" else self.dtype
             moved[name] = t.to(self.device, dtype=dtype, non_blocking=True)
         return replace(inputs, **moved)
