@@ -542,6 +542,18 @@ class XDitUSPWanProxy(torch.nn.Module):
         topts = transformer_options or {}
         skip_blocks, refused = check_transformer_options(topts, len(self.blocks))
         problems += refused
+        audio, _ = audio_patch(topts)
+        audio_tokens = None
+        if audio is not None:
+            problems += _audio_layout_problems(self, self.remote.config, installed_by(audio))
+            emb = topts.get("audio_embeds")
+            frames = -(-x.shape[2] // self.patch_size[0])
+            if emb is None or emb.ndim != 4 or emb.shape[0] != 1 or emb.shape[1] != frames:
+                problems.append(f"the audio patch of {installed_by(audio)} needs transformer_options['audio_embeds'] "
+                                f"[1, {frames} latent frames, tokens, dim], got "
+                                f"{None if emb is None else tuple(emb.shape)}")
+            else:
+                audio_tokens = emb[0]
         if x.dtype != self.dtype:  # BaseModel casts the input to its compute dtype (checked at load too)
             problems.append(f"compute dtype {str(x.dtype)[6:]} (e.g. from ModelComputeDtype) differs from the "
                             f"workers' {str(self.dtype)[6:]}: set the dtype on the XDit+USP Config node instead")
@@ -575,6 +587,7 @@ class XDitUSPWanProxy(torch.nn.Module):
             remote.ensure_ready()
         stats = {}
         try:
+            audio_key = _send_audio_patch(remote.group, audio, len(self.blocks)) if audio is not None else None
             out = remote.group.forward(remote.key, ForwardInputs(
                 hidden_states=x,
                 timestep=timestep,
@@ -585,6 +598,9 @@ class XDitUSPWanProxy(torch.nn.Module):
                 skip_blocks=skip_blocks or None,
                 rope_options=topts.get("rope_options"),  # ScaleROPE: positions scaled/shifted per axis
                 compile=_torch_compile_requested(topts),
+                audio_tokens=audio_tokens,
+                audio_key=audio_key,
+                audio_scale=float(audio.audio_scale) if audio is not None else 1.0,
             ), stats=stats)
         except WorkerError as e:
             raise WorkerError(f"xDiT-USP worker rank {e.rank} failed: {e}", rank=e.rank) from e
@@ -660,17 +676,93 @@ def check_transformer_options(topts: dict, num_blocks: int) -> tuple[list[int], 
     skip, replaced = _block_skips(topts.get("patches_replace") or {}, num_blocks)
     problems += [f"patches_replace 'dit' {key!r} installed by {installed_by(fn)} (a block replacement other than "
                  "a skip) is not supported" for key, fn in replaced]
+    problems += audio_patch(topts)[1]
     for where in ("patches_replace", "patches"):
         for kind, entries in sorted((topts.get(where) or {}).items(), key=lambda kv: str(kv[0])):
             if not entries or (where == "patches_replace" and kind == "dit"):
                 continue
             fns = entries.values() if isinstance(entries, dict) else entries
+            if where == "patches" and kind == "attn2_patch":  # InfiniteTalk's audio: honoured, or said above
+                fns = [fn for fn in fns if not _is_multitalk(fn, "MultiTalkCrossAttnPatch")]
+            if where == "patches" and kind == "attn1_patch":  # InfiniteTalk's two-speaker map: said above
+                fns = [fn for fn in fns if not _is_multitalk(fn, "MultiTalkGetAttnMapPatch")]
+            if not fns:
+                continue
             by = sorted({installed_by(fn) for fn in fns})
             problems.append(f"{where} {kind!r} installed by {', '.join(by)} is not supported")
     for key, why in NATIVE_WAN_OPTIONS.items():
         if why is not None and topts.get(key) is not None:
             problems.append(f"{key} installed by {installed_by(topts[key])}: {why}")
     return skip, problems
+
+
+def _is_multitalk(fn, name: str) -> bool:
+    """Whether `fn` is ComfyUI's comfy.ldm.wan.model_multitalk.<name> (by its class, so that a
+    ComfyUI that moved the module is still recognised, and a look-alike from elsewhere is not)."""
+    cls = type(fn)
+    return cls.__name__ == name and cls.__module__.endswith("model_multitalk")
+
+
+def audio_patch(topts: dict) -> tuple[Optional[object], list[str]]:
+    """(the InfiniteTalk / MultiTalk audio patch the workers run, problems): ComfyUI's
+    MultiTalkCrossAttnPatch in transformer_options' "attn2_patch" (WanInfiniteTalkToVideo,
+    single speaker) is honoured on the workers; two speakers (its MultiTalkGetAttnMapPatch
+    "attn1_patch", the x_ref attention map) and a second audio patch are refused."""
+    patches = topts.get("patches") or {}
+    found = [fn for fn in patches.get("attn2_patch") or [] if _is_multitalk(fn, "MultiTalkCrossAttnPatch")]
+    problems = []
+    for fn in patches.get("attn1_patch") or []:
+        if _is_multitalk(fn, "MultiTalkGetAttnMapPatch"):
+            problems.append(f"two speakers (mode two_speakers with masks) of {installed_by(fn)} are not supported: the "
+                            "workers run InfiniteTalk with one speaker (mode single_speaker)")
+    if len(found) > 1:
+        problems.append(f"{len(found)} audio patches installed by {', '.join(sorted({installed_by(f) for f in found}))}: "
+                        "the workers run one")
+        return None, problems
+    if found and getattr(found[0], "ref_target_masks", None) is not None:
+        problems.append(f"the audio patch of {installed_by(found[0])} has speaker masks (two speakers): not supported")
+    return (found[0] if found else None), problems
+
+
+def _audio_layout_problems(proxy, config: XDitUSPConfig, by: str) -> list[str]:
+    problems = []
+    if proxy.is_vace:
+        problems.append(f"the audio patch of {by} on a VACE model is not supported")
+    if config.tensor_parallel_degree > 1 or config.pipeline_parallel_degree > 1:
+        problems.append(f"the audio patch of {by} runs with the sequence layouts (Ulysses, ring, CFG split) and fsdp, "
+                        "not with tensor_parallel_degree or pipeline_parallel_degree > 1: set them to 1 on the "
+                        "XDit+USP Config node")
+    return problems
+
+
+# content keys of audio patch weights, by the patch module (a pass over its weights, once per module and dtype)
+_audio_keys: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _send_audio_patch(group: WorkerGroup, patch, num_blocks: int) -> str:
+    """The audio patch's per-block weights onto the group (once per content; launcher.audio_load),
+    returning their key. `patch.model_patch` is ModelPatchLoader's MODEL_PATCH of an InfiniteTalk /
+    MultiTalk file (MultiTalkModelPatch: its audio_proj already ran in WanInfiniteTalkToVideo, so
+    only the blocks travel)."""
+    from .parallel.launcher import content_key
+
+    mp = patch.model_patch
+    module = getattr(mp, "model", mp)
+    if getattr(mp, "patches", None):
+        raise ValueError(f"xDiT-USP: the audio model patch of {installed_by(patch)} has weight patches of its own: "
+                         "not supported")
+    blocks = getattr(module, "blocks", None)
+    if blocks is None or len(blocks) < num_blocks:
+        raise ValueError(f"xDiT-USP: the audio model patch of {installed_by(patch)} has "
+                         f"{0 if blocks is None else len(blocks)} blocks, the model {num_blocks}")
+    tensors = {f"blocks.{i}.{k}": v for i in range(num_blocks) for k, v in blocks[i].state_dict().items()}
+    attn = blocks[0].audio_cross_attn
+    heads, eps = int(attn.num_heads), float(blocks[0].norm_x.eps)
+    tag = f"{group.config.torch_dtype()}|{heads}|{eps}"
+    memo = _audio_keys.setdefault(module, {})
+    if (tag, num_blocks) not in memo:
+        memo[tag, num_blocks] = content_key("audio", tensors, tag)
+    return group.audio_load(tensors, heads, eps, key=memo[tag, num_blocks])
 
 
 def _memory_required(self, input_shape, cond_shapes={}):
@@ -844,8 +936,11 @@ def patcher_problems(patcher: XDitUSPModelPatcher, model_options: dict) -> list[
     wrappers (object_patch_problems), transformer_options patches (check_transformer_options)
     and weight patches (_worker_patches, checked without computing anything)."""
     problems = object_patch_problems(patcher)
-    problems += check_transformer_options(model_options.get("transformer_options") or {},
-                                          len(patcher.model.diffusion_model.blocks))[1]
+    topts = model_options.get("transformer_options") or {}
+    problems += check_transformer_options(topts, len(patcher.model.diffusion_model.blocks))[1]
+    audio, _ = audio_patch(topts)
+    if audio is not None:
+        problems += _audio_layout_problems(patcher.model.diffusion_model, patcher.remote.config, installed_by(audio))
     shapes = patcher.remote.shapes
     try:
         _worker_patches(patcher.patches, patcher.patch_sources, shapes.__getitem__, patcher.remote.patchable,
