@@ -542,8 +542,14 @@ class XDitUSPWanProxy(torch.nn.Module):
         topts = transformer_options or {}
         skip_blocks, refused = check_transformer_options(topts, len(self.blocks))
         problems += refused
-        audio, _ = audio_patch(topts)
+        audio, masks, _ = audio_patch(topts)
         audio_tokens = None
+        if masks is not None:
+            tokens = (-(-x.shape[3] // self.patch_size[1])) * (-(-x.shape[4] // self.patch_size[2]))
+            if masks.shape[1] != tokens:
+                problems.append(f"speaker masks of {masks.shape[1]} tokens from {installed_by(audio)}, a latent frame of "
+                                f"{tokens} (native fails too: use a width and height that divide by 16)")
+            masks = masks.float()
         if audio is not None:
             problems += _audio_layout_problems(self, self.remote.config, installed_by(audio))
             emb = topts.get("audio_embeds")
@@ -601,6 +607,7 @@ class XDitUSPWanProxy(torch.nn.Module):
                 audio_tokens=audio_tokens,
                 audio_key=audio_key,
                 audio_scale=float(audio.audio_scale) if audio is not None else 1.0,
+                audio_ref_masks=masks,
             ), stats=stats)
         except WorkerError as e:
             raise WorkerError(f"xDiT-USP worker rank {e.rank} failed: {e}", rank=e.rank) from e
@@ -676,7 +683,7 @@ def check_transformer_options(topts: dict, num_blocks: int) -> tuple[list[int], 
     skip, replaced = _block_skips(topts.get("patches_replace") or {}, num_blocks)
     problems += [f"patches_replace 'dit' {key!r} installed by {installed_by(fn)} (a block replacement other than "
                  "a skip) is not supported" for key, fn in replaced]
-    problems += audio_patch(topts)[1]
+    problems += audio_patch(topts)[2]
     for where in ("patches_replace", "patches"):
         for kind, entries in sorted((topts.get(where) or {}).items(), key=lambda kv: str(kv[0])):
             if not entries or (where == "patches_replace" and kind == "dit"):
@@ -703,25 +710,33 @@ def _is_multitalk(fn, name: str) -> bool:
     return cls.__name__ == name and cls.__module__.endswith("model_multitalk")
 
 
-def audio_patch(topts: dict) -> tuple[Optional[object], list[str]]:
-    """(the InfiniteTalk / MultiTalk audio patch the workers run, problems): ComfyUI's
-    MultiTalkCrossAttnPatch in transformer_options' "attn2_patch" (WanInfiniteTalkToVideo,
-    single speaker) is honoured on the workers; two speakers (its MultiTalkGetAttnMapPatch
-    "attn1_patch", the x_ref attention map) and a second audio patch are refused."""
+def audio_patch(topts: dict) -> tuple[Optional[object], Optional[torch.Tensor], list[str]]:
+    """(the InfiniteTalk / MultiTalk audio patch the workers run, its two speakers' masks or None,
+    problems): ComfyUI's MultiTalkCrossAttnPatch in transformer_options' "attn2_patch"
+    (WanInfiniteTalkToVideo) is honoured on the workers, and with two speakers its
+    MultiTalkGetAttnMapPatch "attn1_patch" (the speaker map taken from self-attention, masks
+    [2, first-frame tokens]); a second audio patch or map, or a map without its audio patch, are refused."""
     patches = topts.get("patches") or {}
     found = [fn for fn in patches.get("attn2_patch") or [] if _is_multitalk(fn, "MultiTalkCrossAttnPatch")]
+    maps = [fn for fn in patches.get("attn1_patch") or [] if _is_multitalk(fn, "MultiTalkGetAttnMapPatch")
+            and getattr(fn, "ref_target_masks", None) is not None]  # without masks native's map patch does nothing
     problems = []
-    for fn in patches.get("attn1_patch") or []:
-        if _is_multitalk(fn, "MultiTalkGetAttnMapPatch"):
-            problems.append(f"two speakers (mode two_speakers with masks) of {installed_by(fn)} are not supported: the "
-                            "workers run InfiniteTalk with one speaker (mode single_speaker)")
     if len(found) > 1:
         problems.append(f"{len(found)} audio patches installed by {', '.join(sorted({installed_by(f) for f in found}))}: "
                         "the workers run one")
-        return None, problems
-    if found and getattr(found[0], "ref_target_masks", None) is not None:
-        problems.append(f"the audio patch of {installed_by(found[0])} has speaker masks (two speakers): not supported")
-    return (found[0] if found else None), problems
+    if len(maps) > 1 or (maps and len(found) != 1):
+        problems.append(f"{len(maps)} speaker maps (InfiniteTalk two_speakers) installed by "
+                        f"{', '.join(sorted({installed_by(f) for f in maps}))} with {len(found)} audio patches: the "
+                        "workers run one map with its one audio patch")
+    masks = None
+    if len(maps) == 1:
+        masks = maps[0].ref_target_masks
+        if masks.ndim != 2 or masks.shape[0] != 2:
+            problems.append(f"speaker masks of shape {tuple(masks.shape)} from {installed_by(maps[0])}: the workers run "
+                            "two speakers ([2, first-frame tokens])")
+    if problems:
+        return None, None, problems
+    return (found[0] if found else None), masks, problems
 
 
 def _audio_layout_problems(proxy, config: XDitUSPConfig, by: str) -> list[str]:
@@ -938,7 +953,7 @@ def patcher_problems(patcher: XDitUSPModelPatcher, model_options: dict) -> list[
     problems = object_patch_problems(patcher)
     topts = model_options.get("transformer_options") or {}
     problems += check_transformer_options(topts, len(patcher.model.diffusion_model.blocks))[1]
-    audio, _ = audio_patch(topts)
+    audio, _, _ = audio_patch(topts)
     if audio is not None:
         problems += _audio_layout_problems(patcher.model.diffusion_model, patcher.remote.config, installed_by(audio))
     shapes = patcher.remote.shapes

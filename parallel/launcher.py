@@ -531,7 +531,7 @@ class WorkerGroup:
                     "its all-reduces run inside the compiled block functions. Remove the TorchCompileModel node, or "
                     "use pipeline_parallel_degree, fsdp or the sequence layouts with it")
             self._check_inputs(info, inputs)
-            self._check_audio(inputs)
+            self._check_audio(info, inputs)
             self._check_memory(key, inputs)
             x, t = inputs.hidden_states, inputs.timestep
             b, _, f, h, w = x.shape
@@ -589,11 +589,16 @@ class WorkerGroup:
             self.audio = key
             return key
 
-    def _check_audio(self, inputs: P.ForwardInputs):
+    def _check_audio(self, info: P.Loaded, inputs: P.ForwardInputs):
         if inputs.audio_key is None:
-            if inputs.audio_tokens is not None:
-                raise ValueError("audio_tokens given without an audio patch (audio_key)")
+            if inputs.audio_tokens is not None or inputs.audio_ref_masks is not None:
+                raise ValueError("audio_tokens / audio_ref_masks given without an audio patch (audio_key)")
             return
+        m = inputs.audio_ref_masks
+        _, ph, pw = info.patch_size
+        tokens = (inputs.hidden_states.shape[3] // ph) * (inputs.hidden_states.shape[4] // pw)  # a frame's tokens
+        if m is not None and (m.ndim != 2 or m.shape[0] != 2 or m.shape[1] > tokens):
+            raise ValueError(f"audio_ref_masks must be [2 speakers, <= {tokens} first-frame tokens], got {tuple(m.shape)}")
         if inputs.audio_key != self.audio:
             raise KeyError(f"audio patch {inputs.audio_key!r} is not loaded on this group (audio_load it first)")
         a, x = inputs.audio_tokens, inputs.hidden_states

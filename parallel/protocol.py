@@ -57,6 +57,8 @@ class ForwardInputs:
     audio_key                    the content key of the audio patch weights the group holds (AudioLoad)
                                  that attend to audio_tokens after every block's cross-attention, or None
     audio_scale                  the audio patch's output scale (x <- x + scale * audio_attention(x))
+    audio_ref_masks              [2, reference tokens] two speakers' masks over the first tokens (the
+                                 reference image's: InfiniteTalk's MultiTalkGetAttnMapPatch), or None (one speaker)
     """
 
     hidden_states: typing.Any
@@ -71,13 +73,14 @@ class ForwardInputs:
     audio_tokens: typing.Any = None
     audio_key: Optional[str] = None
     audio_scale: float = 1.0
+    audio_ref_masks: typing.Any = None
 
     TENSORS: typing.ClassVar[tuple[str, ...]] = (
         "hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image", "control_hidden_states",
-        "audio_tokens",
+        "audio_tokens", "audio_ref_masks",
     )
     # tensors that are not per batch row (every row, and so every CFG group, gets all of it)
-    SHARED: typing.ClassVar[tuple[str, ...]] = ("audio_tokens",)
+    SHARED: typing.ClassVar[tuple[str, ...]] = ("audio_tokens", "audio_ref_masks")
 
     def tensors(self) -> dict:
         """{name: tensor} of the tensors that are present."""

@@ -80,6 +80,8 @@ class USPSelfAttnProcessor:
                attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))]
         dtype, head_dim = qkv[0].dtype, qkv[0].shape[-1]
         ctx = self.ctx
+        if ctx.audio is not None and ctx.audio.masks is not None:  # two speakers: the map from this q and k
+            ctx.audio.take_map(qkv[0], qkv[1], ctx.group)
         out = usp_attention_consuming(qkv, ctx.group, ctx.backend, ctx.valid_len, 1.0 / math.sqrt(head_dim))
         return out.flatten(2, 3).to(dtype)
 
@@ -310,8 +312,11 @@ class SequenceParallelWan(torch.nn.Module):
         if self.is_vace or group.tensor > 1 or group.pipeline > 1:
             raise ValueError("the audio patch runs with the sequence layouts (Ulysses, ring, CFG split) and fsdp, "
                              "not with VACE, tensor or pipeline parallelism")
+        masks = inputs.audio_ref_masks
+        if masks is not None and (masks.ndim != 2 or masks.shape[0] != 2 or masks.shape[1] > math.prod(grid)):
+            raise ValueError(f"audio speaker masks must be [2, reference tokens], got {tuple(masks.shape)}")
         return AudioStep(audio, tokens, float(inputs.audio_scale), start=group.sp_rank * (padded // group.sp),
-                         valid=math.prod(grid), frame_tokens=grid[1] * grid[2])
+                         valid=math.prod(grid), frame_tokens=grid[1] * grid[2], masks=masks)
 
     def _blocks(self, x, context, timestep_proj, rotary, hints, skip) -> torch.Tensor:
         """This rank's blocks (all of them, or its pipeline stage's) on the stream `x`."""

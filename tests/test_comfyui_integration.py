@@ -235,21 +235,28 @@ class XDitTestInfiniteTalk:
         return {"required": {"model": ("MODEL",), "positive": ("CONDITIONING",), "negative": ("CONDITIONING",),
                              "audio_scale": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0}),
                              "seed": ("INT", {"default": 0}), "width": ("INT", {"default": 72}),
-                             "height": ("INT", {"default": 48}), "length": ("INT", {"default": 9})}}
+                             "height": ("INT", {"default": 48}), "length": ("INT", {"default": 9}),
+                             "speakers": ("INT", {"default": 1})}}
 
     RETURN_TYPES = ("MODEL", "CONDITIONING", "CONDITIONING", "LATENT")
     FUNCTION = "make"
     CATEGORY = "testing"
 
-    def make(self, model, positive, negative, audio_scale, seed, width, height, length):
+    def make(self, model, positive, negative, audio_scale, seed, width, height, length, speakers):
         from comfy_extras.nodes_wan import WanInfiniteTalkToVideo
 
         g = torch.Generator().manual_seed(seed)
         audio = {"encoded_audio_all_layers": [torch.randn(1, 2 * length + 4, 768, generator=g) for _ in range(13)]}
+        mode = {"mode": "single_speaker"}
+        if speakers == 2:  # the second voice, the left and the right half of the picture
+            left = torch.zeros(1, height, width)
+            left[:, :, : width // 2] = 1.0
+            mode = {"mode": "two_speakers", "mask_1": left, "mask_2": 1.0 - left, "audio_encoder_output_2": {
+                "encoded_audio_all_layers": [torch.randn(1, 2 * length + 4, 768, generator=g) for _ in range(13)]}}
         image = torch.rand(1, height, width, 3, generator=g)
         clip = _ClipVisionOutput(torch.randn(1, 257, 1280, generator=g))  # native Wan I2V wants CLIP tokens
         dim = model.model.diffusion_model.dim
-        out = WanInfiniteTalkToVideo.execute({"mode": "single_speaker"}, model, _talk_patch(dim), positive, negative,
+        out = WanInfiniteTalkToVideo.execute(mode, model, _talk_patch(dim), positive, negative,
                                              _StubVae(), width, height, length, audio, 9, start_image=image,
                                              audio_scale=audio_scale, clip_vision_output=clip)
         return tuple(out.args[:4])
@@ -778,7 +785,7 @@ def test_model_patching_nodes_match_native(runner, node, inputs, unet):
     assert _rel(ours, native) < TOL, _rel(ours, native)
 
 
-def _talk_graph(ours: bool, audio_scale: float):
+def _talk_graph(ours: bool, audio_scale: float, speakers=1):
     """WanInfiniteTalkToVideo's MODEL, conds and latent into KSampler at cfg 1 (one forward a step, batch 1:
     native InfiniteTalk's audio attention takes one sample a call). Latent 3 x 6 x 9 (45 tokens, 15 a
     frame, padded to 46): the two ranks' shard edge splits frame 1."""
@@ -789,7 +796,7 @@ def _talk_graph(ours: bool, audio_scale: float):
         "neg": {"class_type": "XDitTestRandomConditioning", "inputs": {"seed": 2, "tokens": 16, "dim": TEXT_DIM}},
         "talk": {"class_type": "XDitTestInfiniteTalk", "inputs": {
             "model": ["ms", 0], "positive": ["pos", 0], "negative": ["neg", 0], "audio_scale": audio_scale, "seed": 5,
-            "width": 72, "height": 48, "length": 9}},
+            "width": 72 if speakers == 1 else 64, "height": 48, "length": 9, "speakers": speakers}},
         "ks": {"class_type": "KSampler", "inputs": {
             "model": ["talk", 0], "seed": 9, "steps": 2, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
             "positive": ["talk", 1], "negative": ["talk", 2], "latent_image": ["talk", 3], "denoise": 1.0}},
@@ -816,15 +823,32 @@ def test_infinite_talk_audio_runs_on_the_workers(runner):
     assert g.audio is not None and g.audio.startswith("audio-")
 
 
-def test_infinite_talk_two_speakers_and_layouts_it_cannot_take_are_refused():
-    """Two speakers (MultiTalkGetAttnMapPatch: the x_ref attention map from self-attention) and a second
-    audio patch are refused, naming what works; a foreign attn2_patch still is refused."""
+def test_infinite_talk_two_speakers_match_native(runner):
+    """WanInfiniteTalkToVideo mode two_speakers: each block's speaker map (self-attention's q against
+    the first frame's k, summed in each mask) is taken on the workers, the reference k gathered from
+    the rank holding it (latent 3 x 6 x 8: 12 reference tokens on rank 0, frame 1 split by the shard
+    edge), its min and max over the whole sequence; then the audio attention with 1-D RoPE by speaker."""
+    native = _latent(runner, _talk_graph(False, 1.0, speakers=2))
+    ours = _latent(runner, _talk_graph(True, 1.0, speakers=2))
+    err = _rel(ours, native)
+    print(f"InfiniteTalk two speakers: ours vs native {err:.2e}")
+    assert err < TOL
+
+
+def test_infinite_talk_patches_the_workers_cannot_take_are_refused():
+    """A second audio patch, a speaker map without its audio patch or with other than two masks, a
+    foreign attn2_patch, and InfiniteTalk with VACE or tensor/pipeline parallel are refused, naming
+    what works."""
     from comfy.ldm.wan.model_multitalk import MultiTalkCrossAttnPatch, MultiTalkGetAttnMapPatch
 
     cross = MultiTalkCrossAttnPatch(object(), 1.0)
     topts = {"patches": {"attn2_patch": [cross], "attn1_patch": [MultiTalkGetAttnMapPatch(torch.ones(2, 4))]}}
+    assert XM.check_transformer_options(topts, 2)[1] == []  # two speakers: honoured
+    _, problems = XM.check_transformer_options({"patches": {"attn1_patch": [MultiTalkGetAttnMapPatch(torch.ones(2, 4))]}}, 2)
+    assert len(problems) == 1 and "speaker maps" in problems[0], problems
+    topts["patches"]["attn1_patch"] = [MultiTalkGetAttnMapPatch(torch.ones(3, 4))]
     _, problems = XM.check_transformer_options(topts, 2)
-    assert len(problems) == 1 and "two speakers" in problems[0] and "single_speaker" in problems[0], problems
+    assert len(problems) == 1 and "two speakers" in problems[0], problems
     _, problems = XM.check_transformer_options({"patches": {"attn2_patch": [cross]}}, 2)
     assert problems == []
     _, problems = XM.check_transformer_options({"patches": {"attn2_patch": [cross, MultiTalkCrossAttnPatch(object())]}}, 2)
