@@ -542,6 +542,24 @@ class XDitUSPWanProxy(torch.nn.Module):
         topts = transformer_options or {}
         skip_blocks, refused = check_transformer_options(topts, len(self.blocks))
         problems += refused
+        audio, masks, _ = audio_patch(topts)
+        audio_tokens = None
+        if masks is not None:
+            tokens = (-(-x.shape[3] // self.patch_size[1])) * (-(-x.shape[4] // self.patch_size[2]))
+            if masks.shape[1] != tokens:
+                problems.append(f"speaker masks of {masks.shape[1]} tokens from {installed_by(audio)}, a latent frame of "
+                                f"{tokens} (native fails too: use a width and height that divide by 16)")
+            masks = masks.float()
+        if audio is not None:
+            problems += _audio_layout_problems(self, self.remote.config, installed_by(audio))
+            emb = topts.get("audio_embeds")
+            frames = -(-x.shape[2] // self.patch_size[0])
+            if emb is None or emb.ndim != 4 or emb.shape[0] != 1 or emb.shape[1] != frames:
+                problems.append(f"the audio patch of {installed_by(audio)} needs transformer_options['audio_embeds'] "
+                                f"[1, {frames} latent frames, tokens, dim], got "
+                                f"{None if emb is None else tuple(emb.shape)}")
+            else:
+                audio_tokens = emb[0]
         if x.dtype != self.dtype:  # BaseModel casts the input to its compute dtype (checked at load too)
             problems.append(f"compute dtype {str(x.dtype)[6:]} (e.g. from ModelComputeDtype) differs from the "
                             f"workers' {str(self.dtype)[6:]}: set the dtype on the XDit+USP Config node instead")
@@ -583,6 +601,7 @@ class XDitUSPWanProxy(torch.nn.Module):
             if request is not None:
                 uni3c_input, uni3c = request
         try:
+            audio_key = _send_audio_patch(remote.group, audio, len(self.blocks)) if audio is not None else None
             out = remote.group.forward(remote.key, ForwardInputs(
                 hidden_states=x,
                 timestep=timestep,
@@ -595,6 +614,10 @@ class XDitUSPWanProxy(torch.nn.Module):
                 compile=_torch_compile_requested(topts),
                 uni3c_input=uni3c_input,
                 uni3c=uni3c,
+                audio_tokens=audio_tokens,
+                audio_key=audio_key,
+                audio_scale=float(audio.audio_scale) if audio is not None else 1.0,
+                audio_ref_masks=masks,
             ), stats=stats)
         except WorkerError as e:
             raise WorkerError(f"xDiT-USP worker rank {e.rank} failed: {e}", rank=e.rank) from e
@@ -740,6 +763,7 @@ def check_transformer_options(topts: dict, num_blocks: int) -> tuple[list[int], 
     if len(uni3c) > 1:
         problems.append(f"{len(uni3c)} Uni3C patches (WanUni3CControlnetApply, installed by "
                         f"{', '.join(sorted({installed_by(p) for p in uni3c}))}): the workers run one per model")
+    problems += audio_patch(topts)[2]
     for where in ("patches_replace", "patches"):
         for kind, entries in sorted((topts.get(where) or {}).items(), key=lambda kv: str(kv[0])):
             if not entries or (where == "patches_replace" and kind == "dit"):
@@ -747,14 +771,95 @@ def check_transformer_options(topts: dict, num_blocks: int) -> tuple[list[int], 
             fns = entries.values() if isinstance(entries, dict) else entries
             if where == "patches" and kind == "double_block":
                 fns = [fn for fn in fns if not _is_uni3c(fn)]  # honoured: Uni3C runs on the workers
-                if not fns:
-                    continue
+            if where == "patches" and kind == "attn2_patch":  # InfiniteTalk's audio: honoured, or said above
+                fns = [fn for fn in fns if not _is_multitalk(fn, "MultiTalkCrossAttnPatch")]
+            if where == "patches" and kind == "attn1_patch":  # InfiniteTalk's two-speaker map: said above
+                fns = [fn for fn in fns if not _is_multitalk(fn, "MultiTalkGetAttnMapPatch")]
+            if not fns:
+                continue
             by = sorted({installed_by(fn) for fn in fns})
             problems.append(f"{where} {kind!r} installed by {', '.join(by)} is not supported")
     for key, why in NATIVE_WAN_OPTIONS.items():
         if why is not None and topts.get(key) is not None:
             problems.append(f"{key} installed by {installed_by(topts[key])}: {why}")
     return skip, problems
+
+
+def _is_multitalk(fn, name: str) -> bool:
+    """Whether `fn` is ComfyUI's comfy.ldm.wan.model_multitalk.<name> (by its class, so that a
+    ComfyUI that moved the module is still recognised, and a look-alike from elsewhere is not)."""
+    cls = type(fn)
+    return cls.__name__ == name and cls.__module__.endswith("model_multitalk")
+
+
+def audio_patch(topts: dict) -> tuple[Optional[object], Optional[torch.Tensor], list[str]]:
+    """(the InfiniteTalk / MultiTalk audio patch the workers run, its two speakers' masks or None,
+    problems): ComfyUI's MultiTalkCrossAttnPatch in transformer_options' "attn2_patch"
+    (WanInfiniteTalkToVideo) is honoured on the workers, and with two speakers its
+    MultiTalkGetAttnMapPatch "attn1_patch" (the speaker map taken from self-attention, masks
+    [2, first-frame tokens]); a second audio patch or map, or a map without its audio patch, are refused."""
+    patches = topts.get("patches") or {}
+    found = [fn for fn in patches.get("attn2_patch") or [] if _is_multitalk(fn, "MultiTalkCrossAttnPatch")]
+    maps = [fn for fn in patches.get("attn1_patch") or [] if _is_multitalk(fn, "MultiTalkGetAttnMapPatch")
+            and getattr(fn, "ref_target_masks", None) is not None]  # without masks native's map patch does nothing
+    problems = []
+    if len(found) > 1:
+        problems.append(f"{len(found)} audio patches installed by {', '.join(sorted({installed_by(f) for f in found}))}: "
+                        "the workers run one")
+    if len(maps) > 1 or (maps and len(found) != 1):
+        problems.append(f"{len(maps)} speaker maps (InfiniteTalk two_speakers) installed by "
+                        f"{', '.join(sorted({installed_by(f) for f in maps}))} with {len(found)} audio patches: the "
+                        "workers run one map with its one audio patch")
+    masks = None
+    if len(maps) == 1:
+        masks = maps[0].ref_target_masks
+        if masks.ndim != 2 or masks.shape[0] != 2:
+            problems.append(f"speaker masks of shape {tuple(masks.shape)} from {installed_by(maps[0])}: the workers run "
+                            "two speakers ([2, first-frame tokens])")
+    if problems:
+        return None, None, problems
+    return (found[0] if found else None), masks, problems
+
+
+def _audio_layout_problems(proxy, config: XDitUSPConfig, by: str) -> list[str]:
+    problems = []
+    if proxy.is_vace:
+        problems.append(f"the audio patch of {by} on a VACE model is not supported")
+    if config.tensor_parallel_degree > 1 or config.pipeline_parallel_degree > 1:
+        problems.append(f"the audio patch of {by} runs with the sequence layouts (Ulysses, ring, CFG split) and fsdp, "
+                        "not with tensor_parallel_degree or pipeline_parallel_degree > 1: set them to 1 on the "
+                        "XDit+USP Config node")
+    return problems
+
+
+# content keys of audio patch weights, by the patch module (a pass over its weights, once per module and dtype)
+_audio_keys: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _send_audio_patch(group: WorkerGroup, patch, num_blocks: int) -> str:
+    """The audio patch's per-block weights onto the group (once per content; launcher.audio_load),
+    returning their key. `patch.model_patch` is ModelPatchLoader's MODEL_PATCH of an InfiniteTalk /
+    MultiTalk file (MultiTalkModelPatch: its audio_proj already ran in WanInfiniteTalkToVideo, so
+    only the blocks travel)."""
+    from .parallel.launcher import content_key
+
+    mp = patch.model_patch
+    module = getattr(mp, "model", mp)
+    if getattr(mp, "patches", None):
+        raise ValueError(f"xDiT-USP: the audio model patch of {installed_by(patch)} has weight patches of its own: "
+                         "not supported")
+    blocks = getattr(module, "blocks", None)
+    if blocks is None or len(blocks) < num_blocks:
+        raise ValueError(f"xDiT-USP: the audio model patch of {installed_by(patch)} has "
+                         f"{0 if blocks is None else len(blocks)} blocks, the model {num_blocks}")
+    tensors = {f"blocks.{i}.{k}": v for i in range(num_blocks) for k, v in blocks[i].state_dict().items()}
+    attn = blocks[0].audio_cross_attn
+    heads, eps = int(attn.num_heads), float(blocks[0].norm_x.eps)
+    tag = f"{group.config.torch_dtype()}|{heads}|{eps}"
+    memo = _audio_keys.setdefault(module, {})
+    if (tag, num_blocks) not in memo:
+        memo[tag, num_blocks] = content_key("audio", tensors, tag)
+    return group.audio_load(tensors, heads, eps, key=memo[tag, num_blocks])
 
 
 def _memory_required(self, input_shape, cond_shapes={}):
@@ -939,6 +1044,9 @@ def patcher_problems(patcher: XDitUSPModelPatcher, model_options: dict) -> list[
     problems += check_transformer_options(topts, len(patcher.model.diffusion_model.blocks))[1]
     for patch in uni3c_patches(topts):
         problems += uni3c_layout_problems(patcher.remote.config, patcher.model.diffusion_model.num_heads, patch)
+    audio, _, _ = audio_patch(topts)
+    if audio is not None:
+        problems += _audio_layout_problems(patcher.model.diffusion_model, patcher.remote.config, installed_by(audio))
     shapes = patcher.remote.shapes
     try:
         _worker_patches(patcher.patches, patcher.patch_sources, shapes.__getitem__, patcher.remote.patchable,

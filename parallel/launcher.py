@@ -185,6 +185,7 @@ class WorkerGroup:
         self.forward_peaks: dict[str, list] = {}  # key -> each rank's peak_bytes in its last forward
         self.vae: Optional[tuple] = None  # (key, VaeInfo, VaeLoaded) of the VAE the ranks hold (one at a time)
         self.uni3c: Optional[tuple] = None  # (key, config, param bytes a rank holds) of the Uni3C net the ranks hold (one at a time)
+        self.audio: Optional[str] = None  # key of the audio patch weights the ranks hold (one at a time)
         self.log_dir: Optional[str] = None
         self.arena = transport.ShmArena()
         self.launches = 0
@@ -326,7 +327,7 @@ class WorkerGroup:
             self.conns, self.pids, self.models = [], [], {}
             self._infos, self._sizes_checked = {}, set()
             self.memory_stats, self.forward_peaks = None, {}
-            self.vae = None
+            self.vae = self.audio = None
             self.uni3c = None
             self.arena.close()
             if self.log_dir and not keep_logs and proc is not None:
@@ -534,6 +535,7 @@ class WorkerGroup:
             self._check_inputs(info, inputs)
             if inputs.uni3c is not None:
                 self._check_uni3c(info, inputs)
+            self._check_audio(info, inputs)
             self._check_memory(key, inputs)
             x, t = inputs.hidden_states, inputs.timestep
             b, _, f, h, w = x.shape
@@ -552,11 +554,13 @@ class WorkerGroup:
             skip = sorted({int(i) for i in inputs.skip_blocks}) if inputs.skip_blocks else None
             rope = {k: float(v) for k, v in inputs.rope_options.items() if k in P.ROPE_OPTIONS} \
                 if inputs.rope_options else None
-            uni3c = None
+            uni3c = audio = None
             if inputs.uni3c is not None:
                 uni3c = {"key": str(inputs.uni3c["key"]), "strength": float(inputs.uni3c.get("strength", 1.0))}
+            if inputs.audio_key is not None:
+                audio = {"key": inputs.audio_key, "scale": float(inputs.audio_scale)}
             request = P.Forward(key, self.arena.name, specs, reserved["out"], scale, skip, rope or None,
-                                bool(inputs.compile), uni3c)
+                                bool(inputs.compile), uni3c=uni3c, audio=audio)
             replies: list[P.ForwardDone] = self._call(request, self.config.forward_timeout_s)
             t2 = time.perf_counter()
             self._note_memory([r.memory for r in replies])
@@ -628,6 +632,43 @@ class WorkerGroup:
                 or x.shape[0] % u.shape[0]:
             raise ValueError(f"uni3c_input must be [n, {config['in_channels']}, {', '.join(map(str, x.shape[2:]))}] with n "
                              f"dividing the batch {x.shape[0]}; got {None if u is None else tuple(u.shape)}")
+    # ---- an audio patch (parallel/sp_audio.py) -------------------------------------------------
+    def audio_load(self, tensors: dict, num_heads: int, eps: float = 1e-5, key: Optional[str] = None) -> str:
+        """Hold an audio patch's per-block weights (InfiniteTalk / MultiTalk; names as in
+        protocol.AudioLoad, any device) on every rank in the compute dtype; returns its key. The
+        weights cross once: when the ranks hold this key already, nothing is sent. `key`:
+        content_key of the same weights, when the caller has it (it costs a pass over them)."""
+        with self._lock:
+            wire = self.config.torch_dtype()
+            key = key or content_key("audio", tensors, f"{wire}|{num_heads}|{eps}")
+            if self.audio == key and self.alive:
+                return key
+            self.start()
+            specs, _ = self.arena.pack(tensors, {}, {k: wire for k in tensors})
+            self.audio = None
+            self._call(P.AudioLoad(key, self.arena.name, specs, int(num_heads), float(eps)), self.config.load_timeout_s)
+            self.audio = key
+            return key
+
+    def _check_audio(self, info: P.Loaded, inputs: P.ForwardInputs):
+        if inputs.audio_key is None:
+            if inputs.audio_tokens is not None or inputs.audio_ref_masks is not None:
+                raise ValueError("audio_tokens / audio_ref_masks given without an audio patch (audio_key)")
+            return
+        m = inputs.audio_ref_masks
+        _, ph, pw = info.patch_size
+        tokens = (inputs.hidden_states.shape[3] // ph) * (inputs.hidden_states.shape[4] // pw)  # a frame's tokens
+        if m is not None and (m.ndim != 2 or m.shape[0] != 2 or m.shape[1] > tokens):
+            raise ValueError(f"audio_ref_masks must be [2 speakers, <= {tokens} first-frame tokens], got {tuple(m.shape)}")
+        if inputs.audio_key != self.audio:
+            raise KeyError(f"audio patch {inputs.audio_key!r} is not loaded on this group (audio_load it first)")
+        a, x = inputs.audio_tokens, inputs.hidden_states
+        if a is None or a.ndim != 3 or a.shape[0] != x.shape[2]:
+            raise ValueError(f"audio_tokens must be [{x.shape[2]} latent frames, tokens, dim], got "
+                             f"{None if a is None else tuple(a.shape)}")
+        if self.config.tensor_parallel_degree > 1 or self.config.pipeline_parallel_degree > 1:
+            raise ConfigError("an audio patch (WanInfiniteTalkToVideo) runs with the sequence layouts (Ulysses, ring, "
+                              "CFG split) and fsdp, not with tensor_parallel_degree or pipeline_parallel_degree > 1")
 
     # ---- the VAE (parallel/sp_vae.py) ------------------------------------------------------------
     def vae_load(self, state_dict: dict, dtype: str, key: Optional[str] = None) -> str:
@@ -740,22 +781,27 @@ class WorkerGroup:
 
 
 def uni3c_key(tensors: dict) -> str:
-    """The content key of a Uni3C control net's weights (vae_key's hash)."""
-    return "uni3c-" + vae_key(tensors, "")[4:]
+    """The content key of a Uni3C control net's weights."""
+    return content_key("uni3c", tensors, "")
 
 
 def vae_key(tensors: dict, dtype: str) -> str:
     """The content key of a VAE's weights (any names, any device) in compute dtype `dtype`: a
     BLAKE2 hash of every tensor's name, dtype, shape and bytes, in name order."""
+    return content_key("vae", tensors, dtype)
+
+
+def content_key(prefix: str, tensors: dict, tag: str) -> str:
+    """`prefix`-<BLAKE2 hash of `tag` and every tensor's name, dtype, shape and bytes, in name order>."""
     import hashlib
 
     h = hashlib.blake2b(digest_size=16)
-    h.update(dtype.encode())
+    h.update(tag.encode())
     for name in sorted(tensors):
         t = tensors[name].detach()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).contiguous().cpu().view(torch.uint8).numpy())  # the buffer, not a copy of it
-    return "vae-" + h.hexdigest()
+    return prefix + "-" + h.hexdigest()
 
 
 def vae_output_shape(info, shape: tuple, encode: bool, world: int) -> tuple:

@@ -57,6 +57,14 @@ class ForwardInputs:
     uni3c                        with uni3c_input: {"key": the control net loaded by uni3c_load,
                                  "strength": float} (the sigma window is applied by the owner: outside
                                  it, no uni3c is sent)
+    audio_tokens                 [latent frames, audio tokens, audio dim] projected audio context of an
+                                 audio patch (InfiniteTalk / MultiTalk: ComfyUI's already projected
+                                 transformer_options["audio_embeds"], batch 1, the same for every row), or None
+    audio_key                    the content key of the audio patch weights the group holds (AudioLoad)
+                                 that attend to audio_tokens after every block's cross-attention, or None
+    audio_scale                  the audio patch's output scale (x <- x + scale * audio_attention(x))
+    audio_ref_masks              [2, reference tokens] two speakers' masks over the first tokens (the
+                                 reference image's: InfiniteTalk's MultiTalkGetAttnMapPatch), or None (one speaker)
     """
 
     hidden_states: typing.Any
@@ -70,12 +78,18 @@ class ForwardInputs:
     compile: bool = False
     uni3c_input: typing.Any = None
     uni3c: Optional[dict] = None
+    audio_tokens: typing.Any = None
+    audio_key: Optional[str] = None
+    audio_scale: float = 1.0
+    audio_ref_masks: typing.Any = None
 
     TENSORS: typing.ClassVar[tuple[str, ...]] = (
         "hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image", "control_hidden_states",
-        "uni3c_input",
+        "uni3c_input", "audio_tokens", "audio_ref_masks",
     )
-    UNBATCHED: typing.ClassVar[tuple[str, ...]] = ("uni3c_input",)  # not sliced by batch rows
+    # tensors that are not per batch row: moved whole (Uni3C's control rows are picked by their user,
+    # runner._uni3c_call; the audio tokens and masks are every row's)
+    SHARED: typing.ClassVar[tuple[str, ...]] = ("uni3c_input", "audio_tokens", "audio_ref_masks")
 
     def tensors(self) -> dict:
         """{name: tensor} of the tensors that are present."""
@@ -121,6 +135,7 @@ class Forward:
     rope_options: Optional[dict] = None
     compile: bool = False
     uni3c: Optional[dict] = None
+    audio: Optional[dict] = None  # {"key": AudioLoad key, "scale": float} with the input audio_tokens
 
 
 @dataclass
@@ -229,6 +244,21 @@ class VaeEncode:
     out: TensorSpec
 
 
+@dataclass
+class AudioLoad:
+    """Hold these audio patch weights (InfiniteTalk / MultiTalk per-block audio cross-attention) under
+    `key`, replacing any held before (one per group), in the compute dtype. `tensors`: for each
+    transformer block i, `blocks.{i}.norm_x.{weight,bias}` (LayerNorm, eps `eps`) and
+    `blocks.{i}.audio_cross_attn.{q_linear,kv_linear,proj}.{weight,bias}`; `num_heads`: the audio
+    attention's own head count."""
+
+    key: str  # launcher.content_key of the weights
+    arena: str
+    tensors: dict[str, TensorSpec]
+    num_heads: int
+    eps: float = 1e-5
+
+
 # ---- replies ----------------------------------------------------------------------------------------
 @dataclass
 class MemoryStats:
@@ -334,7 +364,7 @@ class Done:
 MESSAGES = {cls.__name__: cls for cls in (
     Ping, Shutdown, Load, Unload, Forward, Memory, SetWeightPatches, Pong, MemoryStats, Loaded, ForwardDone, WeightsPatched,
     Failed,
-    Done, VaeLoad, VaeDecode, VaeEncode, VaeLoaded, VaeDone, Uni3CLoad, Uni3CLoaded,
+    Done, VaeLoad, VaeDecode, VaeEncode, VaeLoaded, VaeDone, Uni3CLoad, Uni3CLoaded, AudioLoad,
 )}
 
 

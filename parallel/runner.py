@@ -395,6 +395,7 @@ class ModelRunner:
         self.dtype = config.torch_dtype()
         self.models: dict[str, _Model] = {}
         self.uni3c: Optional[tuple] = None  # (key, uni3c.Uni3CNet): Uni3C's control net, held replicated
+        self.audio = None  # sp_audio.AudioPatch the group holds (one at a time; protocol.AudioLoad)
         self._groups: dict[Layout, SPGroup] = {}
         self._fsdp: Optional[FullyShard] = None
         self.trims = 0  # calls of trim(), reported in protocol.MemoryStats
@@ -543,7 +544,16 @@ class ModelRunner:
 
     def param_bytes(self) -> int:
         """Parameter bytes of every model this rank holds."""
-        return sum(m.param_bytes for m in self.models.values()) + self.uni3c_param_bytes()
+        return sum(m.param_bytes for m in self.models.values()) + self.uni3c_param_bytes() + \
+            (self.audio.param_bytes if self.audio else 0)
+
+    def load_audio(self, key: str, tensors: dict, num_heads: int, eps: float):
+        """Hold an audio patch's per-block weights (InfiniteTalk), replacing the one held before."""
+        from .sp_audio import AudioPatch
+
+        self.audio = None
+        self.audio = AudioPatch(key, tensors, num_heads, eps, self.device, self.dtype)
+        self.trim()
 
     def _model(self, key: str) -> _Model:
         m = self.models.get(key)
@@ -587,7 +597,8 @@ class ModelRunner:
         rows = slice(group.cfg_index * per, (group.cfg_index + 1) * per)
         mine = self._rows_on_device(inputs, rows, batch)
         uni3c = self._uni3c_call(inputs, rows) if inputs.uni3c is not None else None
-        return rows, m.sp(group, mine, uni3c=uni3c), layout
+        audio = self.audio if inputs.audio_key is not None else None
+        return rows, m.sp(group, mine, uni3c=uni3c, audio=audio), layout
 
     # ---- Uni3C camera control (parallel/uni3c.py) ------------------------------------------------
     def uni3c_load(self, key: str, config: dict, tensors: dict):
@@ -634,9 +645,8 @@ class ModelRunner:
     def _rows_on_device(self, inputs: protocol.ForwardInputs, rows: slice, batch: int) -> protocol.ForwardInputs:
         moved = {}
         for name, t in inputs.tensors().items():
-            if name in inputs.UNBATCHED:
-                continue  # rows of its own, taken by its user (Uni3C: _uni3c_call)
-            t = t[rows] if t.ndim and t.shape[0] == batch else t
+            if name not in protocol.ForwardInputs.SHARED:  # moved whole: Uni3C's control rows, the audio tokens
+                t = t[rows] if t.ndim and t.shape[0] == batch else t
             dtype = torch.float32 if name == "timestep" else self.dtype
             moved[name] = t.to(self.device, dtype=dtype, non_blocking=True)
         return replace(inputs, **moved)

@@ -35,6 +35,7 @@ from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 from . import model_parallel as mp
 from .attention import AttentionBackend, SPGroup, usp_attention_consuming
 from .protocol import ROPE_OPTIONS, ForwardInputs
+from .sp_audio import AudioPatch, AudioStep
 
 
 @dataclass
@@ -46,6 +47,7 @@ class _StepContext:
     stages: Optional["Stages"] = None
     valid_len: int = 0
     image_context_len: int = 0
+    audio: Optional[AudioStep] = None  # an audio patch (InfiniteTalk) in this forward
 
 
 def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -90,6 +92,8 @@ class USPSelfAttnProcessor:
                attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))]
         dtype, head_dim = qkv[0].dtype, qkv[0].shape[-1]
         ctx = self.ctx
+        if ctx.audio is not None and ctx.audio.masks is not None:  # two speakers: the map from this q and k
+            ctx.audio.take_map(qkv[0], qkv[1], ctx.group)
         out = usp_attention_consuming(qkv, ctx.group, ctx.backend, ctx.valid_len, 1.0 / math.sqrt(head_dim))
         return out.flatten(2, 3).to(dtype)
 
@@ -213,11 +217,15 @@ class SequenceParallelWan(torch.nn.Module):
             if type(block) is WanTransformerBlock:
                 block.forward = types.MethodType(_block_forward, block)
                 block._xdit_ctx = self.ctx
+        for i, block in enumerate(model.blocks):
+            block._xdit_index = i  # the audio patch's weights are per block
 
     @torch.no_grad()
-    def forward(self, group: SPGroup, inputs: ForwardInputs, uni3c=None) -> Optional[torch.Tensor]:
+    def forward(self, group: SPGroup, inputs: ForwardInputs, uni3c=None,
+                audio: Optional[AudioPatch] = None) -> Optional[torch.Tensor]:
         """The rows `inputs` holds, on this rank's device (timestep may also be per frame, [B, frames]).
         `uni3c`: a `uni3c.Uni3CCall` when Uni3C camera control is on for this forward.
+        `audio`: the weights of the audio patch inputs.audio_key names (sp_audio), when it names one.
 
         Returns the full output on the group leader and None on the other ranks.
         """
@@ -270,6 +278,7 @@ class SequenceParallelWan(torch.nn.Module):
 
         self.ctx.group, self.ctx.valid_len, self.ctx.image_context_len = group, seq, n_img
         self.ctx.stages = Stages.compiled() if inputs.compile else _EAGER
+        self.ctx.audio = self._audio_step(inputs, audio, group, grid, padded)
         rotary = (cos, sin)
 
         # VACE hints, already multiplied by their scale, by the index of the block that adds them
@@ -319,6 +328,25 @@ class SequenceParallelWan(torch.nn.Module):
         x = x[:, :seq]
         x = x.reshape(batch, *grid, p_t, p_h, p_w, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+    def _audio_step(self, inputs: ForwardInputs, audio: Optional[AudioPatch], group: SPGroup, grid: tuple,
+                    padded: int) -> Optional[AudioStep]:
+        if inputs.audio_key is None:
+            return None
+        if audio is None or audio.key != inputs.audio_key:
+            raise KeyError(f"audio patch {inputs.audio_key!r} is not loaded on this rank")
+        tokens = inputs.audio_tokens
+        if tokens is None or tokens.ndim != 3 or tokens.shape[0] != grid[0]:
+            raise ValueError(f"audio tokens must be [{grid[0]} latent frames, tokens, dim], got "
+                             f"{None if tokens is None else tuple(tokens.shape)}")
+        if self.is_vace or group.tensor > 1 or group.pipeline > 1:
+            raise ValueError("the audio patch runs with the sequence layouts (Ulysses, ring, CFG split) and fsdp, "
+                             "not with VACE, tensor or pipeline parallelism")
+        masks = inputs.audio_ref_masks
+        if masks is not None and (masks.ndim != 2 or masks.shape[0] != 2 or masks.shape[1] > math.prod(grid)):
+            raise ValueError(f"audio speaker masks must be [2, reference tokens], got {tuple(masks.shape)}")
+        return AudioStep(audio, tokens, float(inputs.audio_scale), start=group.sp_rank * (padded // group.sp),
+                         valid=math.prod(grid), frame_tokens=grid[1] * grid[2], masks=masks)
 
     def _blocks(self, x, context, timestep_proj, rotary, hints, skip, control=None) -> torch.Tensor:
         """This rank's blocks (all of them, or its pipeline stage's) on the stream `x`; after each
@@ -555,6 +583,9 @@ def _block_forward(self: WanTransformerBlock, hidden_states: torch.Tensor, encod
 
     # 2. Cross-attention (norm, attention, projection and residual by pieces), in place: this tensor is ours
     hidden_states = self.attn2.processor.residual(self.attn2, self.norm2, hidden_states, encoder_hidden_states)
+    audio = self._xdit_ctx.audio  # an audio patch (InfiniteTalk): ComfyUI's attn2_patch runs here
+    if audio is not None:
+        hidden_states = audio.residual(self._xdit_index, hidden_states)
 
     # 3. Feed-forward, in place: this tensor is ours
     return _per_token(hidden_states, lambda h, r, t: st.ffn_residual(

@@ -124,7 +124,10 @@ def reference_forward(model, inputs: ForwardInputs) -> torch.Tensor:
     Converts our input conventions to diffusers': per-frame timesteps -> per-token, FLF2V image
     tokens [B, 2n, dim] -> [2B, n, dim]. (diffusers' processor assumes 512 text tokens when image
     tokens are present, hence random_inputs' default.)"""
-    kw = {k: v for k, v in dataclasses.asdict(inputs).items() if v is not None and k != "compile"}  # how, not what
+    if inputs.audio_key is not None:
+        raise ValueError("reference_forward is the plain Wan forward: it has no audio patch")
+    kw = {k: v for k, v in dataclasses.asdict(inputs).items()  # compile: how, not what
+          if v is not None and k not in ("compile", "audio_tokens", "audio_key", "audio_scale", "audio_ref_masks")}
     x, t = kw["hidden_states"], kw["timestep"]
     p_t, p_h, p_w = model.config.patch_size
     if t.ndim == 2 and t.shape[1] == x.shape[2] // p_t:

@@ -49,7 +49,7 @@ class Worker:
             P.Ping: self.ping, P.Load: self.load, P.Unload: self.unload, P.Forward: self.forward,
             P.SetWeightPatches: self.set_weight_patches, P.Memory: self.memory,
             P.VaeLoad: self.vae_load, P.VaeDecode: self.vae_run, P.VaeEncode: self.vae_run,
-            P.Uni3CLoad: self.uni3c_load,
+            P.Uni3CLoad: self.uni3c_load, P.AudioLoad: self.audio_load,
         }
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -137,6 +137,7 @@ class Worker:
         inputs = P.ForwardInputs(**{name: transport.view(buf, spec) for name, spec in req.inputs.items()},
                                  control_hidden_states_scale=req.control_scale, skip_blocks=req.skip_blocks,
                                  rope_options=req.rope_options, uni3c=req.uni3c,
+                                 audio_key=(req.audio or {}).get("key"), audio_scale=(req.audio or {}).get("scale", 1.0),
                                  compile=req.compile or self.config.compile)  # the one place this is decided
         self._faults("forward")
         sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -173,6 +174,12 @@ class Worker:
         del tensors
         self.runner.trim()
         return P.VaeLoaded(load_s=load_s, param_bytes=self.vae.param_bytes, memory=self.memory_stats())
+
+    def audio_load(self, req: P.AudioLoad) -> P.Done:
+        buf = self.shm.buf(req.arena)
+        tensors = {name: transport.view(buf, spec) for name, spec in req.tensors.items()}
+        self.runner.load_audio(req.key, tensors, req.num_heads, req.eps)  # copies out of the arena
+        return P.Done()
 
     def vae_run(self, req) -> P.VaeDone:
         import resource

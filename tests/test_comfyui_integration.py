@@ -188,6 +188,80 @@ class XDitTestInstallPatch:
         return (m,)
 
 
+class _StubVae:
+    """What WanInfiniteTalkToVideo asks of a VAE: encode(pixels [F, H, W, 3]) -> a latent
+    [1, 16, 1 + (F-1)//4, H/8, W/8] (here a fixed function of the pixels: their 8x8 means, tiled)."""
+
+    def encode(self, pixels):
+        f, h, w, _ = pixels.shape
+        t = 1 + (f - 1) // 4
+        x = torch.nn.functional.avg_pool2d(pixels.movedim(-1, 1).float(), 8)  # [F, 3, H/8, W/8]
+        x = x[::4][:t].movedim(0, 1).unsqueeze(0)  # [1, 3, t, H/8, W/8]
+        return torch.cat([x] * 5 + [x[:, :1]], dim=1) * 2 - 1
+
+
+_TALK_PATCH = {}
+
+
+def _talk_patch(dim):
+    """A tiny InfiniteTalk MODEL_PATCH: ComfyUI's MultiTalkModelPatch (the class ModelPatchLoader builds
+    for a file with audio_proj.proj1.weight) with 2 blocks, audio width 32, random weights; one object
+    per width, as one ModelPatchLoader output is reused across runs."""
+    if dim not in _TALK_PATCH:
+        import comfy.model_patcher
+        import comfy.ops
+        from comfy_extras.nodes_model_patch import MultiTalkModelPatch
+
+        model = MultiTalkModelPatch(audio_window=5, intermediate_dim=16, in_dim=dim, out_dim=32, context_tokens=32,
+                                    vae_scale=4, num_layers=2, device="cpu", dtype=torch.float32,
+                                    operations=comfy.ops.manual_cast)
+        g = torch.Generator().manual_seed(21)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_((1.0 if name.endswith("norm.weight") or name.endswith("norm_x.weight") else 0.0)
+                        + torch.randn(p.shape, generator=g) * 0.05)
+        _TALK_PATCH[dim] = comfy.model_patcher.CoreModelPatcher(model, load_device=torch.device("cpu"),
+                                                                offload_device=torch.device("cpu"))
+    return _TALK_PATCH[dim]
+
+
+class XDitTestInfiniteTalk:
+    """WanInfiniteTalkToVideo (single speaker) run on a synthetic AUDIO_ENCODER_OUTPUT (13 wav2vec2
+    layers of [1, frames at 50 fps, 768], what the node reads), a random start image and CLIP output,
+    the tiny audio patch and a stub VAE (the node encodes the start image with it)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "positive": ("CONDITIONING",), "negative": ("CONDITIONING",),
+                             "audio_scale": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0}),
+                             "seed": ("INT", {"default": 0}), "width": ("INT", {"default": 72}),
+                             "height": ("INT", {"default": 48}), "length": ("INT", {"default": 9}),
+                             "speakers": ("INT", {"default": 1})}}
+
+    RETURN_TYPES = ("MODEL", "CONDITIONING", "CONDITIONING", "LATENT")
+    FUNCTION = "make"
+    CATEGORY = "testing"
+
+    def make(self, model, positive, negative, audio_scale, seed, width, height, length, speakers):
+        from comfy_extras.nodes_wan import WanInfiniteTalkToVideo
+
+        g = torch.Generator().manual_seed(seed)
+        audio = {"encoded_audio_all_layers": [torch.randn(1, 2 * length + 4, 768, generator=g) for _ in range(13)]}
+        mode = {"mode": "single_speaker"}
+        if speakers == 2:  # the second voice, the left and the right half of the picture
+            left = torch.zeros(1, height, width)
+            left[:, :, : width // 2] = 1.0
+            mode = {"mode": "two_speakers", "mask_1": left, "mask_2": 1.0 - left, "audio_encoder_output_2": {
+                "encoded_audio_all_layers": [torch.randn(1, 2 * length + 4, 768, generator=g) for _ in range(13)]}}
+        image = torch.rand(1, height, width, 3, generator=g)
+        clip = _ClipVisionOutput(torch.randn(1, 257, 1280, generator=g))  # native Wan I2V wants CLIP tokens
+        dim = model.model.diffusion_model.dim
+        out = WanInfiniteTalkToVideo.execute(mode, model, _talk_patch(dim), positive, negative,
+                                             _StubVae(), width, height, length, audio, 9, start_image=image,
+                                             audio_scale=audio_scale, clip_vision_output=clip)
+        return tuple(out.args[:4])
+
+
 CAPTURED = H.CAPTURED
 
 
@@ -197,13 +271,14 @@ NODES.NODE_CLASS_MAPPINGS.update({"XDitTestRandomConditioning": H.RandomConditio
                                   "XDitTestFirstLastFrameConds": XDitTestFirstLastFrameConds,
                                   "XDitTestVaceConds": XDitTestVaceConds,
                                   "XDitTestTI2VLatent": XDitTestTI2VLatent,
-                                  "XDitTestInstallPatch": XDitTestInstallPatch})
+                                  "XDitTestInstallPatch": XDitTestInstallPatch,
+                                  "XDitTestInfiniteTalk": XDitTestInfiniteTalk})
 
 
 # ------------------------------------------------------------------------------------- fixtures
-def _tiny_model(variant, seed):
+def _tiny_model(variant, seed, heads=2):
     tiny = importlib.import_module(PACK.__name__ + ".parallel.tiny")
-    cfg = tiny.tiny_config(variant)
+    cfg = tiny.tiny_config(variant, heads=heads)
     if variant in ("i2v", "flf2v"):
         cfg["image_dim"] = 1280  # ComfyUI's WanModel fixes the CLIP feature size at 1280
     if variant == "flf2v":
@@ -273,6 +348,8 @@ def models_dir():
     _save_original(_tiny_model("flf2v", 3), os.path.join(dm, "tiny_flf2v.safetensors"))
     _save_original(_tiny_model("vace", 4), os.path.join(dm, "tiny_vace.safetensors"))
     _save_original(_tiny_model("ti2v_5b", 5), os.path.join(dm, "tiny_ti2v_5b.safetensors"))
+    # InfiniteTalk's audio attention has 40 heads (WanMultiTalkAttentionBlock): the width must divide by 40
+    _save_original(_tiny_model("i2v", 12, heads=5), os.path.join(dm, "tiny_i2v_talk.safetensors"))
     sharp = _tiny_model("t2v", 6)
     with torch.no_grad():  # q/k RMSNorm gains of ~4 instead of ~0.02: attention logits of order 10, so
         for block in sharp.blocks:  # positions (RoPE) visibly matter
@@ -839,6 +916,82 @@ def test_uni3c_refuses_layouts_it_cannot_run_naming_the_node():
     _, problems = XM.check_transformer_options(topts, 2)
     assert len(problems) == 1 and "'double_block'" in problems[0], problems  # the other patch only
     assert XM.check_transformer_options({"patches": {"double_block": [patch]}}, 2)[1] == []
+
+
+def _talk_graph(ours: bool, audio_scale: float, speakers=1):
+    """WanInfiniteTalkToVideo's MODEL, conds and latent into KSampler at cfg 1 (one forward a step, batch 1:
+    native InfiniteTalk's audio attention takes one sample a call). Latent 3 x 6 x 9 (45 tokens, 15 a
+    frame, padded to 46): the two ranks' shard edge splits frame 1."""
+    p = {
+        "model": _loader(ours, "tiny_i2v_talk.safetensors"),
+        "ms": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["model", 0], "shift": 8.0}},
+        "pos": {"class_type": "XDitTestRandomConditioning", "inputs": {"seed": 1, "tokens": 16, "dim": TEXT_DIM}},
+        "neg": {"class_type": "XDitTestRandomConditioning", "inputs": {"seed": 2, "tokens": 16, "dim": TEXT_DIM}},
+        "talk": {"class_type": "XDitTestInfiniteTalk", "inputs": {
+            "model": ["ms", 0], "positive": ["pos", 0], "negative": ["neg", 0], "audio_scale": audio_scale, "seed": 5,
+            "width": 72 if speakers == 1 else 64, "height": 48, "length": 9, "speakers": speakers}},
+        "ks": {"class_type": "KSampler", "inputs": {
+            "model": ["talk", 0], "seed": 9, "steps": 2, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+            "positive": ["talk", 1], "negative": ["talk", 2], "latent_image": ["talk", 3], "denoise": 1.0}},
+    }
+    if ours:
+        p["cfg"] = _cfg_node()
+    return p
+
+
+def test_infinite_talk_audio_runs_on_the_workers(runner):
+    """WanInfiniteTalkToVideo (single speaker): its attn2_patch (MultiTalkCrossAttnPatch, the per-block
+    audio cross-attention) runs on the workers, its weights sent once; the audio projection and the
+    motion-frame wrappers stay in ComfyUI. Same latent as native, and audio_scale changes ours as
+    much as native (it used to be refused; silently dropped it would change nothing)."""
+    native = {s: _latent(runner, _talk_graph(False, s)) for s in (1.0, 0.0)}
+    ours = {s: _latent(runner, _talk_graph(True, s)) for s in (1.0, 0.0)}
+    d_native, d_ours = _rel(native[1.0], native[0.0]), _rel(ours[1.0], ours[0.0])
+    errs = {s: _rel(ours[s], native[s]) for s in ours}
+    print(f"InfiniteTalk: audio_scale 1 vs 0 changes native by {d_native:.2e}, ours by {d_ours:.2e}; ours vs native {errs}")
+    assert d_native > 1e-3, "the audio changes the native result"
+    assert all(e < TOL for e in errs.values()), errs
+    assert abs(d_ours - d_native) < 1e-3 * d_native + TOL
+    g = _group()
+    assert g.audio is not None and g.audio.startswith("audio-")
+
+
+def test_infinite_talk_two_speakers_match_native(runner):
+    """WanInfiniteTalkToVideo mode two_speakers: each block's speaker map (self-attention's q against
+    the first frame's k, summed in each mask) is taken on the workers, the reference k gathered from
+    the rank holding it (latent 3 x 6 x 8: 12 reference tokens on rank 0, frame 1 split by the shard
+    edge), its min and max over the whole sequence; then the audio attention with 1-D RoPE by speaker."""
+    native = _latent(runner, _talk_graph(False, 1.0, speakers=2))
+    ours = _latent(runner, _talk_graph(True, 1.0, speakers=2))
+    err = _rel(ours, native)
+    print(f"InfiniteTalk two speakers: ours vs native {err:.2e}")
+    assert err < TOL
+
+
+def test_infinite_talk_patches_the_workers_cannot_take_are_refused():
+    """A second audio patch, a speaker map without its audio patch or with other than two masks, a
+    foreign attn2_patch, and InfiniteTalk with VACE or tensor/pipeline parallel are refused, naming
+    what works."""
+    from comfy.ldm.wan.model_multitalk import MultiTalkCrossAttnPatch, MultiTalkGetAttnMapPatch
+
+    cross = MultiTalkCrossAttnPatch(object(), 1.0)
+    topts = {"patches": {"attn2_patch": [cross], "attn1_patch": [MultiTalkGetAttnMapPatch(torch.ones(2, 4))]}}
+    assert XM.check_transformer_options(topts, 2)[1] == []  # two speakers: honoured
+    _, problems = XM.check_transformer_options({"patches": {"attn1_patch": [MultiTalkGetAttnMapPatch(torch.ones(2, 4))]}}, 2)
+    assert len(problems) == 1 and "speaker maps" in problems[0], problems
+    topts["patches"]["attn1_patch"] = [MultiTalkGetAttnMapPatch(torch.ones(3, 4))]
+    _, problems = XM.check_transformer_options(topts, 2)
+    assert len(problems) == 1 and "two speakers" in problems[0], problems
+    _, problems = XM.check_transformer_options({"patches": {"attn2_patch": [cross]}}, 2)
+    assert problems == []
+    _, problems = XM.check_transformer_options({"patches": {"attn2_patch": [cross, MultiTalkCrossAttnPatch(object())]}}, 2)
+    assert len(problems) == 1 and "2 audio patches" in problems[0], problems
+    _, problems = XM.check_transformer_options({"patches": {"attn2_patch": [cross, lambda kw: kw["x"]]}}, 2)
+    assert len(problems) == 1 and "'attn2_patch'" in problems[0], problems
+    import types
+    problems = XM._audio_layout_problems(types.SimpleNamespace(is_vace=True),
+                                         _group_config(world_size=2, tensor_parallel_degree=2), "WanInfiniteTalkToVideo")
+    assert len(problems) == 2 and "VACE" in problems[0] and "tensor_parallel_degree" in problems[1], problems
 
 
 def test_torch_compile_model_compiles_on_the_workers(runner):
