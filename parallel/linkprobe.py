@@ -43,7 +43,7 @@ TIE = 0.01  # relative: predictions this close count as equal
 # Memory passes over a q-sized tensor that the exchange adds per block, at the probe's copy rate:
 PACK_PASSES = 16  # Ulysses: q/k/v packed and unpacked, the output packed and landed (read + write each)
 MERGE_PASSES = 6  # ring: one fp32 merge of a partial output (read out, block out, lse; write out, lse)
-# comm_overlap "auto": the overlapped exchange below this all-to-all rate, the blocking one above (overlap_for)
+# comm_overlap "auto": the overlapped exchange where the link probe's faster transfer is below this rate (overlap_for)
 OVERLAP_BELOW_GBPS = 40.0
 
 
@@ -230,19 +230,22 @@ def choose(shape: ModelShape, probe: LinkProbe, batch: int, tokens: int, ring_ok
 def overlap_for(config, link: "LinkProbe | None") -> bool:
     """Whether the exchange is pipelined with attention by head groups (config.comm_overlap).
 
-    "auto" follows the link: on where the all-to-all is slower than OVERLAP_BELOW_GBPS, off on
-    faster links. Measured on 2×H200 (BENCHMARKS.md, 1.3B 480p×81 batch 1): with NCCL_P2P_DISABLE=1
-    (11–22 GB/s) the overlap takes Ulysses 2 from 1.41× to 1.57×; on NVLink (66–111 GB/s) there is
-    little to hide and the one-head attention calls cost more than it hides (Ulysses 1.80× → 1.70×,
-    ring 1.89× → 1.78×). The probe's `overlap` figure is too noisy at its size to weigh this (0.0 to
-    0.75 on the same NVLink machine); its bandwidth separates the two links by 3×. Before the probe,
-    and on the CPU (tests: the overlapped path is the one to check), "auto" is on."""
+    "auto" follows the link: on where the faster of the probe's two transfers (all-to-all, ring
+    send/receive) runs below OVERLAP_BELOW_GBPS, off on faster links. Measured (BENCHMARKS.md, 1.3B
+    480p×81 batch 1, 2×H200 and 2×H100): with NCCL_P2P_DISABLE=1 (both transfers 11–23 GB/s) the
+    overlap takes Ulysses 2 from 1.37–1.41× to 1.49–1.57× and ring 2 from 1.38× to 1.70×; on NVLink
+    (all-to-all 64–111 GB/s, ring 130–210) there is little to hide and the one-head attention calls
+    cost more than they hide (Ulysses 1.80× → 1.70×, ring 1.84–1.89× → 1.75–1.78×). The faster of the
+    two, because one slow all-to-all reading (19.6 GB/s once on NVLink, its ring at 184) must not
+    turn the overlap on; the probe's `overlap` figure is too noisy at its size to weigh this (0.0 to
+    0.75 on one NVLink machine). Before the probe, and on the CPU (tests: the overlapped path is the
+    one to check), "auto" is on."""
     mode = config.comm_overlap
     if mode != "auto":
         return mode == "on"
     if link is None or link.world < 2 or config.device != "cuda":
         return True
-    return link.a2a_gbps < OVERLAP_BELOW_GBPS
+    return max(link.a2a_gbps, link.p2p_gbps) < OVERLAP_BELOW_GBPS
 
 
 def tokens_of(latent: tuple, patch_size) -> int:
