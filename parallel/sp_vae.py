@@ -29,9 +29,13 @@ Everything else is local to a row or a 2x2 group of rows that never straddles a 
 RMS norms (over channels), SiLU, 1x1x1 convs, the temporal convs (kernel (3, 1, 1)), nearest
 upsampling, Wan 2.2's patchify/unpatchify (2x2), ``AvgDown3D`` / ``DupUp3D`` shortcuts (2x2), the
 final clamp. The causal cache (``feat_cache``) holds each rank's own rows: every rank runs the same
-temporal chunk schedule (diffusers': one latent frame per decoder call; one frame, then four per
-encoder call; ComfyUI's decoder takes two latent frames per call, the same causal result), so the
-cache works unchanged. The result equals the single-process decode up to float summation order
+temporal schedule, so the cache works unchanged. The encoder runs diffusers' (one frame, then four
+per call). The decoder (``decode``) takes one latent frame per call, as diffusers' ``_decode``, but
+after every temporal upsample goes on one frame at a time (diffusers carries the call's two, then
+four frames through the finer scales; ComfyUI's ``Decoder3d.run_up`` takes two latent frames per
+call and goes on in two-frame pieces): the same causal result, with a quarter of diffusers'
+activations at the full resolution. Its residual blocks and head write the norm and SiLU straight
+into the causal conv's padded input. The result equals the single-process decode up to float summation order
 (tests, fp32: <= 3.7e-6 max relative error against the single-process diffusers VAE, <= 5.1e-6
 against ComfyUI's own modules), not a tiled decode with blended seams.
 
@@ -199,9 +203,19 @@ class SequenceParallelVAE:
         return buf, buf[:, :, front + cached:, p:p + h, wl:wl + w], weight
 
     def _conv_padded(self, m, buf: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """The conv on a buffer from `_padded` once its frames are in: the halo rows, then the conv."""
+        """The conv on a buffer from `_padded` once its frames are in: the halo rows, then the conv.
+        One output frame (every decoder conv, one frame at a time): a 2D conv over the buffer's
+        channels x frames, the kernel's taps as input channels (the same sum; cuDNN's and oneDNN's
+        2D kernels, where a depth-1 3D conv takes slower paths, on the CPU im2col with 27x the
+        input)."""
         wl, wr, p = m._padding[:3]
         self.halo.fill(buf[..., wl:buf.shape[-1] - wr], p, p)
+        b, c, t = buf.shape[:3]
+        if t == weight.shape[2] and m.groups == 1 and m.dilation[0] == 1:
+            w2 = weight.reshape(weight.shape[0], c * t, *weight.shape[3:])
+            out = torch.nn.functional.conv2d(buf.view(b, c * t, *buf.shape[3:]), w2, m.bias, m.stride[1:], 0,
+                                             m.dilation[1:])
+            return out.unsqueeze(2)
         if weight is m.weight:
             return torch.nn.Conv3d.forward(m, buf)
         return torch.nn.functional.conv3d(buf, weight, m.bias, m.stride, 0, m.dilation, m.groups)
@@ -230,6 +244,45 @@ class SequenceParallelVAE:
                 keep = torch.cat([old[:, :, -1:].to(keep.device), keep], dim=2)
             cache[i] = keep
         return self._conv_padded(conv, buf, weight)
+
+    def _head(self, box: list, cache: list, idx: list) -> torch.Tensor:
+        """The decoder head, conv_out(SiLU(norm_out(x))), on one frame, its causal cache held as
+        partial sums: conv_out maps 96 (Wan 2.1) channels to 3, so instead of its input's last two
+        frames (the largest cache entry there is, at the full resolution) the entry is what those
+        frames add to the next two outputs, 3 channels each. One conv of the frame with the three
+        temporal taps stacked as output channels gives its share of this output and of the next
+        two; the sums in fp32, rounded once. Other shapes (more than one frame, more output than
+        input channels): `_norm_conv`."""
+        dec = self.vae.decoder
+        conv = dec.conv_out
+        kt, cout = conv.kernel_size[0], conv.out_channels
+        if box[0].shape[2] != 1 or cout * kt > conv.in_channels or conv._padding[4] != kt - 1:
+            return self._norm_conv(conv, dec.norm_out, box, cache, idx)
+        x = box.pop()
+        i = idx[0]
+        idx[0] += 1
+        buf, new, weight = self._padded(conv, None, x)  # one frame, no zero frames: the last tap alone
+        _rms_norm_into(dec.norm_out, x, new)
+        del x
+        torch.nn.functional.silu(new, inplace=True)
+        wl, wr, p = conv._padding[:3]
+        self.halo.fill(buf[..., wl:buf.shape[-1] - wr], p, p)
+        taps = conv.weight.permute(2, 0, 1, 3, 4).reshape(kt * cout, conv.in_channels, *conv.kernel_size[1:])
+        part = torch.nn.functional.conv2d(buf.squeeze(2), taps).float().unsqueeze(2)  # [b, kt * cout, 1, h, w]
+        del buf, new
+        part = part.unflatten(1, (kt, cout))  # tap k of the frame: its term in output t + (kt - 1 - k)
+        out = part[:, kt - 1].clone()
+        sums = cache[i]  # sums[j]: what the earlier frames add to output t + j (j = 0 .. kt - 2)
+        if sums is not None:
+            out += sums[0]
+        if conv.bias is not None:
+            out += conv.bias.float().view(1, cout, 1, 1, 1)
+        nxt = [part[:, kt - 2 - j].clone() for j in range(kt - 1)]
+        if sums is not None:
+            for j in range(kt - 2):
+                nxt[j] += sums[j + 1]
+        cache[i] = nxt
+        return out.to(weight.dtype)
 
     def _resnet(self, r, box: list, cache: list, idx: list) -> torch.Tensor:
         """diffusers' WanResidualBlock.forward (eval: no dropout) on `_norm_conv`: shortcut, then
@@ -385,7 +438,7 @@ class SequenceParallelVAE:
 
         dec = self.vae.decoder
         if b == len(dec.up_blocks):
-            emit(self._norm_conv(dec.conv_out, dec.norm_out, box, cache, idx))
+            emit(self._head(box, cache, idx))
             return
         block = dec.up_blocks[b]
         x = box[0]
