@@ -251,13 +251,14 @@ class SequenceParallelVAE:
         frames (the largest cache entry there is, at the full resolution) the entry is what those
         frames add to the next two outputs, 3 channels each. One conv of the frame with the three
         temporal taps stacked as output channels gives its share of this output and of the next
-        two; the sums in fp32, rounded once. Other shapes (more than one frame, more output than
-        input channels): `_norm_conv`."""
+        two; the sums in fp32, rounded once. A head with more output than input channels:
+        `_norm_conv` (the schedule is fixed per VAE, so one entry never changes kind)."""
         dec = self.vae.decoder
         conv = dec.conv_out
         kt, cout = conv.kernel_size[0], conv.out_channels
-        if box[0].shape[2] != 1 or cout * kt > conv.in_channels or conv._padding[4] != kt - 1:
+        if cout * kt > conv.in_channels or conv._padding[4] != kt - 1:
             return self._norm_conv(conv, dec.norm_out, box, cache, idx)
+        assert box[0].shape[2] == 1, box[0].shape  # `_up` hands the head one frame at a time
         x = box.pop()
         i = idx[0]
         idx[0] += 1
