@@ -178,7 +178,7 @@ class WorkerGroup:
         self.pids: list[int] = []
         self.models: dict[str, P.Loaded] = {}
         self._infos: dict = {}  # key -> CheckpointInfo of each loaded model (for the memory plan)
-        self._sizes_checked: set = set()  # (key, input shape) the memory plan was checked for
+        self._sizes_checked: set = set()  # (key, input shape, Uni3C on, audio on) the memory plan was checked for
         # Each rank's memory as last reported (after a load, a forward or memory()); None when
         # unknown or stale (after an unload). The owner's figures: reading them costs no round trip.
         self.memory_stats: Optional[list[P.MemoryStats]] = None
@@ -186,6 +186,7 @@ class WorkerGroup:
         self.vae: Optional[tuple] = None  # (key, VaeInfo, VaeLoaded) of the VAE the ranks hold (one at a time)
         self.uni3c: Optional[tuple] = None  # (key, config, param bytes a rank holds) of the Uni3C net the ranks hold (one at a time)
         self.audio: Optional[str] = None  # key of the audio patch weights the ranks hold (one at a time)
+        self.audio_bytes = 0  # what those weights take on each rank (every rank holds them whole)
         self.log_dir: Optional[str] = None
         self.arena = transport.ShmArena()
         self.launches = 0
@@ -328,6 +329,7 @@ class WorkerGroup:
             self._infos, self._sizes_checked = {}, set()
             self.memory_stats, self.forward_peaks = None, {}
             self.vae = self.audio = None
+            self.audio_bytes = 0
             self.uni3c = None
             self.arena.close()
             if self.log_dir and not keep_logs and proc is not None:
@@ -648,6 +650,7 @@ class WorkerGroup:
             self.audio = None
             self._call(P.AudioLoad(key, self.arena.name, specs, int(num_heads), float(eps)), self.config.load_timeout_s)
             self.audio = key
+            self.audio_bytes = sum(t.numel() for t in tensors.values()) * wire.itemsize
             return key
 
     def _check_audio(self, info: P.Loaded, inputs: P.ForwardInputs):
@@ -744,19 +747,21 @@ class WorkerGroup:
 
         shape = tuple(inputs.hidden_states.shape)
         uni3c = inputs.uni3c is not None and self.uni3c is not None
-        if (key, shape, uni3c) in self._sizes_checked or self.config.device != "cuda":
+        audio = inputs.audio_key is not None and inputs.audio_key == self.audio
+        if (key, shape, uni3c, audio) in self._sizes_checked or self.config.device != "cuda":
             return
         loaded = self.models[key]
         resident = sum(m.param_bytes for k, m in self.models.items() if k != key)
-        if uni3c:  # Uni3C's control net, whole on every rank (its activations are small beside the model's)
-            resident += self.uni3c[2]
+        # Uni3C's control net and an audio patch's weights are whole on every rank (their activations are
+        # small beside the model's and not counted)
+        resident += (self.uni3c[2] if uni3c else 0) + (self.audio_bytes if audio else 0)
         plan = estimate(self._infos[key], self.config, loaded.placement, shape[2:], shape[0],
                         card_bytes(self.config), resident)
         if not plan.fits:
             raise ConfigError(
                 f"a {shape[0]} x {'x'.join(map(str, shape[2:]))} latent does not fit: {plan.describe()}. Use a "
                 "smaller video or batch, more GPUs, weight_sharding='fsdp' or weight_dtype='fp8_e4m3fn'.")
-        self._sizes_checked.add((key, shape, uni3c))
+        self._sizes_checked.add((key, shape, uni3c, audio))
 
     def ping(self) -> list[P.Pong]:
         """Every rank's answer (rank, models it holds): a round trip through each request loop."""
