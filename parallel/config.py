@@ -49,9 +49,10 @@ DEVICES = ("cuda", "cpu")
 COMM_DTYPES = ("default", "fp8")
 # Whether the sequence-parallel exchange is pipelined with attention by head groups (exact either way):
 #   on    always; off  never (yunchang's blocking all-to-alls and ring loop);
-#   auto  by the link the group measured at its first load (linkprobe.overlap_pays): on for links
-#         slower than OVERLAP_BELOW_GBPS (PCIe without peer-to-peer), off for NVLink-class links,
-#         where splitting attention into head groups costs more than it hides; on on the CPU.
+#   auto  by the link the group measured at its first load (linkprobe.overlap_for): on where the
+#         probe's faster transfer runs below OVERLAP_BELOW_GBPS (PCIe without peer-to-peer), off on
+#         NVLink-class links, where splitting attention into head groups costs more than it hides;
+#         on on the CPU.
 COMM_OVERLAP = ("auto", "on", "off")
 # Names accepted for `attention_backend`; see parallel/attention.py for what each runs.
 ATTENTION_BACKENDS = ("auto", "sdpa", "cudnn", "flash", "efficient", "math", "cpu_flash", "flash_attn", "fa3", "sage")
