@@ -24,6 +24,7 @@ then includes compiling.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -151,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--width", type=_int_at_least(8), default=None,
                    help="video width in pixels; omitted: 12 latent columns")
     v.add_argument("--batch", type=_int_at_least(1), default=1, help="videos per call")
+    v.add_argument("--schedule", default="",
+                   help="decode: how frames go through the decoder's finer scales (auto, full1, full2, comfy, frame, "
+                        "diffusers, whole, or frames per piece after each up block, e.g. 0,0,1; default auto: by "
+                        "the band's size); every schedule gives the same video, they differ in speed and memory")
     v.add_argument("--repeat", type=_int_at_least(1), default=1, help="timed calls (after one warm-up)")
     v.add_argument("--device", choices=("cuda", "cpu"), default=None, help="omitted: cuda if available, else cpu")
     v.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="omitted: fp32 on cpu, bf16 on cuda")
@@ -308,6 +313,13 @@ def run_vae(args) -> dict:
                                     forward_timeout_s=args.timeout).validate()
     version = args.vae.removeprefix("wan")
 
+    from .parallel.sp_vae import decode_pieces
+
+    try:
+        decode_pieces(args.schedule, 0)
+    except ValueError as e:
+        raise _UsageError(f"argument --schedule: {e}") from None
+
     def size(s: int) -> tuple[int, int, tuple]:  # every size error before anything is built or read
         height, width = args.height or 11 * s, args.width or 12 * s
         for name, value in (("height", height), ("width", width)):
@@ -347,7 +359,7 @@ def run_vae(args) -> dict:
         t0 = time.perf_counter()
         key = group.vae_load(state, dtype)
         load_s = time.perf_counter() - t0
-        run = group.vae_encode if args.encode else group.vae_decode
+        run = group.vae_encode if args.encode else functools.partial(group.vae_decode, schedule=args.schedule)
         stats, times, worker_ms = {}, [], []
         out = run(key, x, stats=stats)  # warm-up
         for _ in range(args.repeat):
@@ -373,6 +385,7 @@ def run_vae(args) -> dict:
         "video": [args.batch, args.frames, height, width], "latent": list(latent),
         "latent_rows_per_rank": [n for _, n in split_rows(latent[1], args.gpus)],
         "layout": f"rows split {'/'.join(str(n) for _, n in split_rows(latent[1], args.gpus))} (latent rows per rank)",
+        "schedule": None if args.encode else "/".join(dict.fromkeys(stats["schedule"])),
         "max_rel_err": parity, "ms": statistics.median(times), "worker_ms": statistics.median(worker_ms),
         "load_s": load_s, "peak_bytes_per_rank": peak, "peak_rss_per_rank": stats["peak_rss"], "key": key,
     }
@@ -454,7 +467,8 @@ def _print_vae(r: dict, as_json: bool):
     mb = lambda b: f"{b / 2**20:.0f} MiB"  # noqa: E731
     print(f"vae        {r['checkpoint']} ({r['vae']}), {r['mode']} of {r['video'][0]} x {r['video'][1]} frames "
           f"{r['video'][2]}x{r['video'][3]} (latent {r['latent']})")
-    print(f"layout     {r['layout']} on {r['world_size']} {r['device']} worker(s), {r['dtype']}")
+    print(f"layout     {r['layout']} on {r['world_size']} {r['device']} worker(s), {r['dtype']}"
+          + (f", decode schedule {r['schedule']}" if r["schedule"] else ""))
     print("parity     " + ("not computed (--parity computes it)" if r["max_rel_err"] is None else
                            f"vs single-process diffusers VAE in fp32: max relative error {r['max_rel_err']:.2e}"))
     print(f"time       {r['ms']:.1f} ms (in workers {r['worker_ms']:.1f} ms), start + weights {r['load_s']:.1f} s")

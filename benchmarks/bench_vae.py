@@ -3,6 +3,7 @@
     python3 benchmarks/bench_vae.py --vae wan2.1 --res 480p,720p --gpus 1,2            # the BENCHMARKS.md table
     python3 benchmarks/bench_vae.py --vae wan2.2 --res 720p --gpus 1,2,4
     python3 benchmarks/bench_vae.py --vae wan2.1 --res tiny --device cpu --gpus 1,2    # CPU dry run
+    python3 benchmarks/bench_vae.py --res 720p --gpus 2 --schedules 'fine;comfy;diffusers'  # decode schedules
 
 Random weights at the real size (Wan 2.1 VAE: base_dim 96, z 16; Wan 2.2: 160 / decoder 256, z 48,
 parallel/tiny.real_vae_config), a random latent of --frames (81) video frames at each --res, in
@@ -42,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import RESOLUTIONS  # noqa: E402
 
 from comfyui_xdit_usp.parallel import WorkerGroup, XDitUSPConfig, tiny  # noqa: E402
-from comfyui_xdit_usp.parallel.sp_vae import TORCH_DTYPES  # noqa: E402
+from comfyui_xdit_usp.parallel.sp_vae import DECODE_SCHEDULE, TORCH_DTYPES  # noqa: E402
 
 GB = 2**30
 
@@ -142,6 +143,9 @@ def main():
                    help="with --comfy: skip diffusers' one-GPU decodes (ComfyUI's VAEDecode is the reference)")
     p.add_argument("--layout", default="image", choices=("image", "video"),
                    help="what ours returns: ComfyUI's IMAGE made on the ranks (the node's path), or the video in [-1, 1]")
+    p.add_argument("--schedules", default="",
+                   help="decode schedules to time ours with, ';'-separated (sp_vae.DECODE_SCHEDULES names or "
+                        "frames per piece after each up block, e.g. 'fine;comfy;0,0,2'); default: the default schedule")
     p.add_argument("--tag", default="", help="suffix of the results file name")
     p.add_argument("--comfy", action="store_true",
                    help="also time ComfyUI's own VAEDecode and VAEDecodeTiled nodes (COMFYUI_DIR or the .comfy bundle)")
@@ -223,19 +227,21 @@ def main():
             t0 = time.perf_counter()
             key = group.vae_load(state, dtype_name)
             load_s = time.perf_counter() - t0
-            for res in resolutions:
+            for res, schedule in [(r, sc) for r in resolutions for sc in a.schedules.split(";")]:
                 z, image = zs[res], a.layout == "image"
                 stats = {}
-                group.vae_decode(key, z, stats=stats, image=image)  # warm-up
+                group.vae_decode(key, z, stats=stats, image=image, schedule=schedule)  # warm-up
                 owner, worker = [], []
                 for _ in range(a.reps):
-                    out = group.vae_decode(key, z, stats=stats, image=image)
+                    out = group.vae_decode(key, z, stats=stats, image=image, schedule=schedule)
                     owner.append(stats["owner_ms"] / 1e3)
                     worker.append(stats["worker_ms"] / 1e3)
                 if image:  # back to the video layout of the references: [1, 3, frames, H, W] in [-1, 1]
                     out = out.movedim(-1, 0).unsqueeze(0) * 2 - 1
                 peaks, native = stats["peak_bytes"], natives[res]
-                row = {"what": "ours", "gpus": n, "layout": a.layout, "s": round(statistics.median(owner), 3),
+                row = {"what": "ours", "gpus": n, "schedule": schedule or DECODE_SCHEDULE,
+                       "schedule_run": "/".join(dict.fromkeys(stats["schedule"])), "layout": a.layout,
+                       "s": round(statistics.median(owner), 3),
                        "worker_s": round(statistics.median(worker), 3), "load_s": round(load_s, 2),
                        "peak_gb_per_gpu": None if None in peaks else [round(b / GB, 2) for b in peaks],
                        "rows_per_rank": [b - a_ for a_, b in stats["rows"]],
@@ -253,7 +259,10 @@ def main():
         peak = r.get("peak_gb") or (max(r["peak_gb_per_gpu"]) if r.get("peak_gb_per_gpu") else None)
         vs = (f"{r['speedup_vs_baseline']}x, peak {r.get('peak_ratio_vs_baseline', '-')} of {r['baseline']}"
               if r["what"] == "ours" else "")
-        print(f"| {r['res']} | {r['what']} | {r['gpus']} | {r['s']} | {peak if peak is not None else '-'} | {vs} | "
+        what = r["what"]
+        if what == "ours":
+            what += f" ({r['schedule']}" + (f": {r['schedule_run']})" if r["schedule_run"] != r["schedule"] else ")")
+        print(f"| {r['res']} | {what} | {r['gpus']} | {r['s']} | {peak if peak is not None else '-'} | {vs} | "
               f"{next((v for k, v in r.items() if k.startswith('rel_l2')), 0.0):.1e} |")
 
 

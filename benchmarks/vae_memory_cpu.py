@@ -1,6 +1,7 @@
 """Activation memory per rank of the parallel Wan VAE decode, on the CPU (no GPU needed).
 
     python3 benchmarks/vae_memory_cpu.py --gpus 1,2 --latent 2,30,32
+    python3 benchmarks/vae_memory_cpu.py --gpus 1 --latent 3,16,32 --schedules 'diffusers;fine;comfy'
 
 Each rank (gloo, spawned here) builds the real-size Wan 2.1 VAE (random weights, fp32), resets its
 peak resident set (VmHWM, /proc/self/clear_refs) and decodes its band of a random latent; the
@@ -34,7 +35,7 @@ def _status(key: str) -> float:
     raise KeyError(key)
 
 
-def _rank(rank: int, world: int, port: int, z: torch.Tensor, queue):
+def _rank(rank: int, world: int, port: int, z: torch.Tensor, schedule: str, queue):
     from comfyui_xdit_usp.parallel import sp_vae, tiny
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
@@ -51,7 +52,7 @@ def _rank(rank: int, world: int, port: int, z: torch.Tensor, queue):
         f.write("5")  # VmHWM := the resident set now
     before = _status("VmRSS")
     t0 = time.perf_counter()
-    runner.run("k", False, z, out, image=True)
+    runner.run("k", False, z, out, image=True, schedule=schedule)
     queue.put((world, rank, _status("VmHWM") - before, time.perf_counter() - t0))
     dist.destroy_process_group()
 
@@ -60,13 +61,15 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gpus", default="1,2", help="comma list of rank counts")
     p.add_argument("--latent", default="2,30,32", help="latent frames,rows,columns")
+    p.add_argument("--schedules", default="", help="';'-separated decode schedules (sp_vae.DECODE_SCHEDULES); default: the default")
     a = p.parse_args()
     z = torch.randn(1, 16, *[int(x) for x in a.latent.split(",")], generator=torch.Generator().manual_seed(0))
     ctx = mp.get_context("spawn")
     first = None
-    for i, world in enumerate(int(x) for x in a.gpus.split(",")):
+    runs = [(w, s) for s in a.schedules.split(";") for w in (int(x) for x in a.gpus.split(","))]
+    for i, (world, schedule) in enumerate(runs):
         queue = ctx.Queue()
-        procs = [ctx.Process(target=_rank, args=(r, world, 29600 + i, z, queue)) for r in range(world)]
+        procs = [ctx.Process(target=_rank, args=(r, world, 29600 + i, z, schedule, queue)) for r in range(world)]
         for pr in procs:
             pr.start()
         rows = sorted(queue.get(timeout=3600) for _ in procs)
@@ -74,8 +77,8 @@ def main():
             pr.join()
         peak = max(r[2] for r in rows)
         first = first or peak
-        print(f"{world} rank(s), latent {a.latent}: activation peak per rank "
-              + ", ".join(f"{r[2]:.0f}" for r in rows) + f" MiB ({peak / first:.2f} of 1 rank), "
+        print(f"{schedule or 'default'}: {world} rank(s), latent {a.latent}: activation peak per rank "
+              + ", ".join(f"{r[2]:.0f}" for r in rows) + f" MiB ({peak / first:.2f} of the first row), "
               f"decode {max(r[3] for r in rows):.1f} s", flush=True)
 
 

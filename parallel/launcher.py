@@ -700,13 +700,18 @@ class WorkerGroup:
             return key
 
     def vae_decode(self, key: str, latent: torch.Tensor, stats: Optional[dict] = None,
-                   image: bool = False) -> torch.Tensor:
+                   image: bool = False, schedule: str = "") -> torch.Tensor:
         """Decode `latent` [B, z, T, H, W] (ComfyUI's LATENT samples, unscaled) with the VAE `key`
         on every rank, split by latent rows (H >= world size; any H). Returns the video
         [B, C, 1 + 4(T-1), H*s, W*s] in [-1, 1], fp32 on the CPU: the single-process decode. With
         `image`: ComfyUI's IMAGE of it, [B * (1 + 4(T-1)), H*s, W*s, C] in [0, 1] ((x + 1) / 2
-        clamped, as VAE.process_output and VAEDecode lay it out), made on the ranks."""
-        return self._vae_run(key, latent, encode=False, stats=stats, image=image)
+        clamped, as VAE.process_output and VAEDecode lay it out), made on the ranks. `schedule`:
+        how the frames go through the decoder's finer scales (sp_vae.DECODE_SCHEDULES; "": the
+        default); every schedule gives the same video."""
+        from .sp_vae import decode_pieces
+
+        decode_pieces(schedule, 0)  # a bad name fails here, before any rank runs
+        return self._vae_run(key, latent, encode=False, stats=stats, image=image, schedule=schedule)
 
     def vae_encode(self, key: str, pixels: torch.Tensor, stats: Optional[dict] = None) -> torch.Tensor:
         """Encode `pixels` [B, C, F, H, W] in [-1, 1] (H, W multiples of the VAE's 8 or 16; H/s >=
@@ -714,8 +719,8 @@ class WorkerGroup:
         ComfyUI's Wan VAE encode does (extra frames past 1 + 4k are dropped, as there)."""
         return self._vae_run(key, pixels, encode=True, stats=stats)
 
-    def _vae_run(self, key: str, x: torch.Tensor, encode: bool, stats: Optional[dict], image: bool = False
-                 ) -> torch.Tensor:
+    def _vae_run(self, key: str, x: torch.Tensor, encode: bool, stats: Optional[dict], image: bool = False,
+                 schedule: str = "") -> torch.Tensor:
         with self._lock:
             if self.vae is None or self.vae[0] != key:
                 raise KeyError(f"VAE {key!r} is not loaded on this group (vae_load it first)")
@@ -730,13 +735,15 @@ class WorkerGroup:
             if encode:
                 request = P.VaeEncode(key, self.arena.name, specs["input"], reserved["out"])
             else:
-                request = P.VaeDecode(key, self.arena.name, specs["input"], reserved["out"], image=image)
+                request = P.VaeDecode(key, self.arena.name, specs["input"], reserved["out"], image=image,
+                                      schedule=schedule)
             replies: list[P.VaeDone] = self._call(request, self.config.forward_timeout_s)
             out = self.arena.read(reserved["out"])
-            self._note_memory([r.memory for r in replies])
+            self.memory_stats = None  # the ranks trim after replying: memory() asks them again
             if stats is not None:
                 stats.update(owner_ms=(time.perf_counter() - t0) * 1e3, worker_ms=max(r.ms for r in replies),
                              rows=[r.rows for r in replies], peak_bytes=[r.peak_bytes for r in replies],
+                             schedule=[r.schedule for r in replies],
                              peak_rss=[r.peak_rss for r in replies])
             return out
 

@@ -231,6 +231,7 @@ class VaeDecode:
     input: TensorSpec
     out: TensorSpec
     image: bool = False
+    schedule: str = ""  # sp_vae.DECODE_SCHEDULES: how the frames go through the finer scales ("": the default)
 
 
 @dataclass
@@ -342,6 +343,7 @@ class VaeDone:
     peak_bytes: Optional[int]  # torch.cuda.max_memory_allocated in the run (None on the CPU)
     peak_rss: int = 0  # the process's peak resident set (bytes; on the CPU the only peak there is)
     memory: Optional[MemoryStats] = None
+    schedule: str = ""  # a decode's schedule as run (sp_vae.DECODE_SCHEDULES name or pieces; "auto" resolved)
 
 
 @dataclass

@@ -45,6 +45,7 @@ class Worker:
             self.device = torch.device("cpu")
         self.runner = ModelRunner(self.config, self.device)
         self.vae = VaeRunner(self.device)
+        self.after_reply: list = []  # callables run once the current reply is sent (_after_reply)
         self.handlers = {
             P.Ping: self.ping, P.Load: self.load, P.Unload: self.unload, P.Forward: self.forward,
             P.SetWeightPatches: self.set_weight_patches, P.Memory: self.memory,
@@ -83,11 +84,22 @@ class Worker:
                 reply = P.Failed(rank=self.rank, type=type(e).__name__, message=str(e),
                                  traceback=traceback.format_exc(), time=time.monotonic())
             conn.send(P.encode(reply))
+            self._after_reply()
         self.shm.close()
         try:
             dist.destroy_process_group()
         except Exception:
             pass
+
+    def _after_reply(self):
+        """Work a request left for after its reply (off the caller's wait; the next request waits
+        for it, as this loop is serial): a trim whose gc.collect() alone takes ~0.25 s."""
+        work, self.after_reply = self.after_reply, []
+        for fn in work:
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - housekeeping; the reply has gone, the next request reports
+                traceback.print_exc()
 
     def _maybe_fault(self, where: str):
         # XDIT_USP_FAULT="<where>@<rank>[=<seconds>]": deliberate failures for the failure tests.
@@ -193,14 +205,19 @@ class Worker:
         t0 = time.perf_counter()
         # the rank writes its rows of the output into the arena itself, as they come (sp_vae._HostSink)
         rows = self.vae.run(req.key, isinstance(req, P.VaeEncode), transport.view(buf, req.input),
-                            transport.view(buf, req.out), image=getattr(req, "image", False))
+                            transport.view(buf, req.out), image=getattr(req, "image", False),
+                            schedule=getattr(req, "schedule", ""))
         if cuda:
             torch.cuda.synchronize()
         ms = (time.perf_counter() - t0) * 1e3
         peak = torch.cuda.max_memory_allocated(self.device) if cuda else None
-        self.runner.trim()  # the decode's activations go back to the GPU, for the transformer and others
+        # the decode's activations go back to the GPU (for the transformer and others) after the reply,
+        # without a gc pass (the VAE's code makes no reference cycles); the reply carries no memory
+        # figures: they would be the ones before that trim
+        self.after_reply.append(lambda: self.runner.trim(collect=False))
         return P.VaeDone(ms=ms, rows=[rows.start, rows.stop], peak_bytes=peak,
-                         peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, memory=self.memory_stats())
+                         peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                         schedule="" if isinstance(req, P.VaeEncode) else self.vae.sp.schedule)
 
     def memory(self, req: P.Memory) -> P.MemoryStats:
         if req.trim:

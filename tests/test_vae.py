@@ -16,7 +16,7 @@ import torch
 from comfyui_xdit_usp import wan_to_xdit_mapping as M
 from comfyui_xdit_usp.parallel import WorkerError, WorkerGroup, XDitUSPConfig, tiny
 from comfyui_xdit_usp.parallel.launcher import vae_key
-from comfyui_xdit_usp.parallel.sp_vae import split_rows
+from comfyui_xdit_usp.parallel.sp_vae import AUTO_FULL1_PIXELS, DECODE_SCHEDULES, decode_pieces, split_rows
 from procs import shm_segments, wait_gone
 from workflow_utils import CLI
 
@@ -70,11 +70,23 @@ def test_key_table_round_trip(vaes, version):
         {k: v for k, v in cfg.items() if k not in ("latents_mean", "latents_std")}
 
 
+def test_decode_schedules():
+    """auto: one frame at a time at the finest scale for a big band (Wan 2.1, 720p on 2 ranks: 45 x
+    160 latent rows x columns), two for a small one (480p on 2: 30 x 104); bad names fail."""
+    assert decode_pieces("", 4, 45 * 160 * 64) == DECODE_SCHEDULES["full1"] + (0,) == (0, 0, 1, 0)
+    assert decode_pieces("auto", 4, 30 * 104 * 64) == (0, 0, 2, 0) and 30 * 104 * 64 < AUTO_FULL1_PIXELS
+    assert decode_pieces("diffusers", 4) is None and decode_pieces("2,1", 4) == (2, 1, 0, 0)
+    for bad in ("fastest", "1,-1", "1,x"):
+        with pytest.raises(ValueError, match="VAE decode schedule must be 'auto', one of"):
+            decode_pieces(bad, 4)
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 def test_one_rank_in_process_is_the_plain_vae(vaes, cases, version):
     """No process group: the layer replacements alone (the halos are the zero padding) change
     nothing but float rounding (the norm's two scalings folded into one, the first frames' convs
-    without their zero taps): the path of a one-GPU config."""
+    without their zero taps): the path of a one-GPU config. Every decode schedule (pieces of
+    frames through the finer scales) gives the same video."""
     import copy
 
     from comfyui_xdit_usp.parallel.sp_vae import SequenceParallelVAE
@@ -84,6 +96,9 @@ def test_one_rank_in_process_is_the_plain_vae(vaes, cases, version):
         x, ref = cases[version, encode]
         out = sp.encode(x, LATENT[1]) if encode else sp.decode(x, LATENT[1])
         assert tiny.rel_err(out, ref) <= TOL
+    x, ref = cases[version, False]
+    for schedule in [*DECODE_SCHEDULES, "2,1,0", "1,0,2"]:
+        assert tiny.rel_err(sp.decode(x, LATENT[1], schedule=schedule), ref) <= TOL, schedule
 
 
 def test_not_a_wan_vae_fails_before_anything_starts(vaes):
@@ -127,6 +142,28 @@ def test_parity_with_single_process(group, vaes, cases, version, encode):
         want = ref.add(1.0).div_(2.0).clamp_(0.0, 1.0).movedim(1, -1).reshape(-1, *ref.shape[-2:], ref.shape[1])
         assert image.shape == want.shape and image.dtype == torch.float32
         assert tiny.rel_err(image, want) <= TOL
+        # the other decode schedules, split: the halos and the causal cache across pieces of frames
+        for schedule in ("diffusers", "full1", "comfy", "frame"):
+            assert tiny.rel_err(group.vae_decode(key, x, schedule=schedule), ref) <= TOL, schedule
+
+
+def test_auto_schedule_is_one_choice_when_bands_straddle_its_threshold(group, vaes):
+    """A latent so wide that the largest band's frame is past AUTO_FULL1_PIXELS at the finest
+    scale and the smallest one's is not (2 ranks: 3/2 rows, 4 ranks: 2/1/1/1): every rank runs
+    the largest band's choice (one frame at a time), so the halos pair up, and the video is the
+    single-process one."""
+    vae = vaes["2.1"]
+    world = group.config.world_size
+    width = 1400 if world == 2 else 2100
+    most, least = max(n for _, n in split_rows(LATENT[1], world)), min(n for _, n in split_rows(LATENT[1], world))
+    assert least * width * 64 < AUTO_FULL1_PIXELS <= most * width * 64
+    z = torch.randn(1, vae.config.z_dim, LATENT[0], LATENT[1], width, generator=torch.Generator().manual_seed(7))
+    key = group.vae_load(tiny.vae_comfy_state_dict(vae, "2.1"), "fp32")
+    stats = {}
+    out = group.vae_decode(key, z, stats=stats)
+    assert stats["schedule"] == ["full1"] * world
+    # the max over 10M values (~40x the other tests' videos): fp32 summation order reaches 1.01e-5 here
+    assert tiny.rel_err(out, tiny.vae_reference(vae, z, encode=False)) <= 2 * TOL
 
 
 def test_weights_cross_once_per_content(group, vaes):
@@ -151,6 +188,8 @@ def test_bad_inputs_are_refused_before_any_rank_runs(group, vaes):
         group.vae_decode(key, torch.zeros(1, 16, 2, 1, 6))
     with pytest.raises(KeyError, match="not loaded"):
         group.vae_decode("vae-nothing", torch.zeros(1, 16, 2, 5, 6))
+    with pytest.raises(ValueError, match="VAE decode schedule must be"):
+        group.vae_decode(key, torch.zeros(1, 16, 2, 5, 6), schedule="fastest")
     assert group.alive
 
 
