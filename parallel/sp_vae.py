@@ -208,10 +208,10 @@ class SequenceParallelVAE:
 
     def _conv_padded(self, m, buf: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The conv on a buffer from `_padded` once its frames are in: the halo rows, then the conv.
-        One output frame (every decoder conv, one frame at a time): a 2D conv over the buffer's
-        channels x frames, the kernel's taps as input channels (the same sum; cuDNN's and oneDNN's
-        2D kernels, where a depth-1 3D conv takes slower paths, on the CPU im2col with 27x the
-        input)."""
+        One output frame (the first call's convs, every conv of a one-frame piece): a 2D conv over
+        the buffer's channels x frames, the kernel's taps as input channels (the same sum; cuDNN's
+        and oneDNN's 2D kernels, where a depth-1 3D conv takes slower paths, on the CPU im2col with
+        27x the input)."""
         wl, wr, p = m._padding[:3]
         self.halo.fill(buf[..., wl:buf.shape[-1] - wr], p, p)
         b, c, t = buf.shape[:3]
