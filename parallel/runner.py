@@ -549,7 +549,7 @@ class ModelRunner:
         return sum(m.param_bytes for m in self.models.values()) + self.uni3c_param_bytes() + \
             (self.audio.param_bytes if self.audio else 0)
 
-    def load_audio(self, key: str, tensors: dict, num_heads: int, eps: float):
+    def audio_load(self, key: str, tensors: dict, num_heads: int, eps: float):
         """Hold an audio patch's per-block weights (InfiniteTalk), replacing the one held before."""
         from .sp_audio import AudioPatch
 
@@ -591,8 +591,9 @@ class ModelRunner:
         layout = self.layout_for(key, batch, linkprobe.tokens_of(inputs.hidden_states.shape[2:],
                                                                  m.module.config.patch_size))
         if inputs.uni3c is not None and self.uni3c is not None and self.uni3c[1].num_heads % layout.ulysses:
-            # the cost model's pick splits heads Uni3C's control net cannot split: the static layout
-            # instead, which the owner checked (launcher._check_uni3c); every rank decides the same
+            # the cost model's pick splits heads Uni3C's control net cannot split: the layouts set at load
+            # instead (m.layouts: the configured ones, or the cost model's at the standard size when
+            # every degree is auto), which the owner checked (launcher._check_uni3c); every rank decides the same
             layout = m.layouts[0] if batch % m.layouts[0].cfg == 0 else m.layouts[1]
         group = self.group(layout)
         per = batch // layout.cfg
@@ -647,7 +648,9 @@ class ModelRunner:
     def _rows_on_device(self, inputs: protocol.ForwardInputs, rows: slice, batch: int) -> protocol.ForwardInputs:
         moved = {}
         for name, t in inputs.tensors().items():
-            if name not in protocol.ForwardInputs.SHARED:  # moved whole: Uni3C's control rows, the audio tokens
+            if name == "uni3c_input":
+                continue  # _uni3c_call moves only the control rows this group's batch rows use
+            if name not in protocol.ForwardInputs.SHARED:  # moved whole: the audio tokens and masks
                 t = t[rows] if t.ndim and t.shape[0] == batch else t
             dtype = torch.float32 if name == "timestep" else self.dtype
             moved[name] = t.to(self.device, dtype=dtype, non_blocking=True)

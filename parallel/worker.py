@@ -190,7 +190,7 @@ class Worker:
     def audio_load(self, req: P.AudioLoad) -> P.Done:
         buf = self.shm.buf(req.arena)
         tensors = {name: transport.view(buf, spec) for name, spec in req.tensors.items()}
-        self.runner.load_audio(req.key, tensors, req.num_heads, req.eps)  # copies out of the arena
+        self.runner.audio_load(req.key, tensors, req.num_heads, req.eps)  # copies out of the arena
         return P.Done()
 
     def vae_run(self, req) -> P.VaeDone:
