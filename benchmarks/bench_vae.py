@@ -3,7 +3,7 @@
     python3 benchmarks/bench_vae.py --vae wan2.1 --res 480p,720p --gpus 1,2            # the BENCHMARKS.md table
     python3 benchmarks/bench_vae.py --vae wan2.2 --res 720p --gpus 1,2,4
     python3 benchmarks/bench_vae.py --vae wan2.1 --res tiny --device cpu --gpus 1,2    # CPU dry run
-    python3 benchmarks/bench_vae.py --res 720p --gpus 2 --schedules 'fine;comfy;diffusers'  # decode schedules
+    python3 benchmarks/bench_vae.py --res 720p --gpus 2 --schedules 'full1;comfy;diffusers'  # decode schedules
 
 Random weights at the real size (Wan 2.1 VAE: base_dim 96, z 16; Wan 2.2: 160 / decoder 256, z 48,
 parallel/tiny.real_vae_config), a random latent of --frames (81) video frames at each --res, in
@@ -145,7 +145,7 @@ def main():
                    help="what ours returns: ComfyUI's IMAGE made on the ranks (the node's path), or the video in [-1, 1]")
     p.add_argument("--schedules", default="",
                    help="decode schedules to time ours with, ';'-separated (sp_vae.DECODE_SCHEDULES names or "
-                        "frames per piece after each up block, e.g. 'fine;comfy;0,0,2'); default: the default schedule")
+                        "frames per piece after each up block, e.g. 'full1;comfy;0,0,2'); default: the default schedule")
     p.add_argument("--tag", default="", help="suffix of the results file name")
     p.add_argument("--comfy", action="store_true",
                    help="also time ComfyUI's own VAEDecode and VAEDecodeTiled nodes (COMFYUI_DIR or the .comfy bundle)")

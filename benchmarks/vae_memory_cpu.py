@@ -1,7 +1,7 @@
 """Activation memory per rank of the parallel Wan VAE decode, on the CPU (no GPU needed).
 
     python3 benchmarks/vae_memory_cpu.py --gpus 1,2 --latent 2,30,32
-    python3 benchmarks/vae_memory_cpu.py --gpus 1 --latent 3,16,32 --schedules 'diffusers;fine;comfy'
+    python3 benchmarks/vae_memory_cpu.py --gpus 1 --latent 3,16,32 --schedules 'diffusers;full1;comfy'
 
 Each rank (gloo, spawned here) builds the real-size Wan 2.1 VAE (random weights, fp32), resets its
 peak resident set (VmHWM, /proc/self/clear_refs) and decodes its band of a random latent; the

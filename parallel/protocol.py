@@ -342,7 +342,6 @@ class VaeDone:
     rows: list  # [start, stop) of the output rows this rank wrote
     peak_bytes: Optional[int]  # torch.cuda.max_memory_allocated in the run (None on the CPU)
     peak_rss: int = 0  # the process's peak resident set (bytes; on the CPU the only peak there is)
-    memory: Optional[MemoryStats] = None
     schedule: str = ""  # a decode's schedule as run (sp_vae.DECODE_SCHEDULES name or pieces; "auto" resolved)
 
 
