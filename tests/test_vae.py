@@ -150,8 +150,9 @@ def test_parity_with_single_process(group, vaes, cases, version, encode):
 def test_auto_schedule_is_one_choice_when_bands_straddle_its_threshold(group, vaes):
     """A latent so wide that the largest band's frame is past AUTO_FULL1_PIXELS at the finest
     scale and the smallest one's is not (2 ranks: 3/2 rows, 4 ranks: 2/1/1/1): every rank runs
-    the largest band's choice (one frame at a time), so the halos pair up, and the video is the
-    single-process one."""
+    the largest band's choice (one frame at a time), so the halos pair up, and the video is bit
+    for bit the one of full1 named on every rank (whose parity the tests above check at small
+    sizes; a single-process reference at this width takes ~40 s)."""
     vae = vaes["2.1"]
     world = group.config.world_size
     width = 1400 if world == 2 else 2100
@@ -162,8 +163,7 @@ def test_auto_schedule_is_one_choice_when_bands_straddle_its_threshold(group, va
     stats = {}
     out = group.vae_decode(key, z, stats=stats)
     assert stats["schedule"] == ["full1"] * world
-    # the max over 10M values (~40x the other tests' videos): fp32 summation order reaches 1.01e-5 here
-    assert tiny.rel_err(out, tiny.vae_reference(vae, z, encode=False)) <= 2 * TOL
+    assert torch.equal(out, group.vae_decode(key, z, schedule="full1"))
 
 
 def test_weights_cross_once_per_content(group, vaes):
