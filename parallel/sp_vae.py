@@ -141,7 +141,6 @@ class SequenceParallelVAE:
         self.counts: Optional[list[int]] = None  # latent rows of every rank in the current call
         self.latent_rows = 0  # this rank's
         self.pieces: Optional[tuple[int, ...]] = None  # the current decode's schedule (decode_pieces)
-        self.schedule = ""  # its name (schedule_name)
         self._head_one = False  # its head sees one frame at a time (the partial-sum cache, `_head`)
         cfg = vae.config
         self.spatial = cfg.scale_factor_spatial or 8
@@ -243,10 +242,7 @@ class SequenceParallelVAE:
             old[:, :, 0].copy_(old[:, :, 1])
             old[:, :, 1].copy_(new[:, :, 0])
         else:
-            keep = new[:, :, -CACHE_T:].clone(memory_format=torch.contiguous_format)
-            if keep.shape[2] < CACHE_T and old is not None:
-                keep = torch.cat([old[:, :, -1:].to(keep.device), keep], dim=2)
-            cache[i] = keep
+            cache[i] = _cache_entry(new, old)
         return self._conv_padded(conv, buf, weight)
 
     def _head(self, box: list, cache: list, idx: list) -> torch.Tensor:
@@ -401,7 +397,6 @@ class SequenceParallelVAE:
         # a frame of the largest band at the finest scale: every rank makes the same choice (the halos pair up)
         finest = max(self.counts) * z_local.shape[-1] * 4 ** len(ups)
         self.pieces = decode_pieces(schedule, len(dec.up_blocks), finest)
-        self.schedule = schedule_name(self.pieces)
         self._head_one = self.pieces is not None and bool(ups) and self.pieces[ups[-1]] == 1
         patch = vae.config.patch_size
         chunks, frame = [], [0]
@@ -450,15 +445,14 @@ class SequenceParallelVAE:
         two-frame pieces. The causal convs see the same inputs (their cache holds the previous two
         frames either way), so the result is the one-call result; only the size of each call
         changes. `box`: [x], emptied (every tensor is held only as long as it is needed)."""
-        from diffusers.models.autoencoders.autoencoder_kl_wan import WanResidualUpBlock
-
         dec = self.vae.decoder
         if b == len(dec.up_blocks):
             emit(self._head(box, cache, idx))
             return
         block = dec.up_blocks[b]
         up = _upsampler(block)
-        skip = box[0] if isinstance(block, WanResidualUpBlock) and block.avg_shortcut is not None else None
+        # Wan 2.2's WanResidualUpBlock adds a DupUp3D shortcut of its input (WanUpBlock has none)
+        skip = box[0] if getattr(block, "avg_shortcut", None) is not None else None
         for resnet in block.resnets:
             box = [self._resnet(resnet, box, cache, idx)]
         if up is None:
@@ -698,14 +692,21 @@ def _upsampler(block):
 CACHE_T = 2  # frames a causal conv keeps of its input between calls (diffusers' and ComfyUI's CACHE_T)
 
 
+def _cache_entry(x: torch.Tensor, old: Optional[torch.Tensor]) -> torch.Tensor:
+    """The cache entry a causal conv leaves after input `x` (the entry before: `old`): the last
+    CACHE_T frames of `x`, contiguous, with `old`'s last frame first when `x` has fewer."""
+    keep = x[:, :, -CACHE_T:].clone(memory_format=torch.contiguous_format)
+    if keep.shape[2] < CACHE_T and old is not None:
+        keep = torch.cat([old[:, :, -1:].to(keep.device), keep], dim=2)
+    return keep
+
+
 def _cached(conv, x: torch.Tensor, cache: list, idx: list) -> torch.Tensor:
     """A causal conv of the decoder with its cache entry, as diffusers' WanDecoder3d runs
     ``conv_in`` / ``conv_out`` (and WanResidualBlock its convs): the new cache is the input's last
     two frames (the previous call's last frame first when the input has one)."""
     i = idx[0]
-    keep = x[:, :, -CACHE_T:].clone()
-    if keep.shape[2] < CACHE_T and cache[i] is not None:
-        keep = torch.cat([cache[i][:, :, -1:].to(keep.device), keep], dim=2)
+    keep = _cache_entry(x, cache[i])
     x = conv(x, cache[i])
     cache[i] = keep
     idx[0] += 1
@@ -723,11 +724,9 @@ def _time_upsample(up, x: torch.Tensor, cache: list, idx: list) -> torch.Tensor:
     if cache[i] is None:  # the first call: no time conv, one frame stays one
         cache[i] = "Rep"
         return x
-    keep = x[:, :, -CACHE_T:].clone()
-    if keep.shape[2] < CACHE_T:
-        prev = torch.zeros_like(keep) if isinstance(cache[i], str) else cache[i][:, :, -1:].to(keep.device)
-        keep = torch.cat([prev, keep], dim=2)
-    x = up.time_conv(x) if isinstance(cache[i], str) else up.time_conv(x, cache[i])
+    rep = isinstance(cache[i], str)  # after 'Rep' the frame before is a zero frame
+    keep = _cache_entry(x, torch.zeros_like(x[:, :, :1]) if rep else cache[i])
+    x = up.time_conv(x) if rep else up.time_conv(x, cache[i])
     cache[i] = keep
     x = x.reshape(b, 2, c, t, h, w)
     return torch.stack((x[:, 0], x[:, 1]), 3).reshape(b, c, t * 2, h, w)

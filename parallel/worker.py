@@ -25,7 +25,7 @@ from . import protocol as P
 from . import transport
 from .config import XDitUSPConfig
 from .runner import ModelRunner
-from .sp_vae import TORCH_DTYPES, VaeRunner
+from .sp_vae import TORCH_DTYPES, VaeRunner, schedule_name
 
 
 class Worker:
@@ -217,7 +217,7 @@ class Worker:
         self.after_reply.append(lambda: self.runner.trim(collect=False))
         return P.VaeDone(ms=ms, rows=[rows.start, rows.stop], peak_bytes=peak,
                          peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                         schedule="" if isinstance(req, P.VaeEncode) else self.vae.sp.schedule)
+                         schedule="" if isinstance(req, P.VaeEncode) else schedule_name(self.vae.sp.pieces))
 
     def memory(self, req: P.Memory) -> P.MemoryStats:
         if req.trim:
